@@ -1,0 +1,276 @@
+"""Loading causal LMs in full precision, with LoRA, or as QLoRA; adapters; local presets and tokenizer.
+
+The only file that knows about peft and bitsandbytes. Three ways to get a model:
+
+- a **preset** name (`tiny`, `demo`, `llm-jp-3-150m`, `-980m`, `-1.8b`, `-3.7b`): a Llama-architecture model
+  with random weights and the preset's shapes, plus the byte-level tokenizer built here — no download;
+- a **local folder** written by `save_pretrained` (what the demo's warm start produces);
+- a **hub id**, when online; offline it fails with a one-line message.
+
+The reference policy of DPO is the same model with its adapter disabled (`reference_mode`), never a
+second copy. Simplifications: one adapter per model; LoRA targets every linear projection but lm_head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+# ----------------------------------------------------------------------------------------------------
+# presets: Llama shapes. llm-jp-3 shapes follow the published configs (untied lm_head, V = 99,584).
+
+PRESETS: dict[str, dict] = {
+    # a model small enough for unit tests under a second
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=512, vocab_size=None),
+    # the CPU demo's model: large enough to learn multi-step sums, small enough to train in minutes
+    "demo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256, vocab_size=None),
+    "llm-jp-3-150m": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                          num_key_value_heads=8, max_position_embeddings=4096, vocab_size=99584),
+    "llm-jp-3-980m": dict(hidden_size=1536, intermediate_size=5376, num_hidden_layers=20, num_attention_heads=8,
+                          num_key_value_heads=8, max_position_embeddings=4096, vocab_size=99584),
+    "llm-jp-3-1.8b": dict(hidden_size=2048, intermediate_size=7168, num_hidden_layers=24, num_attention_heads=16,
+                          num_key_value_heads=16, max_position_embeddings=4096, vocab_size=99584),
+    "llm-jp-3-3.7b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                          num_key_value_heads=24, max_position_embeddings=4096, vocab_size=99584),
+}
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def build_tokenizer(save_dir: str | Path | None = None):
+    """A byte-level tokenizer (every UTF-8 byte is a token, no merges), in Hugging Face format.
+
+    Byte-level means any text round-trips exactly, Japanese included; 260 tokens in all.
+    With `save_dir`, it is saved there so `AutoTokenizer.from_pretrained(save_dir)` loads it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>", model_max_length=4096)
+    if save_dir is not None:
+        tok.save_pretrained(str(save_dir))
+    return tok
+
+
+def build_model(preset: str, *, vocab_size: int | None = None, seed: int = 0, dtype=torch.float32):
+    """A LlamaForCausalLM with the preset's shapes and random weights (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    shape = dict(PRESETS[preset])
+    shape["vocab_size"] = shape["vocab_size"] or vocab_size or len(SPECIAL_TOKENS) + 256
+    config = LlamaConfig(**shape, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         rms_norm_eps=1e-5, rope_theta=10000.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def save_preset(preset: str, path: str | Path, *, seed: int = 0) -> Path:
+    """Write a preset's random model and the byte tokenizer to `path` (a normal model folder)."""
+    path = Path(path)
+    tok = build_tokenizer()
+    model = build_model(preset, vocab_size=len(tok), seed=seed)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # preset name, local folder, or hub id
+    mode: str = "lora"  # "full", "lora" or "qlora": LoRA is the cheapest thing that trains well
+    adapter: str | None = None  # an existing peft adapter folder to load on top of the base
+    lora_r: int = 16  # QLoRA paper's setting for small models
+    lora_alpha: int = 32  # alpha = 2r keeps the update scale of the paper
+    lora_dropout: float = 0.05  # QLoRA paper's value for models under 13B
+    lora_targets: str = "all-linear"  # all projections: QLoRA found this needed to match full tuning
+    dtype: str = "auto"  # auto: bf16 on CUDA (fast, no loss scaling), fp32 on CPU (no bf16 matmul speed-up)
+    gradient_checkpointing: bool = False  # trades ~30% compute for activation memory on long sequences
+    seed: int = 0  # random weights of presets
+    device: str = "auto"  # auto: CUDA when present
+
+    def __post_init__(self):
+        if self.mode not in ("full", "lora", "qlora"):
+            raise UserError(f"model.mode must be full, lora or qlora, not '{self.mode}'")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, not '{self.dtype}'")
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+
+
+def _resolve_source(name: str) -> tuple[str, bool]:
+    """(where to load from, is_local). Presets are written to a per-user cache folder once."""
+    if name in PRESETS:
+        cache = Path(os.environ.get("LITE_SELFTRAIN_CACHE", Path.home() / ".cache" / "lite_selftrain"))
+        return str(cache / "presets" / name), True
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"{path} is not a model folder (no config.json)")
+        return str(path), True
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model path not found: {name}")
+    return name, False
+
+
+def load_tokenizer(name: str):
+    """The model's tokenizer with a pad token and right padding (training's default)."""
+    from transformers import AutoTokenizer
+
+    if name in PRESETS:
+        tok = build_tokenizer()
+    else:
+        source, local = _resolve_source(name)
+        try:
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not load the tokenizer of '{name}': {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:  # a pad id is needed for batching; it never reaches a loss
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if cfg.name in PRESETS and cfg.mode != "qlora":
+        return build_model(cfg.name, seed=cfg.seed, dtype=dtype).to(device)
+    source, local = _resolve_source(cfg.name)
+    if cfg.name in PRESETS and not Path(source, "config.json").exists():
+        save_preset(cfg.name, source, seed=cfg.seed)  # bitsandbytes quantises while loading from a folder
+    kwargs: dict = dict(dtype=dtype, local_files_only=local)
+    if cfg.mode == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "" if local else " (offline? pass a local model folder instead)"
+        raise UserError(f"could not load model '{cfg.name}'{where}: {str(e).splitlines()[0]}") from None
+    return model if cfg.mode == "qlora" else model.to(device)
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer) as `cfg` asks: full weights, a fresh or loaded LoRA adapter, or QLoRA."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    device = pick_device(cfg.device)
+    dtype = compute_dtype(cfg, device)
+    tokenizer = load_tokenizer(cfg.name)
+    model = _load_base(cfg, device, dtype)
+    if cfg.mode == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.mode == "full":
+        if cfg.adapter:
+            raise UserError("model.adapter needs mode lora or qlora")
+        return model, tokenizer
+    if cfg.adapter:
+        if not Path(cfg.adapter, "adapter_config.json").exists():
+            raise UserError(f"not a peft adapter folder: {cfg.adapter}")
+        model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
+    else:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# adapters, reference policy, tokenizer sides
+
+
+def is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def reference_mode(model):
+    """Context in which `model` is its own reference policy: the adapter is switched off."""
+    return model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary folder that replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model, path: str | Path, tokenizer=None) -> Path:
+    """Save an adapter (peft format) or, for a full model, the whole model; atomic."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def padding_side(tokenizer, side: str):
+    """Left padding for generation (new tokens line up), right for training."""
+    old, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = old
+
+
+def format_prompt(tokenizer, text: str) -> str:
+    """The chat template applied to a user turn when the tokenizer has one, else `text` itself."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text

@@ -1,0 +1,179 @@
+"""The run directory: the only code that touches an experiment's files.
+
+One directory per experiment holds its config (`config.json`), a state file (`state.json`, finished stages),
+`metrics.jsonl`, and per-iteration folders of samples, datasets and adapters. Two rules make a killed job
+safe to restart:
+
+- whole files are written to a temporary name, fsynced, then renamed over the target (atomic on POSIX);
+- JSONL files are append-only, one `write` per batch of complete lines; a kill can only leave a torn
+  *last* line (no trailing newline), which `JsonlLog.recover` detects and truncates away before the next
+  append. A complete line that does not parse is corruption, never a torn write: it is reported, not dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    path = Path(path)
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def iter_jsonl_lines(path: Path, text: str) -> Iterator[dict]:
+    """Parse complete JSONL lines, naming the file and line of the first bad one."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield record
+
+
+class JsonlLog:
+    """An append-only JSONL file that survives being killed mid-append."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def recover(self) -> list[dict]:
+        """Read every complete record; truncate a torn last line (a write cut off by a kill)."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+        if end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        return list(iter_jsonl_lines(self.path, data[:end].decode("utf-8", errors="strict")))
+
+    def read(self) -> list[dict]:
+        """Complete records only, without modifying the file."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        return list(iter_jsonl_lines(self.path, data[: data.rfind(b"\n") + 1].decode()))
+
+    def append(self, records: Iterable[dict]) -> None:
+        """Append complete lines in one write, then fsync."""
+        payload = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+        if not payload:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as f:
+            f.write(payload.encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class RunStore:
+    """One experiment's directory: config, state, metrics and per-iteration artefacts."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- layout ------------------------------------------------------------------------------------
+    def path(self, *parts: str | int) -> Path:
+        """A path inside the run directory; its parent folder is created."""
+        p = self.root.joinpath(*map(str, parts))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def iteration_dir(self, recipe: str, iteration: int) -> Path:
+        d = self.root / recipe / f"iter_{iteration:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def jsonl(self, *parts: str | int) -> JsonlLog:
+        return JsonlLog(self.path(*parts))
+
+    # -- config ------------------------------------------------------------------------------------
+    def bind_config(self, config: dict, *, restart: bool = False) -> None:
+        """Record the run's config, refusing to mix runs made by a different one.
+
+        With `restart`, everything already in the directory is deleted first.
+        """
+        path = self.root / "config.json"
+        config = json.loads(json.dumps(config, default=str))  # normalise tuples etc. before comparing
+        if restart and self.root.exists():
+            for child in self.root.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        old = read_json(path)
+        if old is not None and old != config:
+            keys = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise UserError(
+                f"run directory {self.root} was made by a different config (differs in: {', '.join(keys)}); "
+                "use another directory, or pass --restart to delete it and start over"
+            )
+        if old is None:
+            atomic_write_json(path, config)
+
+    def config(self) -> dict | None:
+        return read_json(self.root / "config.json")
+
+    # -- state: which stages are finished ------------------------------------------------------------
+    def state(self) -> dict:
+        return read_json(self.root / "state.json", default={"done": {}})
+
+    def is_done(self, stage: str) -> bool:
+        return stage in self.state()["done"]
+
+    def done_info(self, stage: str) -> Any:
+        return self.state()["done"].get(stage)
+
+    def mark_done(self, stage: str, info: Any = None) -> None:
+        state = self.state()
+        state["done"][stage] = info if info is not None else True
+        atomic_write_json(self.root / "state.json", state)
+
+    # -- metrics -----------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> JsonlLog:
+        return JsonlLog(self.root / "metrics.jsonl")
+
+    def log_metrics(self, record: dict) -> None:
+        self.metrics.append([record])

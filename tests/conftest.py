@@ -1,0 +1,31 @@
+"""Shared test set-up: offline, a private preset cache, GPU tests skipped without CUDA.
+
+Triton interpreter tests run in their own process (see test_kernels.py): TRITON_INTERPRET must be set
+before triton defines the kernels, and the ahead-of-time compile tests need it unset.
+"""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download a model or dataset
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _preset_cache(tmp_path_factory):
+    """Presets written for QLoRA loading go to a per-session folder, not the user's cache."""
+    if "LITE_SELFTRAIN_CACHE" not in os.environ:
+        os.environ["LITE_SELFTRAIN_CACHE"] = str(tmp_path_factory.mktemp("preset_cache"))
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
