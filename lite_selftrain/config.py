@@ -28,7 +28,8 @@ T = TypeVar("T")
 def _unknown_key(key: str, known: list[str], where: str) -> UserError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
-    return UserError(f"unknown config key '{key}' in {where}{hint}")
+    name = key if where == "config" else f"{where}.{key}"
+    return UserError(f"unknown config key '{name}'{hint}")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -162,7 +162,8 @@ def load_tokenizer(name: str):
         try:
             tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
         except (OSError, ValueError) as e:
-            raise UserError(f"could not load the tokenizer of '{name}': {str(e).splitlines()[0]}") from None
+            where = "" if local else " (offline? pass a local model folder instead)"
+            raise UserError(f"could not load the tokenizer of '{name}'{where}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:  # a pad id is needed for batching; it never reaches a loss
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
