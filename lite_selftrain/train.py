@@ -1,0 +1,372 @@
+"""The M-step trainer: SFT, reward-weighted NLL (ReST-EM) and DPO + NLL (Iterative RPO), resumable.
+
+    summary = train(model, tokenizer, records, TrainConfig(objective="dpo_nll"), out_dir)
+
+`records` are {"prompt", "response", "reward"?} for sft/rwnll and {"prompt", "chosen", "rejected"} for
+dpo_nll. The model is trained in place: a peft model (LoRA, QLoRA) or a full one. Sequence log-probs come
+from `logprobs.sequence_logprobs`, the fused kernel: no logits are formed. For DPO, reference log-probs
+are computed once before the first step (`reference.py`) and cached; chosen and rejected rows of a pair
+share one forward. Batches are grouped by length (`batching.py`).
+
+Every `checkpoint_every` steps the trainable weights (all weights of a full model), optimiser, scheduler,
+RNG states and data position go to `out_dir/checkpoint.pt`, written atomically. Calling `train` again with
+the same `out_dir` resumes there and ends with the same weights, bit for bit, as a run never stopped;
+once finished it loads the final weights into `model` and returns the stored summary without training.
+Metrics go to `out_dir/metrics.jsonl` every `log_every` steps.
+
+Which model starts an iteration is the recipe's choice: ReST-EM passes a fresh adapter on the base model
+(reference "adapter_off"); Iterative RPO and self-rewarding pass the previous iteration's adapter and set
+`reference="current"`, so that adapter, before any step, is the reference.
+
+Simplifications: one device; a step that meets a NaN/inf loss or gradient still consumes its data (it
+counts towards `max_steps`), but moves neither the optimiser nor the schedule.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .batching import OBJECTIVES, collate, data_fingerprint, encode_records, plan_epoch
+from .errors import UserError
+from .logprobs import sequence_logprobs
+from .losses import NLL_NORMS, dpo_nll_loss, reward_weighted_nll
+from .models import is_peft
+from .reference import REFERENCES, autocast_context, reference_logps_for
+from .store import JsonlLog, atomic_write_bytes, atomic_write_json
+
+PAIR_METRICS = ("reward_chosen", "reward_rejected", "reward_acc", "margin", "logp_chosen", "logp_rejected")
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "sft"  # "sft", "rwnll" (ReST-EM) or "dpo_nll" (Iterative RPO; alpha=0 is plain DPO)
+    lr: float = 1e-4  # QLoRA's rate for LoRA on 7B+ models; full fine-tuning wants ~1e-5 or less
+    epochs: int = 1  # one pass: the next iteration brings fresh self-generated data anyway
+    max_steps: int | None = None  # None: epochs × steps per epoch; counts optimiser steps
+    batch_size: int = 4  # examples (pairs for DPO) per forward; a pair is two rows
+    grad_accum: int = 4  # 4 × 4 = QLoRA's effective batch of 16
+    warmup_ratio: float = 0.03  # QLoRA's warm-up share
+    lr_schedule: str = "cosine"  # cosine decay to 0 after warm-up; "constant" keeps the peak
+    weight_decay: float = 0.0  # QLoRA's value; applied to matrices only, never to norms or biases
+    max_grad_norm: float = 1.0  # clips only rare spikes (HF Trainer's default); 0 disables clipping
+    beta: float = 0.1  # Iterative RPO / Self-Rewarding DPO strength
+    alpha: float = 1.0  # Iterative RPO NLL weight; 0 gives plain DPO
+    nll_norm: str = "sequence"  # RPO paper: per-sequence length-normalised; "token" is TRL/Liger's form
+    max_length: int = 1024  # prompt + response tokens; covers GSM8K/MATH chain-of-thought solutions
+    reference: str = "adapter_off"  # DPO reference: base without adapter, or "current" (previous adapter)
+    reference_batch_size: int | None = None  # None: 2 × batch_size — no activations are kept without grad
+    group_window: int = 50  # step batches sorted together by length: little padding, order still random
+    checkpoint_every: int = 100  # steps between checkpoints: bounds lost work, costs little I/O
+    log_every: int = 10  # steps per metrics line; each line is one fsynced append
+    seed: int = 0  # data order and dropout
+    nan_patience: int = 5  # consecutive NaN/inf steps tolerated; isolated ones are skipped and counted
+    optimizer: str = "auto"  # auto: bitsandbytes paged AdamW 8-bit on CUDA, torch AdamW on CPU
+    autocast: bool = True  # bf16 autocast on CUDA (no loss scaling needed); CPU always computes in fp32
+    disable_dropout: bool = True  # policy and cached reference must agree at step 0 (TRL does the same)
+
+    def __post_init__(self):
+        for name, value, allowed in (("objective", self.objective, OBJECTIVES),
+                                     ("nll_norm", self.nll_norm, NLL_NORMS),
+                                     ("reference", self.reference, REFERENCES),
+                                     ("lr_schedule", self.lr_schedule, ("cosine", "constant")),
+                                     ("optimizer", self.optimizer, ("auto", "adamw", "paged_adamw_8bit"))):
+            if value not in allowed:
+                raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
+        for name in ("batch_size", "grad_accum", "max_length", "checkpoint_every", "log_every", "nan_patience"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError("train.max_steps must be at least 1 (or unset)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# optimiser, schedule, dropout
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps to the peak, then cosine decay to 0 at `total` (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(params: list, cfg: TrainConfig, device: torch.device):
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kind = cfg.optimizer
+    if kind == "auto":
+        kind = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+    if kind == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(groups, lr=cfg.lr)  # 2 bytes of state per parameter, paged to host
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _disable_dropout(model) -> list:
+    """Set every dropout to p=0; returns (module, old p) to restore."""
+    saved = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m, _ in saved:
+        m.p = 0.0
+    return saved
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _weights(model) -> dict:
+    """Trainable parameters of a peft model, the whole state of a full one."""
+    if is_peft(model):
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+
+
+def _load_weights(model, weights: dict) -> None:
+    if not is_peft(model):
+        model.load_state_dict(weights)
+        return
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise UserError(f"checkpoint does not fit this model (e.g. no parameter {missing[0]})")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _trim_metrics(log: JsonlLog, last_step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from: those steps run again."""
+    records = log.recover()
+    keep = [r for r in records if r.get("step", 0) <= last_step]
+    if len(keep) != len(records):
+        atomic_write_bytes(log.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep).encode())
+
+
+# ----------------------------------------------------------------------------------------------------
+# one optimiser step
+
+
+def _step_loss(model, examples, steps_micro, ref, cfg, pad_id, device):
+    """Forward + backward over one step's micro-batches → (loss parts summed over the step, tokens)."""
+    flat = [i for mb in steps_micro for i in mb]
+    if cfg.objective == "dpo_nll":
+        num_pairs = len(flat)
+        num_tokens = sum(examples[i].response_lengths()[0] for i in flat)
+    else:
+        num_tokens = sum(examples[i].response_lengths()[0] for i in flat if examples[i].reward != 0)
+    totals: dict[str, float] = {}
+    tokens = 0
+    for mb in steps_micro:
+        batch = collate([examples[i] for i in mb], pad_id)
+        ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (R, T)
+        with autocast_context(device, cfg.autocast):
+            sums, _ = sequence_logprobs(model, ids, attn, batch["loss_mask"].to(device))  # (R,)
+        lengths = batch["lengths"].to(device)  # (R,)
+        if cfg.objective == "dpo_nll":
+            B = len(mb)
+            ref_mb = ref[mb].to(device)  # (B, 2)
+            loss, parts = dpo_nll_loss(sums[:B], sums[B:], ref_mb[:, 0], ref_mb[:, 1], lengths[:B],
+                                       beta=cfg.beta, alpha=cfg.alpha, nll_norm=cfg.nll_norm,
+                                       num_pairs=num_pairs, num_tokens=num_tokens)
+            share = B / num_pairs  # pair metrics are batch means: weight them into step means
+            parts = {k: v * share if k in PAIR_METRICS else v for k, v in parts.items()}
+        else:
+            loss = reward_weighted_nll(sums, lengths, batch["rewards"].to(device), num_tokens=num_tokens)
+            parts = {"nll": loss.detach()}
+        loss.backward()
+        parts["loss"] = loss.detach()
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v
+        tokens += int(attn.sum())
+    return totals, tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str | Path, *,
+          reference_key: str | None = None, reference_cache: str | Path | None = None,
+          progress: bool = False) -> dict:
+    """Train `model` in place on `records`; resumable from `out_dir`; returns the run's summary.
+
+    `reference_key` names the DPO reference model for the log-prob cache (else the weights are
+    fingerprinted); `reference_cache` is the cache file (default `out_dir/reference_logps.pt`; put it
+    beside the dataset to share it between runs).
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+    examples, data_stats = encode_records(tokenizer, records, cfg.objective, cfg.max_length)
+    if not examples:
+        raise UserError(f"no training example fits max_length={cfg.max_length} ({len(records)} records)")
+    run_id = {"config": asdict(cfg), "data": data_fingerprint(examples)}
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
+    if ckpt is not None and ckpt["run"] != run_id:
+        raise UserError(f"{out_dir} holds a training run with another config or data; use another directory "
+                        "or delete it")
+    if ckpt is not None and ckpt["done"]:
+        _load_weights(model, ckpt["weights"])
+        atomic_write_json(out_dir / "summary.json", ckpt["summary"])
+        return ckpt["summary"]
+
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the model has no trainable parameters")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ref, ref_source = None, None
+    if cfg.objective == "dpo_nll":  # before any checkpoint is loaded: the model is still the reference
+        ref, cached = reference_logps_for(
+            model, examples, reference=cfg.reference, key=reference_key,
+            cache_path=reference_cache or out_dir / "reference_logps.pt",
+            batch_size=cfg.reference_batch_size or 2 * cfg.batch_size, pad_id=pad_id, autocast=cfg.autocast,
+            progress=progress)
+        ref_source = "cache" if cached else "computed"
+
+    step_size = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(examples) / step_size)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer = build_optimizer(params, cfg, device)
+    schedule = partial(lr_factor, warmup=math.ceil(cfg.warmup_ratio * total), total=total,
+                       schedule=cfg.lr_schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    counters = {"step": 0, "skipped": 0, "bad_streak": 0, "tokens": 0, "elapsed_s": 0.0}
+    log = JsonlLog(out_dir / "metrics.jsonl")
+    if ckpt is not None:
+        _load_weights(model, ckpt["weights"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        counters = ckpt["counters"]
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+    _trim_metrics(log, counters["step"])
+    resumed_from = counters["step"]
+
+    dropouts = _disable_dropout(model) if cfg.disable_dropout else []
+    was_training = model.training
+    model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=counters["step"], desc=f"train {cfg.objective}", unit="step")
+    plans: dict[int, list] = {}
+    window: dict[str, float] = {}
+    w_steps = w_tokens = 0
+    w_time = 0.0
+    last: dict = {}
+
+    def flush(step: int) -> None:
+        nonlocal window, w_steps, w_tokens, w_time, last
+        good = max(w_steps, 1)
+        rec = {"step": step, "epoch": round(step / steps_per_epoch, 4)}
+        rec.update({k: v / good for k, v in window.items()})
+        rec.update(lr=scheduler.get_last_lr()[0], tokens_per_s=w_tokens / max(w_time, 1e-9),
+                   tokens=counters["tokens"], elapsed_s=counters["elapsed_s"], skipped_steps=counters["skipped"],
+                   peak_mem_mb=_peak_memory_mb(device))
+        log.append([rec])
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
+        last, window, w_steps, w_tokens, w_time = rec, {}, 0, 0, 0.0
+
+    try:
+        for step in range(counters["step"], total):
+            t0 = time.perf_counter()
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch not in plans:
+                plans = {epoch: plan_epoch([e.length for e in examples], step_size=step_size,
+                                           micro_size=cfg.batch_size, window=cfg.group_window, seed=cfg.seed,
+                                           epoch=epoch)}
+            parts, tokens = _step_loss(model, examples, plans[epoch][k], ref, cfg, pad_id, device)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            parts = {name: float(v) for name, v in parts.items()}
+            if math.isfinite(float(norm)) and math.isfinite(parts["loss"]):
+                optimizer.step()
+                scheduler.step()
+                counters["bad_streak"] = 0
+                parts["grad_norm"] = float(norm)
+                for name, v in parts.items():
+                    window[name] = window.get(name, 0.0) + v
+                w_steps += 1
+            else:
+                counters["skipped"] += 1
+                counters["bad_streak"] += 1
+                if counters["bad_streak"] >= cfg.nan_patience:
+                    raise UserError(f"training diverged: {counters['bad_streak']} steps in a row with a NaN/inf "
+                                    f"loss or gradient (at step {step + 1}); lower train.lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            counters.update(step=step + 1, tokens=counters["tokens"] + tokens,
+                            elapsed_s=counters["elapsed_s"] + dt)
+            w_tokens, w_time = w_tokens + tokens, w_time + dt
+            if bar is not None:
+                bar.update(1)
+            at_checkpoint = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total
+            if (step + 1) % cfg.log_every == 0 or at_checkpoint or step + 1 == total:
+                flush(step + 1)
+            if at_checkpoint:
+                _save_checkpoint(ckpt_path, {"run": run_id, "done": False, "weights": _weights(model),
+                                             "optimizer": optimizer.state_dict(),
+                                             "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                                             "counters": counters})
+    finally:
+        for m, p in dropouts:
+            m.p = p
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+
+    summary = {
+        "objective": cfg.objective, "steps": total, "optimizer_steps": total - counters["skipped"],
+        "skipped_steps": counters["skipped"], "epochs": round(total / steps_per_epoch, 4),
+        **data_stats, "tokens": counters["tokens"], "train_time_s": round(counters["elapsed_s"], 3),
+        "tokens_per_s": counters["tokens"] / max(counters["elapsed_s"], 1e-9),
+        "peak_mem_mb": _peak_memory_mb(device), "reference": ref_source, "resumed_from_step": resumed_from,
+        "final": {k: v for k, v in last.items() if k in ("loss", "dpo", "nll", "grad_norm", *PAIR_METRICS)},
+    }
+    _save_checkpoint(ckpt_path, {"run": run_id, "done": True, "weights": _weights(model), "summary": summary})
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
