@@ -4,17 +4,44 @@
 
 impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "chunked" (pure torch, bounded memory),
 "naive" (the reference), "auto" (triton on CUDA, chunked otherwise). This package imports torch and
-triton only.
+triton only, and triton only when the triton path runs: on a machine without it (macOS), everything
+but impl="triton" works.
 """
 
+from .chunked import ChunkConfig, chunked_logprob
 from .reference import naive_logprob
+
+IMPLS = ("auto", "triton", "chunked", "naive")
+
+
+def _check_targets(targets, keep, vocab: int) -> None:
+    bad = keep & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"target {int(targets[bad][0])} is outside the vocabulary [0, {vocab})")
 
 
 def fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, impl="auto"):
-    """(..., H), (V, H), (...) → (...) float32 log-probs of `targets`; `ignore_index` positions give 0."""
-    if impl not in ("auto", "triton", "chunked", "naive"):
-        raise ValueError(f"impl must be auto, triton, chunked or naive, not {impl!r}")
-    return naive_logprob(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index)
+    """(..., H), (V, H), (...) → (...) float32 log-probs of `targets`; `ignore_index` positions give 0.
+
+    Differentiable with respect to `hidden`, `weight` and `bias`, each only when it requires grad.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
+    if hidden.shape[:-1] != targets.shape or weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"shapes do not match: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+                         f"targets {tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, not {temperature}")
+    _check_targets(targets, targets != ignore_index, weight.shape[0])
+    if impl == "auto":
+        impl = "triton" if hidden.is_cuda else "chunked"
+    if impl == "naive" or targets.numel() == 0:
+        return naive_logprob(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index)
+    if impl == "chunked":
+        return chunked_logprob(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index)
+    from .triton_logprob import triton_logprob  # imported here: triton is needed by this path only
+
+    return triton_logprob(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index)
 
 
-__all__ = ["fused_logprob", "naive_logprob"]
+__all__ = ["ChunkConfig", "chunked_logprob", "fused_logprob", "naive_logprob"]

@@ -121,7 +121,7 @@ def _recipe_command(name: str, module: str, config_cls: str, doc: str):
         cfg = _recipe_config(getattr(mod, config_cls), config_path, overrides)
         records, best = mod.run(cfg, out, restart=restart, progress=True)
         _print_table(records)
-        click.echo(f"best iteration: {best['iteration']}")
+        click.echo(f"best iteration: {best['iteration'] if best else 'none (no iteration has the selection metric)'}")
         click.echo(f"plot: {plot_metrics(Path(out) / 'metrics.jsonl', Path(out) / 'accuracy.png')}")
 
     return command

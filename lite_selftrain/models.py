@@ -28,9 +28,9 @@ from .errors import UserError
 # presets: Llama shapes. llm-jp-3 shapes follow the published configs (untied lm_head, V = 99,584).
 
 PRESETS: dict[str, dict] = {
-    # a model small enough for unit tests under a second
+    # a model small enough for unit tests under a second; 2048 positions fit the judge prompt (RoPE: no weights)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=512, vocab_size=None),
+                 num_key_value_heads=4, max_position_embeddings=2048, vocab_size=None),
     # the CPU demo's model: large enough to learn multi-step sums, small enough to train in minutes
     "demo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=256, vocab_size=None),

@@ -32,8 +32,8 @@ REFERENCES = ("adapter_off", "current")
 def model_fingerprint(model, reference: str = "current") -> str:
     """A hash of the weights the reference uses (adapter weights left out for "adapter_off").
 
-    Per tensor: name, shape, dtype, a float64 sum and a strided sample of at most 4096 values — cheap on
-    a GPU (reductions, no copy of the model) and different for any two checkpoints met in practice.
+    Per tensor: name, shape, dtype, its sum and a strided sample of at most 4096 values — one reduction
+    per tensor, no copy of the model, and different for any two checkpoints met in practice.
     """
     h = hashlib.sha256(reference.encode())
     for name, t in model.state_dict().items():
@@ -46,7 +46,7 @@ def model_fingerprint(model, reference: str = "current") -> str:
         flat = t.reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
         h.update(sample.numpy().tobytes())
-        h.update(repr(torch.sum(flat, dtype=torch.float64).item()).encode())
+        h.update(repr(flat.sum().item()).encode())  # in the tensor's own dtype: no full-size copy
     return h.hexdigest()[:16]
 
 

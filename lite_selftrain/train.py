@@ -12,6 +12,7 @@ Every `checkpoint_every` steps the trainable weights (all weights of a full mode
 RNG states and data position go to `out_dir/checkpoint.pt`, written atomically. Calling `train` again with
 the same `out_dir` resumes there and ends with the same weights, bit for bit, as a run never stopped;
 once finished it loads the final weights into `model` and returns the stored summary without training.
+A fresh run seeds torch and `random` from `cfg.seed` (dropout, if kept, draws from them).
 Metrics go to `out_dir/metrics.jsonl` every `log_every` steps.
 
 Which model starts an iteration is the recipe's choice: ReST-EM passes a fresh adapter on the base model
@@ -114,7 +115,8 @@ def build_optimizer(params: list, cfg: TrainConfig, device: torch.device):
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(groups, lr=cfg.lr)  # 2 bytes of state per parameter, paged to host
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    fused = all(p.is_floating_point() for p in params) and device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)  # one fused kernel: ~3x faster per tiny step
 
 
 def _disable_dropout(model) -> list:
@@ -218,7 +220,7 @@ def _step_loss(model, examples, steps_micro, ref, cfg, pad_id, device):
         parts["loss"] = loss.detach()
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v
-        tokens += int(attn.sum())
+        tokens += int(batch["attention_mask"].sum())  # the CPU copy: no device sync
     return totals, tokens
 
 
@@ -364,7 +366,8 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
         "skipped_steps": counters["skipped"], "epochs": round(total / steps_per_epoch, 4),
         **data_stats, "tokens": counters["tokens"], "train_time_s": round(counters["elapsed_s"], 3),
         "tokens_per_s": counters["tokens"] / max(counters["elapsed_s"], 1e-9),
-        "peak_mem_mb": _peak_memory_mb(device), "reference": ref_source, "resumed_from_step": resumed_from,
+        "peak_mem_mb": _peak_memory_mb(device), "optimizer": type(optimizer).__name__, "reference": ref_source,
+        "resumed_from_step": resumed_from,
         "final": {k: v for k, v in last.items() if k in ("loss", "dpo", "nll", "grad_norm", *PAIR_METRICS)},
     }
     _save_checkpoint(ckpt_path, {"run": run_id, "done": True, "weights": _weights(model), "summary": summary})

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import to_dict
-from ..errors import UserError
 from ..models import ModelConfig, load_model, save_model
 from ..store import JsonlLog, RunStore, atomic_write_bytes
 
@@ -104,6 +103,15 @@ class Run:
         self.store.log_metrics(record)
         return record
 
+    def log_stages(self, iteration: int, stages: dict[str, dict], *merge: str, **extra) -> dict:
+        """Log an iteration's record: the fields of the `merge` stages' summaries, `extra`, stage times."""
+        record = {"iteration": iteration}
+        for name in merge:
+            record.update({k: v for k, v in stages[name].items() if k != "seconds"})
+        record.update(extra)
+        record["seconds"] = {k: v.get("seconds") for k, v in stages.items()}
+        return self.log_iteration(record)
+
     def records(self) -> list[dict]:
         return [r for r in self.store.metrics.read() if r.get("recipe") == self.recipe]
 
@@ -172,12 +180,29 @@ def evaluate_policy(model, tokenizer, task, examples: list[dict], cfg: EvalConfi
     return metrics
 
 
-def best_iteration(records: list[dict], key: str) -> dict:
-    """The iteration with the highest `key` (earliest on ties): self-training can over-fit later."""
+def judged_eval(model, tokenizer, prompts: list[str], judge_cfg, respond: SampleConfig) -> dict:
+    """Greedy answers to held-out prompts, judged by the same model (no external judge is at hand)."""
+    from ..judge import judge
+    from ..models import format_prompt
+    from ..sampling import generate
+
+    answers = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in prompts], n=1, temperature=0.0,
+                       max_new_tokens=respond.max_new_tokens or 256, batch_size=respond.batch_size)
+    verdicts = judge(model, tokenizer, [(p, a[0].text) for p, a in zip(prompts, answers)], judge_cfg)
+    scores = [v.score for v in verdicts if v.score is not None]
+    parsable = sum(s is not None for v in verdicts for s in v.scores)
+    return {"test_judge_score": sum(scores) / len(scores) if scores else None,
+            "test_judge_parsable": parsable / max(len(verdicts) * judge_cfg.k, 1),
+            "test_mean_tokens": sum(a[0].num_tokens for a in answers) / max(len(answers), 1)}
+
+
+def best_iteration(records: list[dict], key: str) -> dict | None:
+    """The iteration with the highest `key` (earliest on ties): self-training can over-fit later.
+
+    None when no iteration has the metric (e.g. a judge that never gave a parsable score).
+    """
     scored = [r for r in records if r.get(key) is not None]
-    if not scored:
-        raise UserError(f"no iteration has the metric '{key}'")
-    return max(scored, key=lambda r: (r[key], -r["iteration"]))
+    return max(scored, key=lambda r: (r[key], -r["iteration"])) if scored else None
 
 
 def shuffled(items: list, seed: int) -> list:
@@ -189,7 +214,8 @@ def shuffled(items: list, seed: int) -> list:
 class Iterates:
     """The model of each iteration, loaded lazily from the run directory and kept while current.
 
-    Iteration 0 is the base model; iteration t ≥ 1 is what iteration t's train stage saved.
+    Iteration 0 is the base model (or what a recipe's warm-up stage saved as iteration 0); iteration
+    t ≥ 1 is what iteration t's train stage saved.
     """
 
     def __init__(self, run: Run, base: ModelConfig):
@@ -197,7 +223,9 @@ class Iterates:
         self.current: tuple[int, Any, Any] | None = None
 
     def path(self, iteration: int) -> Path | None:
-        return None if iteration == 0 else self.run.dir(iteration) / "model"
+        """Where iteration's model lives; None for an iteration 0 that is the base model itself."""
+        path = self.run.dir(iteration) / "model"
+        return None if iteration == 0 and not path.exists() else path
 
     def get(self, iteration: int):
         """(model, tokenizer) of `iteration`, loaded unless it is the one in memory."""
@@ -207,7 +235,7 @@ class Iterates:
         return self.current[1], self.current[2]
 
     def put(self, iteration: int, model, tokenizer) -> None:
-        save_policy(model, tokenizer, self.path(iteration))
+        save_policy(model, tokenizer, self.run.dir(iteration) / "model")
         self.current = (iteration, model, tokenizer)
 
 
@@ -239,7 +267,7 @@ def verified_loop(run: Run, cfg, *, build, start, temperatures=None, progress: b
         return evaluate_policy(model, tok, task, test_set, cfg.eval, cfg.sample.shots, run.dir(t) / "eval",
                                seed=cfg.seed)
 
-    run.log_iteration({"iteration": 0, **run.stage(0, "eval", lambda: evaluate(0))})
+    run.log_stages(0, {"eval": run.stage(0, "eval", lambda: evaluate(0))}, "eval")
     for t in range(1, cfg.iterations + 1):
         d, problems = run.dir(t), problems_for(train_set, t, cfg.problems_per_iteration, cfg.seed)
         temperature = temperatures[min(t, len(temperatures)) - 1] if temperatures else None
@@ -260,18 +288,16 @@ def verified_loop(run: Run, cfg, *, build, start, temperatures=None, progress: b
             model, tok, reference = start(iterates, t)
             records = read_jsonl(d / "dataset.jsonl")
             train_cfg = dataclasses.replace(cfg.train, reference=reference)
-            summary = (train(model, tok, records, train_cfg, d / "train", progress=progress)
+            summary = (train(model, tok, records, train_cfg, d / "train",
+                             reference_cache=d / "dataset.ref_logps.pt", progress=progress)
                        if records else {"skipped": "empty dataset: the iterate is its starting model"})
             iterates.put(t, model, tok)
             return summary
 
         stages["train"] = run.stage(t, "train", train_stage)
         stages["eval"] = run.stage(t, "eval", lambda: evaluate(t))
-        built, scored = stages["build"], stages["score"]
-        run.log_iteration({"iteration": t, **{k: v for k, v in stages["eval"].items() if k != "seconds"},
-                           "train_accuracy": scored["train_accuracy"], "train_coverage": scored["train_coverage"],
-                           **{k: v for k, v in built.items() if k != "seconds"},
-                           "temperature": temperature or cfg.sample.temperature,
-                           "seconds": {k: v.get("seconds") for k, v in stages.items()}})
+        run.log_stages(t, stages, "eval", "build", train_accuracy=stages["score"]["train_accuracy"],
+                       train_coverage=stages["score"]["train_coverage"],
+                       temperature=temperature or cfg.sample.temperature)
     records = run.records()
     return records, best_iteration(records, cfg.eval.select_on)

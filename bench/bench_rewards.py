@@ -1,0 +1,219 @@
+"""Rewards scored per second on CPU: math answers (math-verify) and sandboxed code, side by side.
+
+    python bench/bench_rewards.py                  # both, workers swept over 1 and all cores
+    python bench/bench_rewards.py --only math --items 400
+
+Math: `--items` (gold, completion) pairs, a third with the gold answer written the same way (the string
+fast path), a third equivalent but written differently (a math-verify check), a third wrong. Providers:
+- `inprocess`: math-verify's parse + verify called directly in this process, its timeouts off: the
+  fastest possible and the unsafe baseline (a stuck check would hang the caller);
+- `workers=W`: `MathTask(workers=W).rewards`, checks in W worker processes under our deadline.
+
+Code: `--items` completions of the APPS and HumanEval fixtures (tests/data), their reference programs,
+so every test runs. Providers:
+- `bare`: each test's program run with `python -c`, no limits, one at a time: the cost of a process;
+- `workers=W`: `AppsTask` / `HumanEvalTask` rewards through the sandbox (limits, launcher, guard, and a
+  drop to `nobody` under root), W programs at a time.
+
+Worker start-up (sympy imports, the sandbox's interpreter probe) is timed apart and left out of the rates.
+Rows are appended to bench/results/bench_rewards.csv with the device and versions; ratios are to the
+first provider of the same run. Simplification: one repetition per provider (the machine is shared), so
+compare ratios, not absolute rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results" / "bench_rewards.csv"
+
+def math_forms(k: int) -> list[tuple[str, str, str]]:
+    """(gold, an equivalent form, a wrong answer) for a parameter k >= 2: distinct for every k, so no
+    cache inside math-verify (it memoises parses) helps any provider."""
+    return [
+        (f"\\frac{{{k}}}{{2}}", f"{k / 2}", f"\\frac{{{k + 1}}}{{2}}"),
+        (f"{k}\\sqrt{{3}}", f"\\sqrt{{{3 * k * k}}}", f"{k + 1}\\sqrt{{3}}"),
+        (f"x^2+{2 * k}x+{k * k}", f"(x+{k})^2", f"(x-{k})^2"),
+        (f"\\frac{{\\pi}}{{{k}}}", f"\\pi/{k}", f"\\pi/{k + 1}"),
+        (f"\\{{1,{k}\\}}", f"\\{{{k},1\\}}", f"\\{{1,{k + 1}\\}}"),
+        (f"(-{k},{k})", f"(-{k}, {k})", f"[-{k},{k}]"),
+        (f"{k}", f"{k}.0", f"{k + 1}"),
+    ]
+
+
+def math_items(n: int) -> tuple[list[str], list[dict]]:
+    """n completions: by turns the gold answer as written, an equivalent form, and a wrong answer."""
+    completions, examples = [], []
+    per_k = 3 * len(math_forms(2))
+    for i in range(n):
+        gold, equivalent, wrong = math_forms(2 + i // per_k)[i % len(math_forms(2))]
+        pred = (gold, equivalent, wrong)[(i // len(math_forms(2))) % 3]
+        completions.append(f"Working... so the answer is $\\boxed{{{pred}}}$.")
+        examples.append({"problem": "p", "solution": f"The answer is $\\boxed{{{gold}}}$."})
+    return completions, examples
+
+
+def code_items(n: int) -> list[tuple[object, str, dict]]:
+    from lite_selftrain.tasks.apps import AppsTask
+    from lite_selftrain.tasks.humaneval import HumanEvalTask
+
+    pool = []
+    for task, name in ((AppsTask(), "apps"), (HumanEvalTask(), "humaneval")):
+        for ex in task.load("test", str(ROOT / "tests" / "data" / f"{name}.jsonl")):
+            pool.append((task, task.reference(ex), ex))
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# providers
+
+
+def run_math(provider: str, completions: list[str], examples: list[dict]) -> tuple[list[float], float, float]:
+    """(rewards, seconds, start-up seconds) of one provider."""
+    if provider == "inprocess":
+        from math_verify import parse, verify
+
+        from lite_selftrain.tasks.base import last_boxed
+
+        start = time.perf_counter()
+        verify(parse("$\\frac{1}{4}$"), parse("$0.25$"))  # sympy's parsers load on first use
+        startup = time.perf_counter() - start
+        start = time.perf_counter()
+        rewards = [float(verify(parse("\\boxed{" + last_boxed(ex["solution"]) + "}", parsing_timeout=None),
+                                parse(c, parsing_timeout=None), timeout_seconds=None))
+                   for c, ex in zip(completions, examples)]
+        return rewards, time.perf_counter() - start, startup
+    from lite_selftrain.tasks.math_task import MathTask
+
+    task = MathTask(workers=int(provider.split("=")[1]))
+    start = time.perf_counter()
+    task.verifier.check_many([("1", "2")] * task.verifier.workers)  # start every worker
+    startup = time.perf_counter() - start
+    start = time.perf_counter()
+    rewards = task.rewards(completions, examples)
+    seconds = time.perf_counter() - start
+    task.close()
+    return rewards, seconds, startup
+
+
+def run_code(provider: str, items: list) -> tuple[list[float], float, float]:
+    from lite_selftrain.tasks.apps import _CALL, _HEADER, _as_text, same_output, same_result
+
+    if provider == "bare":
+        start, rewards = time.perf_counter(), []
+        for task, program, ex in items:
+            if task.name == "humaneval":
+                proc = subprocess.run([sys.executable, "-c", task.program(program, ex)], capture_output=True)
+                rewards.append(float(proc.returncode == 0))
+                continue
+            tests, ok, fn = ex["input_output"], True, ex["input_output"].get("fn_name")
+            for given, want in zip(tests["inputs"], tests["outputs"]):
+                if fn:  # call-based: the same driver the task appends
+                    code = _HEADER + program + _CALL.format(fn=fn, marker="@@", args=json.dumps(given))
+                    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+                    ok = ok and same_result(json.loads(out.splitlines()[-1][2:]), want)
+                else:
+                    proc = subprocess.run([sys.executable, "-c", _HEADER + program], input=_as_text(given),
+                                          capture_output=True, text=True)
+                    ok = ok and same_output(proc.stdout, _as_text(want))
+            rewards.append(float(ok))
+        return rewards, time.perf_counter() - start, 0.0
+    workers = int(provider.split("=")[1])
+    tasks = {}
+    for task, _, _ in items:
+        tasks.setdefault(task.name, type(task)(sandbox={"workers": workers}))
+    start = time.perf_counter()
+    for task in tasks.values():
+        task.sandbox.run("pass")  # find the interpreter the sandbox user can run
+    startup = time.perf_counter() - start
+    start = time.perf_counter()
+    by_task: dict[str, list[int]] = {}
+    for i, (task, _, _) in enumerate(items):
+        by_task.setdefault(task.name, []).append(i)
+    rewards = [0.0] * len(items)
+    for name, idx in by_task.items():
+        got = tasks[name].rewards([items[i][1] for i in idx], [items[i][2] for i in idx])
+        for i, r in zip(idx, got):
+            rewards[i] = r
+    return rewards, time.perf_counter() - start, startup
+
+
+def count_tests(items: list) -> int:
+    return sum(1 if task.name == "humaneval" else len(ex["input_output"]["inputs"]) for task, _, ex in items)
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+
+
+def environment() -> dict:
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"device": f"cpu: {cpu}", "cpus": os.cpu_count(), "python": platform.python_version(),
+            "math_verify": version("math-verify"), "sympy": version("sympy"), "uid": os.geteuid(),
+            "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["math", "code"], default=None)
+    parser.add_argument("--items", type=int, default=None, help="completions per provider (math 210, code 24)")
+    parser.add_argument("--workers", type=str, default=f"1,{os.cpu_count()}", help="worker counts to sweep")
+    args = parser.parse_args()
+    workers = sorted({int(w) for w in args.workers.split(",")})
+    env, rows = environment(), []
+    print(json.dumps(env))
+    for kind in ("math", "code"):
+        if args.only not in (None, kind):
+            continue
+        providers = (["inprocess"] if kind == "math" else ["bare"]) + [f"workers={w}" for w in workers]
+        n = args.items or (210 if kind == "math" else 24)
+        if kind == "math":
+            completions, examples = math_items(n)
+            results = {p: run_math(p, completions, examples) for p in providers}
+            units = n
+        else:
+            items = code_items(n)
+            results = {p: run_code(p, items) for p in providers}
+            units = count_tests(items)
+        base = n / results[providers[0]][1]
+        reference = results[providers[-1]][0]
+        print(f"\n{kind}: {n} completions ({units} {'checks' if kind == 'math' else 'tests'})")
+        print(f"{'provider':<12} {'seconds':>8} {'rewards/s':>10} {'ratio':>7} {'start-up s':>11}  agrees")
+        for p in providers:
+            rewards, seconds, startup = results[p]
+            rate = n / seconds
+            agrees = rewards == reference
+            print(f"{p:<12} {seconds:8.2f} {rate:10.1f} {rate / base:7.2f} {startup:11.2f}  {agrees}")
+            rows.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kind": kind,
+                         "provider": p, "items": n, "units": units, "seconds": round(seconds, 4),
+                         "rewards_per_s": round(rate, 2), "ratio_to_first": round(rate / base, 3),
+                         "startup_s": round(startup, 3), "mean_reward": round(sum(rewards) / n, 4),
+                         "agrees_with_last": agrees, **env})
+    children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"\nlargest child process: {children_mb:.0f} MB resident")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    new = not RESULTS.exists()
+    with open(RESULTS, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

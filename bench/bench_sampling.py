@@ -1,0 +1,184 @@
+"""Tokens per second of `sampling.generate` against Hugging Face `generate(num_return_sequences=n)`.
+
+    python bench/bench_sampling.py                              # llm-jp-3-150m shape, 256 + 64 tokens, n = 4, 8, 16
+    python bench/bench_sampling.py --threads 1 --prompts 2      # quieter on a shared CPU
+    python bench/bench_sampling.py --profile --preset demo      # where the time goes at the CPU demo's scale
+
+Both providers sample the same prompts with the same knobs (temperature 0.7, top-k 40, ReST-EM's) in one
+run, side by side per n, and the ratio is taken in that run. Random weights rarely emit EOS; Hugging Face
+gets min_new_tokens = max_new_tokens so it always does the full work, and each provider's tokens/s counts
+the tokens it really produced. Rows are appended to bench/results/bench_sampling.csv with the device and
+versions. Peak memory is recorded on CUDA only (CPU allocations are not tracked per call).
+
+What it simplifies: random weights (speed does not depend on them), the byte tokenizer (one token per
+ASCII character), one batch of `--prompts` prompts per provider.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import csv
+import datetime
+import platform
+import pstats
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from lite_selftrain.models import build_model, build_tokenizer, padding_side
+from lite_selftrain.sampling import generate
+
+RESULTS = Path(__file__).parent / "results" / "bench_sampling.csv"
+
+
+def make_prompts(count: int, length: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return ["".join(chr(97 + int(c)) for c in torch.randint(0, 26, (length,), generator=g)) for _ in range(count)]
+
+
+def run_engine(model, tok, prompts, n, new_tokens, batch_size):
+    out = generate(model, tok, prompts, n=n, temperature=0.7, top_k=40, max_new_tokens=new_tokens,
+                   batch_size=batch_size)
+    return sum(c.num_tokens for group in out for c in group)
+
+
+def run_hf(model, tok, prompts, n, new_tokens, batch_size):
+    tokens = 0
+    with torch.inference_mode():
+        for b in range(0, len(prompts), batch_size):
+            with padding_side(tok, "left"):
+                batch = tok(prompts[b : b + batch_size], return_tensors="pt", padding=True).to(model.device)
+            ids = batch.input_ids
+            out = model.generate(input_ids=ids, attention_mask=batch.attention_mask, do_sample=True,
+                                 temperature=0.7, top_k=40, num_return_sequences=n, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+            tokens += (out.shape[1] - ids.shape[1]) * out.shape[0]
+    return tokens
+
+
+def timed(fn, *args):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    tokens = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
+    return time.perf_counter() - start, tokens, peak
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def bench(args):
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    tok = build_tokenizer()
+    model = build_model(args.preset, vocab_size=len(tok)).to(device).eval()
+    prompts = make_prompts(args.prompts, args.prompt_len)
+    run_engine(model, tok, prompts[:1], 2, 2, 1)  # warm-up: first-call costs are not the engine's
+    run_hf(model, tok, prompts[:1], 2, 2, 1)
+    rows = []
+    print(f"{args.preset} on {device_name(device)}: {args.prompts} prompts x {args.prompt_len} tokens, "
+          f"{args.new_tokens} new tokens")
+    print(f"{'n':>4} {'engine tok/s':>13} {'hf tok/s':>10} {'ratio':>6} {'engine MiB':>11} {'hf MiB':>8}")
+    for n in args.n:
+        results = {"engine": [], "hf": []}
+        for _ in range(args.repeats):  # alternate providers so drifting load hits both alike
+            for name, fn in (("engine", run_engine), ("hf", run_hf)):
+                results[name].append(timed(fn, model, tok, prompts, n, args.new_tokens, args.prompts))
+        speed = {k: statistics.median(tokens / s for s, tokens, _ in v) for k, v in results.items()}
+        peak = {k: max(p for _, _, p in v) for k, v in results.items()}
+        ratio = speed["engine"] / speed["hf"]
+        print(f"{n:>4} {speed['engine']:>13.1f} {speed['hf']:>10.1f} {ratio:>6.2f} {peak['engine']:>11.0f} "
+              f"{peak['hf']:>8.0f}", flush=True)
+        rows.append(dict(date=datetime.date.today().isoformat(), preset=args.preset, device=device_name(device),
+                         torch=torch.__version__, transformers=transformers.__version__, prompts=args.prompts,
+                         prompt_len=args.prompt_len, new_tokens=args.new_tokens, n=n, repeats=args.repeats,
+                         engine_tok_s=round(speed["engine"], 2), hf_tok_s=round(speed["hf"], 2),
+                         ratio=round(ratio, 3), engine_peak_mib=round(peak["engine"], 1),
+                         hf_peak_mib=round(peak["hf"], 1)))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not RESULTS.exists()
+    with open(RESULTS, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {RESULTS}")
+
+
+def profile(args):
+    """Where the time goes for many short completions of a small model (the CPU demo's regime)."""
+    tok = build_tokenizer()
+    model = build_model(args.preset, vocab_size=len(tok)).eval()
+    prompts = [f"{i % 97}+{i % 89}+{i % 83}=" + "a" * (i % 7) for i in range(args.prompts)]
+    generate(model, tok, prompts[:2], n=2, max_new_tokens=2)
+    kw = dict(n=args.n[0], temperature=0.7, max_new_tokens=args.new_tokens, stop=["#"], batch_size=args.batch)
+    start = time.perf_counter()
+    out = generate(model, tok, prompts, **kw)
+    plain = time.perf_counter() - start
+    tokens = sum(c.num_tokens for g in out for c in g)
+    start = time.perf_counter()
+    hf_tokens = run_hf(model, tok, prompts, kw["n"], args.new_tokens, args.batch)
+    hf = time.perf_counter() - start
+    prof = cProfile.Profile()
+    prof.runcall(generate, model, tok, prompts, **kw)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, self, cumulative, callers)
+
+    def cum(name, file="lite_selftrain"):
+        return sum(v[3] for k, v in stats.items() if k[2] == name and file in k[0])
+
+    total = cum("generate")
+    decode = next(v for k, v in stats.items() if k[2] == "_decode_batch")
+    body = max(v[3] for k, v in stats.items() if k[2] == "forward" and "modeling_llama" in k[0])
+    modules = next(v for k, v in stats.items() if k[2] == "_wrapped_call_impl")  # body and lm_head calls
+    parts = {
+        "transformer body (prefill + decode steps)": body,
+        "lm_head": sum(c[3] for k, c in modules[4].items() if k[2] == "_decode_batch") - body,
+        "token draw (top-k / top-p / inverse CDF)": cum("draw"),
+        "counter-based uniforms": cum("uniforms"),
+        "sharing the prompt cache, pruning finished rows": cum("_reindex"),
+        "stop-string checks": cum("completed"),
+        "detokenising finished rows": cum("_completion"),
+        "tokenising prompts": cum("tokenize_prompts"),
+        "decode-loop bookkeeping (its own lines)": decode[2],
+    }
+    parts["everything else"] = total - sum(parts.values())
+    print(f"{args.preset}: {len(prompts)} prompts x n={kw['n']}, <= {args.new_tokens} new tokens, stop '#', "
+          f"{args.batch} prompts per batch, {torch.get_num_threads()} threads")
+    print(f"  engine: {tokens} tokens in {plain:.2f} s = {tokens / plain:,.0f} tok/s, "
+          f"{len(prompts) * kw['n'] / plain:,.0f} samples/s")
+    print(f"  Hugging Face generate, same batches, always {args.new_tokens} tokens: {hf_tokens / hf:,.0f} tok/s")
+    print(f"  under cProfile ({total:.2f} s):")
+    for label, seconds in parts.items():
+        print(f"  {100 * seconds / total:5.1f}%  {label}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="llm-jp-3-150m")
+    p.add_argument("--n", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--prompts", type=int, default=4, help="prompts, all in one batch (profile: in all)")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is present")
+    p.add_argument("--profile", action="store_true", help="profile many short completions instead")
+    p.add_argument("--batch", type=int, default=16, help="prompts per batch in --profile")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile(args) if args.profile else bench(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Evaluation: pass@k, maj@k and accuracy over a task split, with one record per problem.
+
+- pass@k (Chen et al. 2021): the chance that at least one of k samples drawn without replacement from
+  n is correct, given c correct: 1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i)
+  so that no huge binomial coefficient is ever formed.
+- maj@k: the answer given most often among the first k samples (grouped by the task's normalised
+  `extract_answer`; samples without an answer do not vote) is correct. Ties share the credit: with t tied
+  answers of which one is correct, the problem scores 1/t (the expected value of a random tie-break).
+- accuracy: the mean reward over all samples (with greedy decoding and n = 1 it equals pass@1).
+
+Usage:
+    metrics = evaluate(model, tok, task, task.load("test", path), n=8, ks=[1, 4, 8], temperature=0.7,
+                       out_dir="runs/x/eval")  # writes metrics.json and problems.jsonl there
+
+Simplification: maj@k uses the first k samples, not an average over all k-subsets of the n.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import UserError
+from .store import atomic_write_bytes, atomic_write_json
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (numerically stable product form)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def maj_at_k(answers: list[str | None], rewards: list[float], k: int) -> float:
+    """Reward of the majority answer among the first k samples; ties share the credit; 0 if none answered."""
+    if len(answers) != len(rewards):
+        raise ValueError("one reward per answer")
+    votes = Counter(a for a in answers[:k] if a is not None)
+    if not votes:
+        return 0.0
+    top = max(votes.values())
+    winners = [a for a, v in votes.items() if v == top]
+    reward_of = {}
+    for a, r in zip(answers[:k], rewards[:k]):
+        reward_of.setdefault(a, r)  # samples with the same answer share its reward
+    return sum(reward_of[a] for a in winners) / len(winners)
+
+
+def accuracy(rewards: list[float]) -> float:
+    return sum(rewards) / len(rewards) if rewards else 0.0
+
+
+def score_problems(answers: list[list[str | None]], rewards: list[list[float]], ks: list[int]
+                   ) -> tuple[dict, list[dict]]:
+    """Metrics over problems and one record per problem, from each problem's answers and rewards."""
+    if not rewards:
+        raise ValueError("no problems to score")
+    n = len(rewards[0])
+    if any(len(r) != n for r in rewards) or [len(a) for a in answers] != [len(r) for r in rewards]:
+        raise ValueError("every problem needs the same number n of samples, with one answer per reward")
+    ks = sorted({k for k in ks if k <= n})
+    if not ks:
+        raise UserError(f"no k in ks is at most n = {n}")
+    records = []
+    for index, (ans, rew) in enumerate(zip(answers, rewards)):
+        correct = sum(r > 0 for r in rew)
+        record = {"index": index, "n": n, "correct": correct}
+        record.update({f"pass@{k}": pass_at_k(n, correct, k) for k in ks})
+        record.update({f"maj@{k}": maj_at_k(ans, rew, k) for k in ks})
+        records.append(record)
+    metrics = {"problems": len(records), "n": n, "accuracy": accuracy([r for rew in rewards for r in rew])}
+    for key in [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks]:
+        metrics[key] = sum(r[key] for r in records) / len(records)
+    return metrics, records
+
+
+def evaluate(model, tokenizer, task, examples: list[dict], *, n: int = 1, ks: Sequence[int] = (1,),
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int | None = None,
+             seed: int = 0, batch_size: int = 16, shots: int = 0, out_dir: str | Path | None = None) -> dict:
+    """Sample n completions per example, reward them with the task, and return the metrics.
+
+    With `out_dir`, writes metrics.json and problems.jsonl (prompt, gold answer, completions, answers,
+    rewards and metrics of every problem) there.
+    """
+    from .sampling import generate
+
+    if task.needs_judge:
+        raise UserError(f"task {task.name} has no automatic reward; evaluate it with the judge")
+    if not examples:
+        raise UserError("no examples to evaluate")
+    prompts = [task.prompt(ex, shots=shots) for ex in examples]
+    groups = generate(model, tokenizer, prompts, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
+                      max_new_tokens=max_new_tokens or task.max_new_tokens, stop=task.stop, seed=seed,
+                      batch_size=batch_size)
+    flat = [(c, ex) for group, ex in zip(groups, examples) for c in group]
+    flat_rewards = task.rewards([c.text for c, _ in flat], [ex for _, ex in flat])
+    rewards = [flat_rewards[i * n:(i + 1) * n] for i in range(len(examples))]
+    answers = [[task.extract_answer(c.text) for c in group] for group in groups]
+    metrics, records = score_problems(answers, rewards, list(ks))
+    completions = [c for group in groups for c in group]
+    metrics["mean_tokens"] = sum(c.num_tokens for c in completions) / len(completions)
+    metrics["truncated"] = sum(c.finish_reason == "length" for c in completions) / len(completions)
+    if out_dir is not None:
+        out = Path(out_dir)
+        for record, prompt, ex, group, ans, rew in zip(records, prompts, examples, groups, answers, rewards):
+            record.update(prompt=prompt, gold=task.gold_answer(ex), completions=[c.text for c in group],
+                          answers=ans, rewards=rew, finish_reasons=[c.finish_reason for c in group])
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        atomic_write_bytes(out / "problems.jsonl", lines.encode())
+        atomic_write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,39 @@
+"""Tasks by name: `get_task("gsm8k")`, `get_task("arith", terms=4)`, `get_task("apps", sandbox={...})`.
+
+Each task lives in its own module, imported only when asked for (the math task's checker and the
+sandbox cost nothing until used). Options are passed to the task's constructor.
+Simplification: a fixed table of tasks; a new task is one module plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UserError
+from .base import CodeTask, Task
+
+# name -> (module, class); modules are imported on first use
+TASKS: dict[str, tuple[str, str]] = {
+    "arith": ("arith", "ArithTask"),
+    "gsm8k": ("gsm8k", "GSM8KTask"),
+    "math": ("math_task", "MathTask"),
+    "arc": ("arc", "ArcTask"),
+    "humaneval": ("humaneval", "HumanEvalTask"),
+    "apps": ("apps", "AppsTask"),
+    "instruct": ("instruct", "InstructTask"),
+}
+
+
+def get_task(name: str, **options) -> Task:
+    """The task called `name`, built with `options`; unknown names and options raise `UserError`."""
+    if name not in TASKS:
+        raise UserError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
+    module, cls = TASKS[name]
+    task_class = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    try:
+        return task_class(**options)
+    except TypeError as e:
+        raise UserError(f"bad options for task {name}: {e}") from None
+
+
+__all__ = ["TASKS", "CodeTask", "Task", "get_task"]

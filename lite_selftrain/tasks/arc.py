@@ -1,0 +1,71 @@
+"""`arc`: AI2 Reasoning Challenge (Clark et al. 2018), multiple choice, rewarded by the chosen letter.
+
+Records have `question`, `choices` = {"text": [...], "label": [...]} and `answerKey`. Some questions
+label their choices 1-4 instead of A-D: prompts always show letters A, B, C, ... in the given order and
+the gold letter is the answer key's position, so answers are always letters.
+
+The chosen letter is taken from "answer is (B)" / "Answer: B" / `\\boxed{B}` (the last one), else from a
+completion that starts with the letter ("B", "(B)", "B." or "B) ..."); otherwise there is no answer.
+
+Usage:
+    task = ArcTask()
+    task.reward("The coat traps body heat. The answer is B.", example)
+
+Simplification: ARC has no worked solutions, so the reference response is the bare answer sentence.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+from .base import Task, few_shot, last_boxed
+
+_STATED = re.compile(r"(?i:answer(?: is|:))\s*(?:\*\*)?\(?([A-Z])\)?(?![A-Za-z])")  # the letter is a capital
+_LEADING = re.compile(r"\s*(?:\(([A-Z])\)|([A-Z])(?:[.):]|\s*$))", re.M)  # "(B) ...", "B. ...", "B"
+
+EXEMPLARS = [
+    ("Question: Which form of energy does a plant mainly capture for photosynthesis?\n"
+     "A. sound\nB. light\nC. heat\nD. electricity\nAnswer:\n",
+     "Plants use chlorophyll to absorb sunlight. The answer is B."),
+    ("Question: A student mixes salt into water until no more dissolves. What has she made?\n"
+     "A. a saturated solution\nB. a pure substance\nC. an element\nD. a gas\nAnswer:\n",
+     "When no more salt dissolves, the water holds all it can. The answer is A."),
+    ("Question: Which tool is best for measuring the mass of a rock?\n"
+     "A. a ruler\nB. a thermometer\nC. a balance\nD. a graduated cylinder\nAnswer:\n",
+     "Mass is measured by comparing against known masses on a balance. The answer is C."),
+    ("Question: Why does a metal spoon feel colder than a wooden spoon at the same temperature?\n"
+     "A. metal is always colder\nB. wood makes heat\nC. metal is heavier\nD. metal conducts heat away from "
+     "the hand faster\nAnswer:\n",
+     "Both are at room temperature, but metal carries heat away from the skin quickly. The answer is D."),
+]
+
+
+class ArcTask(Task):
+    name = "arc"
+    max_new_tokens = 256  # a few sentences of reasoning and the answer sentence
+    stop = ("\nQuestion:",)  # the next few-shot block would begin here
+    hub, hub_configs = "allenai/ai2_arc", ("ARC-Challenge",)
+    fields = ("question", "choices", "answerKey")
+
+    def prompt(self, example: dict, shots: int = 0) -> str:
+        options = "".join(f"{letter}. {text}\n" for letter, text in zip(string.ascii_uppercase,
+                                                                          example["choices"]["text"]))
+        return few_shot(EXEMPLARS, shots, self.name) + f"Question: {example['question']}\n{options}Answer:\n"
+
+    def reference(self, example: dict) -> str:
+        return f"The answer is {self.gold_answer(example)}."
+
+    def extract_answer(self, text: str) -> str | None:
+        stated = _STATED.findall(text)
+        if stated:
+            return stated[-1].upper()
+        boxed = last_boxed(text)
+        if boxed is not None and re.fullmatch(r"\s*\(?[A-Za-z]\)?\s*", boxed):
+            return boxed.strip("() ").upper()
+        m = _LEADING.match(text)
+        return (m.group(1) or m.group(2)) if m else None
+
+    def gold_answer(self, example: dict) -> str:
+        labels = [str(x) for x in example["choices"]["label"]]
+        return string.ascii_uppercase[labels.index(str(example["answerKey"]))]

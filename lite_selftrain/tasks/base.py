@@ -1,0 +1,144 @@
+"""The Task interface every task follows, and the loading and text helpers the tasks share.
+
+A task turns dataset records into prompts, gold responses and rewards:
+
+    task.load("test", path="gsm8k_test.jsonl")       # records with the public dataset's field names
+    task.prompt(example, shots=4)                      # few-shot prompt ending where the answer starts
+    task.reward(completion, example)                   # 1.0 when the final answer is right, else 0.0
+
+`extract_answer` returns a normalised string, so majority voting can group equal answers by string.
+Simplification: records are plain dicts; a task checks only the fields it reads.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..config import from_dict
+from ..data import load_records
+from ..errors import UserError
+from .sandbox import Sandbox, SandboxConfig
+
+
+class Task:
+    """Base class: subclasses set the class attributes and the prompt / answer methods."""
+
+    name: str = ""
+    max_new_tokens: int = 512  # long enough for the longest reference solution of the task
+    stop: tuple[str, ...] = ()  # strings that end a completion during sampling
+    needs_judge: bool = False  # True when rewards come from lite_selftrain.judge, not reward()
+    hub: str | None = None  # the public dataset's hub name, used when no path is given
+    hub_configs: tuple[str | None, ...] = (None,)  # its configurations (subsets), loaded one after another
+    fields: tuple[str, ...] = ()  # the record fields the task reads
+
+    # -- data ----------------------------------------------------------------------------------------
+    def load(self, split: str, path: str | None = None) -> list[dict]:
+        """Records of `split` from a local JSONL file / saved dataset, or from the hub (online only)."""
+        if path is None and self.hub is None:
+            raise UserError(f"task {self.name} has no public source: pass a local file")
+        records: list[dict] = []
+        for config in ([None] if path is not None else self.hub_configs):
+            try:
+                records += load_records(path if path is not None else self.hub, split, config=config)
+            except UserError as e:
+                raise UserError(f"{e} (task {self.name} reads the fields: {', '.join(self.fields)})") from None
+        for i, record in enumerate(records):
+            missing = [f for f in self.fields if f not in record]
+            if missing:
+                raise UserError(f"task {self.name}: record {i} of {path or self.hub} lacks {', '.join(missing)}")
+        return [self.prepare(r) for r in records]
+
+    def prepare(self, record: dict) -> dict:
+        """Normalise one loaded record (e.g. decode a JSON-string field); the identity by default."""
+        return record
+
+    # -- prompts and answers ---------------------------------------------------------------------------
+    def prompt(self, example: dict, shots: int = 0) -> str:
+        raise NotImplementedError
+
+    def reference(self, example: dict) -> str:
+        """The gold response text (a worked solution, or a program)."""
+        raise NotImplementedError
+
+    def extract_answer(self, text: str) -> str | None:
+        """The normalised final answer of a response, None if it gives none."""
+        raise NotImplementedError
+
+    def gold_answer(self, example: dict) -> str:
+        raise NotImplementedError
+
+    # -- rewards ---------------------------------------------------------------------------------------
+    def reward(self, completion: str, example: dict) -> float:
+        answer = self.extract_answer(completion)
+        return float(answer is not None and answer == self.gold_answer(example))
+
+    def rewards(self, completions: list[str], examples: list[dict]) -> list[float]:
+        if len(completions) != len(examples):
+            raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
+        return [self.reward(c, ex) for c, ex in zip(completions, examples)]
+
+
+def few_shot(exemplars: list[tuple[str, str]], shots: int, task: str) -> str:
+    """The first `shots` (prompt, response) exemplars, each followed by a blank line."""
+    if not 0 <= shots <= len(exemplars):
+        raise UserError(f"task {task} has {len(exemplars)} few-shot exemplars; shots must be 0..{len(exemplars)}")
+    return "".join(p + r + "\n\n" for p, r in exemplars[:shots])
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last `\\boxed{...}` (or `\\fbox{...}`, `\\boxed N`), braces balanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start:].split("{", 1)
+    head = re.match(r"\\(?:boxed|fbox) +([^\s$]+)", text[start:])
+    if head and "{" not in head.group(0):  # "\boxed 5": the argument without braces
+        return head.group(1)
+    if len(rest) < 2:
+        return None
+    depth = 1
+    for i, ch in enumerate(rest[1]):
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            return rest[1][:i]
+    return None  # unbalanced: the completion was cut off inside the box
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|$)", re.S | re.I)
+
+
+def code_block(text: str) -> str:
+    """The first fenced code block of `text` (chat models wrap code in ```python), else `text` itself."""
+    m = _FENCE.search(text)
+    return m.group(1) if m else text
+
+
+def normalize_code(code: str) -> str:
+    """A program with trailing spaces and blank edge lines removed (equal programs compare equal)."""
+    return "\n".join(line.rstrip() for line in code.strip("\n").splitlines())
+
+
+class CodeTask(Task):
+    """A task whose reward runs the program against tests in the sandbox: 1.0 iff every test passes."""
+
+    def __init__(self, sandbox: SandboxConfig | dict | None = None):
+        cfg = from_dict(SandboxConfig, sandbox, where="sandbox") if isinstance(sandbox, dict) else sandbox
+        self.sandbox = Sandbox(cfg)  # limits, user and parallelism of the program runs
+
+    def outcomes(self, completion: str, example: dict) -> list[str]:
+        """Per test "pass", "fail", "timeout" or "error"; may stop after the first test that does not pass."""
+        raise NotImplementedError
+
+    def extract_answer(self, text: str) -> str | None:
+        code = normalize_code(code_block(text))
+        return code or None
+
+    def reward(self, completion: str, example: dict) -> float:
+        results = self.outcomes(completion, example)
+        return float(bool(results) and all(r == "pass" for r in results))
+
+    def rewards(self, completions: list[str], examples: list[dict]) -> list[float]:
+        """Programs run in parallel, `sandbox.workers` at a time."""
+        if len(completions) != len(examples):
+            raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
+        return self.sandbox.map(lambda pair: self.reward(*pair), zip(completions, examples))
