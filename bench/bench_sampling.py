@@ -75,7 +75,12 @@ def timed(fn, *args):
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    cpu = platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    return f"cpu {cpu}, {torch.get_num_threads()} threads"
 
 
 def bench(args):

@@ -3,9 +3,9 @@
     fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, impl="auto")
 
 impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "chunked" (pure torch, bounded memory),
-"naive" (the reference), "auto" (triton on CUDA, chunked otherwise). This package imports torch and
-triton only, and triton only when the triton path runs: on a machine without it (macOS), everything
-but impl="triton" works.
+"naive" (the reference), "auto" (triton on CUDA when triton is installed, chunked otherwise).
+This package imports torch and triton only, and triton only when the triton path runs: on a machine
+without it (macOS), everything but impl="triton" works.
 """
 
 from .chunked import ChunkConfig, chunked_logprob
@@ -18,6 +18,14 @@ def _check_targets(targets, keep, vocab: int) -> None:
     bad = keep & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
         raise ValueError(f"target {int(targets[bad][0])} is outside the vocabulary [0, {vocab})")
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, impl="auto"):
@@ -34,7 +42,7 @@ def fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore
         raise ValueError(f"temperature must be positive, not {temperature}")
     _check_targets(targets, targets != ignore_index, weight.shape[0])
     if impl == "auto":
-        impl = "triton" if hidden.is_cuda else "chunked"
+        impl = "triton" if hidden.is_cuda and _has_triton() else "chunked"
     if impl == "naive" or targets.numel() == 0:
         return naive_logprob(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index)
     if impl == "chunked":

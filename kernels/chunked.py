@@ -1,4 +1,4 @@
-"""The chunked token log-prob in pure torch: the CPU default, memory-bounded, as fast as the naive one or faster.
+"""The chunked token log-prob in pure torch: the CPU default, memory-bounded, and faster than naive when frozen.
 
     logp = chunked_logprob(hidden, weight, targets, bias, temperature=1.0, ignore_index=-100)
 
@@ -27,7 +27,6 @@ size is fixed by an element budget, not tuned per machine.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +90,8 @@ def _forward(h, weight, bias, t, keep, inv_tau, want_direction, cfg):
     for r0, r1 in _blocks(n, rows):
         h_r = h[r0:r1].float()  # (R, H)
         t_r, keep_r = t[r0:r1], keep[r0:r1]
-        m = torch.full((r1 - r0,), -math.inf, dtype=torch.float32, device=h.device)  # running max (R,)
+        m = torch.full((r1 - r0,), -1e30, dtype=torch.float32, device=h.device)  # running reference (R,);
+        # finite, so a tile of −inf logits (a masked vocabulary) gives exp(−inf) = 0, not NaN
         s = torch.zeros(r1 - r0, dtype=torch.float32, device=h.device)  # running sum of exp (R,)
         for v0, v1 in _blocks(v, cols):
             w_c = weight[v0:v1].float()  # (Vc, H)

@@ -11,8 +11,9 @@ How the native engine works:
 - each batch is prefilled ONCE and its KV cache repeated n times along the batch (B = prompts × n rows):
   Hugging Face `generate(num_return_sequences=n)` recomputes every prompt n times;
 - the decode loop appends into a preallocated cache (no per-step concatenation), reuses one key mask and
-  per-row positions, and computes the lm_head on the last position only; a row ends on EOS, a stop string
-  or `max_new_tokens`, and finished rows leave the batch (cache index-select) once they are a quarter of it;
+  per-row positions, and computes the lm_head on the last position only; a row ends on EOS, a stop string,
+  `max_new_tokens` or the end of the model's context ("length"), and finished rows leave the batch (cache
+  index-select) once they are a quarter of it;
 - randomness is counter-based: the uniform behind token s of sample j of prompt i is a hash of
   (seed, i, j, s), turned into a token by inverse-CDF sampling. A prompt's samples depend on (seed, its
   index) only: not on its batch-mates, up to float rounding in the model.
@@ -26,11 +27,12 @@ Conventions the trainer relies on:
   raw logits (temperature 1, no top-k/top-p), as `logprobs.sequence_logprobs` computes it; `token_logprobs`
   lists the terms. It does not depend on the sampling knobs, greedy included.
 
-Kill safety (`out`): records {"prompt_index", "sample_index", **completion} are appended one prompt at a
-time, a prompt's n lines in one write. On restart a torn last line is cut off, a prompt with fewer than n
-records is dropped (the file is rewritten atomically) and sampled again, finished prompts are not. Batches
-are a fixed function of the whole prompt list, and a partly written batch is re-run whole, so a resumed job
-returns exactly what an uninterrupted one would.
+Kill safety (`out`): records {"prompt_index", "sample_index", **completion} are appended in whole
+prompts, one write and fsync per `batch_size` finished prompts or per second, whichever comes first. On
+restart a torn last line is cut off, a prompt with fewer than n records is dropped (the file is rewritten
+atomically) and sampled again, finished prompts are not. Batches are a fixed function of the whole prompt
+list, and a partly written batch is re-run whole, so a resumed job returns exactly what an uninterrupted
+one would.
 
 Simplifications: a prompt's n samples always share one batch (a decode batch holds up to batch_size × n
 rows); stop strings are matched in the generated text only, never across the prompt; no repetition
@@ -262,10 +264,12 @@ def _eos_table(model, tokenizer, vocab_size: int, device) -> torch.Tensor:
 
 
 def _decode_batch(body, head, prompt_ids: list[list[int]], prompt_index: list[int], cfg: SamplingConfig, *,
-                  eos: torch.Tensor, stops: _StopStrings | None, logprobs: bool, pad_id: int):
+                  eos: torch.Tensor, stops: _StopStrings | None, logprobs: bool, pad_id: int, context: int):
     """Yield (position in batch, n rows of (token ids, finish code, token log-probs)) as prompts finish."""
-    device, n, S = head.weight.device, cfg.n, cfg.max_new_tokens
+    device, n = head.weight.device, cfg.n
     P, T = len(prompt_ids), max(map(len, prompt_ids))
+    caps = [min(cfg.max_new_tokens, context - len(seq)) for seq in prompt_ids]  # prompt + completion fit
+    S = max(caps)  # steps this batch can take
     ids = torch.full((P, T), pad_id, dtype=torch.long)
     mask = torch.zeros((P, T), dtype=torch.bool)
     for r, seq in enumerate(prompt_ids):  # left padding: every prompt ends at column T-1
@@ -283,12 +287,13 @@ def _decode_batch(body, head, prompt_ids: list[list[int]], prompt_index: list[in
     keymask = torch.ones(B, 1, 1, T + S, dtype=torch.bool, device=device)  # (B, 1, 1, T+S), sliced per step
     keymask[:, 0, 0, :T] = mask.repeat_interleave(n, 0)
     pos = mask.sum(-1).repeat_interleave(n)  # (B,) position of each row's first new token
+    cap = torch.tensor(caps, device=device).repeat_interleave(n)  # (B,) tokens each row may generate
     sample = torch.arange(n, device=device).repeat(P)  # (B,)
     u = uniforms(cfg.seed, torch.tensor(prompt_index, device=device).repeat_interleave(n), sample, S)  # (B, S)
     tokens = torch.zeros(B, S, dtype=torch.long, device=device)  # (B, S) drawn tokens
     lps = torch.zeros(B, S, device=device) if logprobs else None  # (B, S) raw-model token log-probs
     live = torch.ones(B, dtype=torch.bool, device=device)  # rows still generating
-    rows = list(range(B))  # original row of each current row
+    rows, alive = list(range(B)), B  # original row of each current row; rows still generating
     left, done = [n] * P, {}  # rows still running per prompt; finished rows by original row
     for s in range(S):
         tok = draw(logits, u[:, s], cfg.temperature, cfg.top_k, cfg.top_p)  # (B,)
@@ -296,26 +301,28 @@ def _decode_batch(body, head, prompt_ids: list[list[int]], prompt_index: list[in
         if lps is not None:
             lps[:, s] = logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
         eos_now = eos[tok] & live  # (B,)
-        ended = dict.fromkeys(eos_now.nonzero().flatten().tolist(), 1) if bool(eos_now.any()) else {}
+        full = (cap == s + 1) & live  # (B,) rows at their length limit
+        ended = {}
+        if bool((eos_now | full).any()):  # codes by priority: eos over stop over length
+            ended = dict.fromkeys(full.nonzero().flatten().tolist(), 0)
+            ended.update(dict.fromkeys(eos_now.nonzero().flatten().tolist(), 1))
         if stops is not None:
             ended.update(dict.fromkeys(stops.completed(tokens, tok, live & ~eos_now, s), 2))
-        if s == S - 1:
-            ended.update({r: 0 for r in live.nonzero().flatten().tolist() if r not in ended})
         for r, code in ended.items():
             done[rows[r]] = (tokens[r, : s + 1].tolist(), code, None if lps is None else lps[r, : s + 1].tolist())
             p = rows[r] // n
             left[p] -= 1
             if left[p] == 0:
                 yield p, [done.pop(p * n + j) for j in range(n)]
-        if s == S - 1 or len(ended) == int(live.sum()):
+        alive -= len(ended)
+        if s == S - 1 or alive == 0:
             return
         if ended:
             live[list(ended)] = False
-            alive = int(live.sum())
             if 4 * (len(rows) - alive) >= len(rows):  # prune once a quarter is dead: a copy, not every step
                 keep = live.nonzero().flatten()
                 cache.batch_select_indices(keep)
-                tokens, u, keymask, pos, tok, live = (x[keep] for x in (tokens, u, keymask, pos, tok, live))
+                tokens, u, keymask, pos, cap, tok, live = (x[keep] for x in (tokens, u, keymask, pos, cap, tok, live))
                 lps = None if lps is None else lps[keep]
                 rows = [rows[k] for k in keep.tolist()]
         hidden = body(input_ids=tok[:, None], attention_mask=keymask[..., : T + s + 1] if padded else None,
@@ -330,19 +337,25 @@ def _decode_batch(body, head, prompt_ids: list[list[int]], prompt_index: list[in
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], cfg: SamplingConfig, context: int | None,
                      truncate: bool) -> list[list[int]]:
-    """Token ids of each prompt as the tokenizer makes them; too long for the context is an error or,
-    with `truncate`, cut from the left (a leading BOS is kept)."""
+    """Token ids of each prompt as the tokenizer makes them.
+
+    Without `truncate`, a prompt must leave the context room for at least one new token (its completions
+    stop, "length", where the context ends). With `truncate`, prompts are cut from the left (a leading BOS
+    is kept) so that prompt + max_new_tokens fit.
+    """
     ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    room = None if context is None else context - cfg.max_new_tokens
+    room = None if context is None else context - cfg.max_new_tokens if truncate else context - 1
     for i, seq in enumerate(ids):
         if not seq:
             raise UserError(f"prompt {i} is empty (no tokens)")
         if room is None or len(seq) <= room:
             continue
-        if not truncate or room < 2:
-            raise UserError(f"prompt {i} has {len(seq)} tokens; with max_new_tokens={cfg.max_new_tokens} it needs "
-                            f"{len(seq) + cfg.max_new_tokens} positions, the model has {context} "
-                            "(shorten it, lower max_new_tokens, or pass truncate=True to cut it from the left)")
+        if not truncate:
+            raise UserError(f"prompt {i} has {len(seq)} tokens, the model's context {context}: no room to "
+                            "generate (shorten it, or pass truncate=True to cut it from the left)")
+        if room < 2:
+            raise UserError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for prompt {i} in the "
+                            f"model's context of {context} tokens")
         bos = seq[:1] if seq[0] == tokenizer.bos_token_id else []
         ids[i] = bos + seq[len(seq) - room + len(bos) :]
     return ids
@@ -361,8 +374,8 @@ def _native_stream(model, tokenizer, prompts, pending: set[int], cfg: SamplingCo
                    truncate: bool) -> Iterator[tuple[int, list[Completion]]]:
     """Yield (prompt index, its n completions) for the pending prompts, in the order they finish."""
     body, head = split_body_head(model)
-    ids = tokenize_prompts(tokenizer, prompts, cfg, getattr(body.config, "max_position_embeddings", None),
-                           truncate)
+    context = getattr(body.config, "max_position_embeddings", None)
+    ids = tokenize_prompts(tokenizer, prompts, cfg, context, truncate)
     vocab, device = head.weight.shape[0], head.weight.device
     eos = _eos_table(model, tokenizer, vocab, device)
     stops = _StopStrings(tokenizer, cfg.stop, vocab, device) if cfg.stop else None
@@ -377,7 +390,8 @@ def _native_stream(model, tokenizer, prompts, pending: set[int], cfg: SamplingCo
                 if pending.isdisjoint(batch):
                     continue
                 for p, rows in _decode_batch(body, head, [ids[i] for i in batch], batch, cfg, eos=eos,
-                                             stops=stops, logprobs=logprobs, pad_id=pad_id):
+                                             stops=stops, logprobs=logprobs, pad_id=pad_id,
+                                             context=context or 2**62):
                     if batch[p] in pending:
                         yield batch[p], [_completion(tokenizer, stops, *row) for row in rows]
     finally:
@@ -438,8 +452,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, n: int = 1, temperatur
              backend: str = "native") -> list[list[Completion]]:
     """n completions of each prompt: a list with one entry per prompt, each the list of its n completions.
 
-    temperature 0 is greedy; top_k 0 and top_p 1 are off. `out` (a path or JsonlLog) receives the records
-    as prompts finish; prompts it already holds completely are not sampled again and come back from it.
+    temperature 0 is greedy; top_k 0 and top_p 1 are off. A prompt that fills the model's context is an
+    error, or with `truncate` is cut from the left to leave room for max_new_tokens. `out` (a path or
+    JsonlLog) receives the records as prompts finish; prompts it already holds completely are not sampled
+    again and come back from it.
     backend: "native" (this engine) or "vllm" (needs vllm and a GPU; see sampling_vllm.py).
     """
     cfg = SamplingConfig(n=n, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,

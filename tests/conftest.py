@@ -15,6 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One torch thread: the models here are tiny, and a second thread costs more in sync than it saves."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _preset_cache(tmp_path_factory):
     """Presets written for QLoRA loading go to a per-session folder, not the user's cache."""
     if "LITE_SELFTRAIN_CACHE" not in os.environ:

@@ -18,9 +18,10 @@ from lite_selftrain.kernels import ChunkConfig, chunked_logprob, fused_logprob, 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 NORMAL, ODD = (64, 64, 512), (41, 72, 1271)  # (N, H, V): block multiples, and multiples of nothing
-# max |error| / max |reference| allowed for gradients; values are fp32 on every path
-GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-VALUE_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+# max |error| / max |reference|, about 5x what was observed. Values are fp32 on every path; gradients of
+# 16-bit inputs are rounded once more by triton (d = g (onehot − p) / τ is stored in the input dtype)
+VALUE_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}
+GRAD_TOL = {torch.float32: 5e-6, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 CASES = [  # (shape, dtype, bias, temperature, trainable weight)
     (ODD, torch.float32, False, 1.0, False),
@@ -75,6 +76,19 @@ def _compare(fn, shape, dtype, bias, temperature, trainable):
     assert (grads["hidden"][targets == -100] == 0).all()  # ignored tokens get no gradient
 
 
+def _compare_masked_vocab(fn):
+    """A bias of −inf bans the first 600 tokens: whole tiles of −inf logits must give 0, not NaN."""
+    hidden, weight, _, targets, upstream = _inputs(ODD, torch.float32, False, False)
+    bias = torch.zeros(ODD[2])
+    bias[:600] = -torch.inf
+    targets = torch.where(targets == -100, targets, targets.clamp(min=600))
+    ref, ref_grads = _run(naive_logprob, hidden, weight, bias, targets, upstream, 1.0)
+    out, grads = _run(fn, hidden, weight, bias, targets, upstream, 1.0)
+    assert torch.isfinite(out).all() and torch.isfinite(grads["hidden"]).all()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grads["hidden"], ref_grads["hidden"], atol=1e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------
 # chunked, in this process
 
@@ -90,6 +104,11 @@ def test_chunked_many_tiles(trainable):
     cfg = ChunkConfig(tile_elems=300, min_cols=30, gather_rows=7, slack=0.0)
     fn = lambda *a, **k: chunked_logprob(*a, cfg=cfg, **k)
     _compare(fn, ODD, torch.float32, True, 0.5, trainable)
+
+
+def test_chunked_masked_vocabulary():
+    cfg = ChunkConfig(tile_elems=41 * 256, min_cols=256)
+    _compare_masked_vocab(lambda *a, **k: chunked_logprob(*a, cfg=cfg, **k))
 
 
 @pytest.mark.parametrize("trainable", [False, True])
@@ -168,6 +187,11 @@ def test_triton_matches_naive(shape, dtype, bias, temperature, trainable):
 
 
 @needs_interpreter
+def test_triton_masked_vocabulary():
+    _compare_masked_vocab(lambda *a, **k: fused_logprob(*a, impl="triton", **k))
+
+
+@needs_interpreter
 def test_triton_splits_and_row_blocks():
     """One and several vocabulary splits give the same logsumexp; the backward over many token blocks."""
     from lite_selftrain.kernels.triton_logprob import TritonConfig, lse_forward, triton_logprob
@@ -188,7 +212,7 @@ def test_triton_under_interpreter():
         pytest.skip("already the child")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "test_triton_matches_naive or test_triton_splits_and_row_blocks"],
+                           "-k", "test_triton_matches_naive or test_triton_masked_vocabulary or test_triton_splits"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
@@ -212,3 +236,25 @@ def test_triton_on_cuda_llm_jp_vocab(dtype, trainable):
     assert (ref - out).abs().max() <= 1e-3 * ref.abs().max()
     for name, r in ref_grads.items():
         assert (grads[name].float() - r.float()).abs().max() <= GRAD_TOL[dtype] * r.float().abs().max()
+
+
+def test_importable_and_chunked_without_triton():
+    """A machine without triton (macOS): the package imports, and every path but triton runs."""
+    code = (
+        "import sys\n"
+        "class NoTriton:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'triton':\n"
+        "            raise ImportError('no triton here')\n"
+        "sys.meta_path.insert(0, NoTriton())\n"
+        "import torch\n"
+        "from lite_selftrain.kernels import fused_logprob, naive_logprob\n"
+        "h, w, t = torch.randn(5, 8, requires_grad=True), torch.randn(30, 8), torch.randint(0, 30, (5,))\n"
+        "out = fused_logprob(h, w, t)\n"
+        "out.sum().backward()\n"
+        "assert torch.allclose(out, naive_logprob(h, w, t), atol=1e-5)\n"
+        "assert 'triton' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

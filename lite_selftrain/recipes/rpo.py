@@ -10,7 +10,8 @@
         with β 0.1, α 1; evaluate M_t on held-out questions and keep the best iteration.
 
 Run: `lite-selftrain rpo --config examples/rpo_gsm8k_150m.toml --out runs/x`.
-Simplifications: the K pairs are drawn at random among all (winner, loser) combinations of a question.
+Simplifications: the K pairs are drawn at random among all (winner, loser) combinations of a question's
+distinct texts.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def build_pairs(cfg: RPOConfig, task, problems: list[dict], scored: list[dict], 
     dropped = {"too_long": len(scored) - len(finished), "no_correct": 0, "no_incorrect": 0}
     records = []
     for index, group in sorted(by_problem(finished).items()):
-        wins = [s for s in group if s["reward"] > 0]
-        losses = [s for s in group if s["reward"] <= 0]
+        wins = list({s["text"]: s for s in group if s["reward"] > 0}.values())  # distinct texts only:
+        losses = list({s["text"]: s for s in group if s["reward"] <= 0}.values())  # a repeated pair teaches nothing
         if not wins or not losses:
             dropped["no_correct" if not wins else "no_incorrect"] += 1
             continue

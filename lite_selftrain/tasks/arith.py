@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ..data import read_jsonl
 from ..errors import UserError
+from .base import Task
 
 _ANSWER = re.compile(r"#\s*(-?\d+)")  # the number right after the answer marker
 _SPLIT_SALT = {"train": 1, "validation": 2, "test": 3}  # each split draws from its own stream
@@ -71,7 +72,7 @@ def split_of(question: str, test_every: int) -> str:
     return "test" if zlib.crc32(question.encode()) % test_every == 0 else "train"
 
 
-class ArithTask:
+class ArithTask(Task):
     """Sums of `terms` numbers; reward 1.0 iff the number after the last `#` equals the sum."""
 
     name = "arith"
@@ -152,9 +153,3 @@ class ArithTask:
 
     def gold_answer(self, example: dict) -> str:
         return example["answer"]
-
-    def reward(self, completion: str, example: dict) -> float:
-        return float(self.extract_answer(completion) == self.gold_answer(example))
-
-    def rewards(self, completions: list[str], examples: list[dict]) -> list[float]:
-        return [self.reward(c, ex) for c, ex in zip(completions, examples, strict=True)]

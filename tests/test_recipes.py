@@ -1,0 +1,188 @@
+"""The four recipes end to end on tiny models, and each one killed mid-run then resumed.
+
+A killed-and-resumed run must end with exactly the metrics of an uninterrupted one: stages that finished
+are skipped, the sampler and the trainer pick up where they stopped, and every random draw is seeded.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lite_selftrain.config import from_dict, to_dict
+from lite_selftrain.errors import UserError
+from lite_selftrain.recipes import centrality, demo, rest_em, rpo, self_rewarding
+from lite_selftrain.tasks import get_task
+
+RECIPES = {
+    "rest_em": (rest_em, rest_em.RestEMConfig),
+    "rpo": (rpo, rpo.RPOConfig),
+    "self_reward": (self_rewarding, self_rewarding.SelfRewardConfig),
+    "centrality": (centrality, centrality.CentralityConfig),
+}
+
+RUNNER = """
+import json, sys
+from lite_selftrain.config import from_dict
+from tests.test_recipes import RECIPES
+module, cls = RECIPES[sys.argv[1]]
+module.run(from_dict(cls, json.loads(sys.argv[2])), sys.argv[3], progress=False)
+"""
+
+SMALL_TRAIN = {"max_steps": 4, "batch_size": 4, "grad_accum": 1, "checkpoint_every": 1, "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def arith_model(tmp_path_factory):
+    """The demo's warm start, shortened: a small model that gets some 3-term sums right."""
+    cfg = demo.DemoConfig(warm_examples=600, warm_long_examples=0, warm_steps=80, terms=3)
+    return str(demo.warm_start(cfg, tmp_path_factory.mktemp("warm"), progress=False))
+
+
+@pytest.fixture(scope="module")
+def instruct_file(tmp_path_factory):
+    words = "apple pear plum fig kiwi lime date yam oat rye bean corn".split()
+    path = tmp_path_factory.mktemp("data") / "instruct.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say {w} twice.", "response": f"{w} {w}"}) + "\n" for w in words))
+    return str(path)
+
+
+def _arith_config(name, model, mode):
+    cfg = {"task": "arith", "task_options": {"terms": 3, "n_train": 24, "n_test": 16}, "iterations": 2,
+           "problems_per_iteration": 12, "model": {"name": model, "mode": mode},
+           "sample": {"n": 6, "shots": 0, "batch_size": 8},
+           "eval": {"n": 2, "ks": [1, 2], "batch_size": 16},
+           "train": {**SMALL_TRAIN, "objective": "rwnll" if name == "rest_em" else "dpo_nll", "lr": 1e-3}}
+    if name == "rpo":
+        cfg["pairs_per_problem"] = 2
+    return cfg
+
+
+def _instruct_config(name, path):
+    tiny = {"name": "tiny", "mode": "lora", "lora_dropout": 0.0}
+    judge = {"k": 2, "max_new_tokens": 8}
+    sample = {"n": 3, "max_new_tokens": 10, "top_k": 0, "top_p": 0.9, "shots": 0, "batch_size": 8}
+    if name == "self_reward":
+        return {"ift_path": path, "eval_size": 2, "model": tiny, "judge": judge, "new_prompts": 4,
+                "prompt_max_new_tokens": 12, "respond": sample, "iterations": 2,
+                "sft": {**SMALL_TRAIN, "objective": "sft"}, "train": {**SMALL_TRAIN, "objective": "dpo_nll"}}
+    return {"data_path": path, "eval_size": 2, "model": tiny, "judge": judge, "sample": sample, "iterations": 2,
+            "objective": "sft", "selection": {"policy": "central"}, "train": {**SMALL_TRAIN, "objective": "sft"}}
+
+
+def _config(name, arith_model, instruct_file):
+    if name in ("rest_em", "rpo"):
+        return _arith_config(name, arith_model, "full" if name == "rest_em" else "lora")
+    return _instruct_config(name, instruct_file)
+
+
+def _metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("seconds")
+    return rows
+
+
+def _start(name, cfg, out):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.Popen([sys.executable, "-c", RUNNER, name, json.dumps(cfg), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc, path: Path, timeout=300.0):
+    """SIGKILL `proc` as soon as `path` exists (mid-stage); fail if it ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+# where to pull the plug: inside iteration 1's training (a trainer checkpoint exists, training goes on)
+KILL_AT = {
+    "rest_em": "rest_em/iter_01/train/checkpoint.pt",
+    "rpo": "rpo/iter_01/train/checkpoint.pt",
+    "self_reward": "self_reward/iter_00/sft/checkpoint.pt",
+    "centrality": "centrality/iter_01/samples.jsonl",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipe_runs_and_a_killed_run_resumes_to_the_same_metrics(name, arith_model, instruct_file, tmp_path):
+    module, cls = RECIPES[name]
+    cfg = _config(name, arith_model, instruct_file)
+    records, best = module.run(from_dict(cls, cfg), tmp_path / "whole", progress=False)
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    assert (tmp_path / "whole" / name / "iter_02" / "model").exists()
+
+    proc = _start(name, cfg, tmp_path / "killed")
+    _kill_when(proc, tmp_path / "killed" / KILL_AT[name])
+    resumed = _start(name, cfg, tmp_path / "killed")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
+
+    if name in ("rest_em", "rpo"):  # a warm-started model gives real data to learn from
+        assert all(r["dataset_size"] > 0 for r in records[1:])
+        assert best is not None and 0 <= best["test_pass@1"] <= 1
+    if name == "self_reward":  # a random tiny model writes no parsable judgment: the loop says so
+        assert all(r["pairs"] == 0 and r["train_note"].startswith("no pairs") for r in records[1:])
+        assert best is None
+
+
+def test_run_directory_refuses_a_different_config(arith_model, tmp_path):
+    cfg = _arith_config("rest_em", arith_model, "full")
+    cfg["iterations"] = 0
+    rest_em.run(from_dict(rest_em.RestEMConfig, cfg), tmp_path, progress=False)
+    cfg["seed"] = 1
+    with pytest.raises(UserError, match="different config"):
+        rest_em.run(from_dict(rest_em.RestEMConfig, cfg), tmp_path, progress=False)
+    rest_em.run(from_dict(rest_em.RestEMConfig, cfg), tmp_path, progress=False, restart=True)
+
+
+def test_build_rules_on_hand_made_samples():
+    task = get_task("arith", terms=2)
+    problems = [task.make([1, 2]), task.make([3, 4]), task.make([5, 5])]
+
+    def s(p, i, text, reward, finish="eos"):
+        return {"prompt_index": p, "sample_index": i, "text": text, "reward": reward, "finish_reason": finish}
+
+    scored = [s(0, 0, "3#3", 1.0), s(0, 1, "3#3", 1.0), s(0, 2, "4#4", 0.0), s(0, 3, "3#3", 1.0, "length"),
+              s(1, 0, "7#7", 1.0), s(1, 1, "7#7", 1.0), s(2, 0, "9#9", 0.0)]
+    cfg = rest_em.RestEMConfig(task="arith", max_per_problem=1)
+    records, info = rest_em.build_dataset(cfg, task, problems, scored, 1)
+    assert [r["response"] for r in records] == ["3#3", "7#7"]  # the cap, and correct finished samples only
+    assert info["dropped"] == {"too_long": 1, "no_correct": 1}
+    pairs, info = rpo.build_pairs(rpo.RPOConfig(task="arith", pairs_per_problem=5), task, problems, scored, 1)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3#3", "4#4")]  # distinct texts: one pair
+    assert info["dropped"] == {"too_long": 1, "no_correct": 1, "no_incorrect": 1}
+    control = rest_em.RestEMConfig(task="arith", selection="random", dataset_sizes=[2])
+    blind, _ = rest_em.build_dataset(control, task, problems, scored, 1)
+    assert len(blind) == 2 and all(r["reward"] == 1.0 for r in blind)
+
+
+def test_self_reward_pairs_skip_ties_and_unparsable():
+    def s(p, i, score, finish="eos"):
+        return {"prompt_index": p, "sample_index": i, "text": f"a{p}{i}", "prompt": f"q{p}", "score": score,
+                "finish_reason": finish}
+
+    judged = [s(0, 0, 4.0), s(0, 1, None), s(0, 2, 1.5),  # pair (4.0, 1.5); the unparsable one is ignored
+              s(1, 0, 3.0), s(1, 1, 3.0),  # tie
+              s(2, 0, None), s(2, 1, 2.0),  # one parsable judgment only
+              s(3, 0, 5.0, "length"), s(3, 1, 1.0)]  # one finished answer only
+    pairs, info = self_rewarding.build_pairs(judged)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a00", "a02")]
+    assert info["dropped"] == {"too_long": 1, "unparsable_judgment": 1, "tie": 1}
+
+
+def test_config_round_trips_through_dicts():
+    for _, cls in RECIPES.values():
+        cfg = cls()
+        assert from_dict(cls, to_dict(cfg)) == cfg
