@@ -135,24 +135,30 @@ def weight_bytes(s: dict, r: int) -> float:
 
 
 def workspace(s: dict) -> float:
-    return 4 * s["H"] * s["I"] + 256 * 2**20
+    return 4 * s["H"] * s["I"] + 256 * 2**20  # a dequantised bf16 weight and its transpose; cuBLAS, kernels
 
 
 def train_bytes(s: dict, r: int, rows: int, T: int, ckpt: bool, dropout: bool) -> float:
+    """Bytes a training step adds to the weights, for micro-batches of rows × T tokens."""
     H, I, L, N = s["H"], s["I"], s["L"], rows * T
-    per_layer = 31 * H + 14 * I + (6 * H + I if dropout else 0)  # (N, ·) saved for backward, per token
-    acts = L * N * STREAM * H + N * per_layer if ckpt else L * N * per_layer
-    return (lora_params(s, r) * 6 + acts + N * (8 * H + 8 * I) + N * 8 * H + 64 * 2**20 + workspace(s))
+    per_layer = 31 * H + 14 * I + (6 * H + I if dropout else 0)  # saved for backward, per token and layer
+    saved = L * N * STREAM * H + N * per_layer if ckpt else L * N * per_layer  # checkpoints keep layer inputs
+    optimizer = lora_params(s, r) * 6  # fp32 gradients + 8-bit Adam moments
+    backward = N * (8 * H + 8 * I)  # residual and MLP gradients in flight
+    head = N * 8 * H + 64 * 2**20  # gathered hidden states and their gradient, one logit tile
+    return saved + optimizer + backward + head + workspace(s)
 
 
 def forward_bytes(s: dict, rows: int, T: int) -> float:
-    return rows * T * (12 * s["H"] + 12 * s["I"]) + rows * T * 4 * s["H"] + 64 * 2**20 + workspace(s)
+    """Bytes a no-grad forward of rows × T tokens adds: one layer's intermediates at a time, the head."""
+    return rows * T * (12 * s["H"] + 12 * s["I"] + 4 * s["H"]) + 64 * 2**20 + workspace(s)
 
 
 def sample_bytes(s: dict, prompts: int, n: int, prompt_max: int, new: int, top_k: int, top_p: float) -> float:
+    """Bytes a sampling batch adds: its KV cache, then the larger of prefill and the sampler's buffers."""
     rows = prompts * n
     kv = rows * (prompt_max + new) * 2 * s["L"] * s["kv"] * STREAM  # (rows, ctx) per layer, K and V
-    logits = rows * s["V"] * (8 if top_k else 32 if top_p < 1 else 16)
+    logits = rows * s["V"] * (8 if top_k else 32 if top_p < 1 else 16)  # top-k / top-p sort / full softmax
     prefill = prompts * prompt_max * (12 * s["H"] + 12 * s["I"])
     return kv + max(logits, prefill) + workspace(s)
 
@@ -257,7 +263,7 @@ def self_reward_stages(cfg, c: Card) -> list[Stage]:
     new, seq = sm.max_new_tokens or 256, d.prompt_mean + d.response_mean
     stages = [] if cfg.skip_sft else c.train("sft", cfg.model, cfg.sft, d.train, seq, d.response_mean,
                                              cfg.sft.max_length, once=True)
-    listing = cfg.prompt_shots * d.prompt_mean // 2 + 20  # the few-shot list holds one line per instruction
+    listing = cfg.prompt_shots * d.prompt_mean + 20  # a header, then one line per seed instruction
     stages.append(c.decode("prompts", cfg.new_prompts, 1, sm.batch_size, listing, 2 * listing,
                            cfg.prompt_max_new_tokens, cfg.prompt_max_new_tokens, 0, sm.top_p))
     kept = int(0.9 * cfg.new_prompts)  # empty and repeated prompts are dropped
@@ -426,7 +432,21 @@ def measure_saved(preset: str, layers: int, tokens: int = 256, checkpointing: bo
     return sum(saved.values())
 
 
+def measure_weights(preset: str) -> int:
+    """Bytes of a QLoRA model's parameters and 4-bit quantisation constants, as `load_model` leaves them."""
+    from lite_selftrain.models import ModelConfig, load_model
+
+    model, _ = load_model(ModelConfig(name=preset, mode="qlora", dtype="bfloat16", device="cpu"))
+    total = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: absmax, and its own absmax when nested
+        if qs is not None:
+            total += qs.absmax.nbytes + (qs.state2.absmax.nbytes if qs.nested else 0)
+    return total
+
+
 def measure(presets: list[str]) -> None:
+    """Each memory term against what the package really allocates (CPU), printed and appended to the CSV."""
     from importlib.metadata import version
 
     versions = " ".join(f"{p}={version(p)}" for p in ("torch", "transformers", "peft", "bitsandbytes"))
@@ -438,17 +458,22 @@ def measure(presets: list[str]) -> None:
     with open(RESULTS, "a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["time", "device", "versions", "preset", "term", "measured_b_per_token_layer",
-                        "formula_b_per_token_layer", "measured_over_formula"])
+            w.writerow(["time", "device", "versions", "preset", "term", "measured", "formula", "measured_over_formula"])
+
+        def row(preset, term, got, formula):
+            print(f"{preset:15s} {term:40s} measured {got:12.0f}  formula {formula:12.0f}  ratio {got / formula:.3f}",
+                  flush=True)
+            w.writerow([datetime.now(timezone.utc).isoformat(timespec="seconds"), device, versions, preset, term,
+                        f"{got:.0f}", f"{formula:.0f}", f"{got / formula:.3f}"])
+
         for preset in presets:
             s, N = shape(preset), 256
-            for term, ckpt, formula in (("saved activations", False, 31 * s["H"] + 14 * s["I"]),
-                                        ("checkpoint input", True, STREAM * s["H"])):
-                got = (measure_saved(preset, 2, N, ckpt) - measure_saved(preset, 1, N, ckpt)) / N  # one layer's
-                print(f"{preset:15s} {term:18s} measured {got:9.0f} B/token/layer  formula {formula:9.0f}  "
-                      f"ratio {got / formula:.3f}", flush=True)
-                w.writerow([datetime.now(timezone.utc).isoformat(timespec="seconds"), device, versions, preset,
-                            term, f"{got:.0f}", formula, f"{got / formula:.3f}"])
+            if preset == "llm-jp-3-150m":  # the whole model: larger presets take minutes to build on a CPU
+                row(preset, "weights, bytes (LoRA r 16)", measure_weights(preset), weight_bytes(s, 16))
+            for term, ckpt, formula in (("saved activations, bytes/token/layer", False, 31 * s["H"] + 14 * s["I"]),
+                                        ("checkpoint input, bytes/token/layer", True, STREAM * s["H"])):
+                one_layer = (measure_saved(preset, 2, N, ckpt) - measure_saved(preset, 1, N, ckpt)) / N
+                row(preset, term, one_layer, formula)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,21 +1,35 @@
 """lite_selftrain: a language model improves itself from its own samples on one GPU (or a CPU).
 
-Recipes: ReST-EM, Iterative RPO, Self-Rewarding LM, embedding-centrality self-selection.
+Recipes (lite_selftrain.recipes): ReST-EM, Iterative RPO, Self-Rewarding LM, embedding-centrality
+self-selection. The parts they are built from are re-exported here, imported on first use so that
+`lite-selftrain --help` does not pay for torch and transformers. The functions named like their
+modules (`train.train`, `evaluate.evaluate`, `judge.judge`) are imported from those modules.
 """
 
-from .errors import UserError
-from .models import ModelConfig, build_model, build_tokenizer, load_model, reference_mode, save_model
-from .store import RunStore
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ModelConfig",
-    "RunStore",
-    "UserError",
-    "build_model",
-    "build_tokenizer",
-    "load_model",
-    "reference_mode",
-    "save_model",
-]
+_EXPORTS = {
+    "UserError": "errors",
+    "maj_at_k": "evaluate", "pass_at_k": "evaluate",
+    "parse_score": "judge",
+    "fused_logprob": "kernels", "naive_logprob": "kernels",
+    "sequence_logprobs": "logprobs",
+    "dpo_nll_loss": "losses", "reward_weighted_nll": "losses",
+    "centrality": "mbr", "embed": "mbr", "select": "mbr",
+    "ModelConfig": "models", "build_model": "models", "build_tokenizer": "models", "load_model": "models",
+    "reference_mode": "models", "save_model": "models",
+    "Completion": "sampling", "generate": "sampling",
+    "RunStore": "store",
+    "get_task": "tasks",
+    "TrainConfig": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lite_selftrain' has no attribute '{name}'")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

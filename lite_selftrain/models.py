@@ -110,7 +110,7 @@ class ModelConfig:
     lora_targets: str = "all-linear"  # all projections: QLoRA found this needed to match full tuning
     dtype: str = "auto"  # auto: bf16 on CUDA (fast, no loss scaling), fp32 on CPU (no bf16 matmul speed-up)
     gradient_checkpointing: bool = False  # trades ~30% compute for activation memory on long sequences
-    seed: int = 0  # random weights of presets
+    seed: int = 0  # random weights of presets and of a fresh adapter: a rerun builds the same model
     device: str = "auto"  # auto: CUDA when present
 
     def __post_init__(self):
@@ -216,7 +216,9 @@ def load_model(cfg: ModelConfig):
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        with torch.random.fork_rng():  # LoRA's A matrices: the same init in every process
+            torch.manual_seed(cfg.seed)
+            model = get_peft_model(model, lora)
     return model, tokenizer
 
 

@@ -39,7 +39,8 @@ def header(path: Path) -> tuple[type, dict[str, list[str]]]:
     sizes = {}
     for size, args in re.findall(r"^# size (\S+):(.*)$", text, re.M):
         words = shlex.split(args)
-        assert words[::2] == ["--set"] * ((len(words) + 1) // 2), f"{path.name} {size}: not '--set k=v' pairs"
+        pairs = len(words) % 2 == 0 and words[::2] == ["--set"] * (len(words) // 2)
+        assert pairs, f"{path.name} {size}: expected '--set key=value' pairs, got {args.strip()!r}"
         sizes[size] = words[1::2]
     return getattr(importlib.import_module(f"lite_selftrain.recipes.{module}"), cls), sizes
 

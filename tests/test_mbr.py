@@ -11,14 +11,6 @@ from lite_selftrain.mbr import SelectionConfig, centrality, decide, dpo_pairs, e
 from lite_selftrain.models import build_model, build_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()

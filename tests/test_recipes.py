@@ -46,7 +46,7 @@ def arith_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def instruct_file(tmp_path_factory):
-    words = "apple pear plum fig kiwi lime date yam oat rye bean corn".split()
+    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "yam", "oat", "rye", "bean", "corn"]
     path = tmp_path_factory.mktemp("data") / "instruct.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Say {w} twice.", "response": f"{w} {w}"}) + "\n" for w in words))
     return str(path)

@@ -24,15 +24,6 @@ from lite_selftrain.store import JsonlLog
 PROMPTS = ["The cat sat", "1+2=", "a much longer prompt about nothing", "hi", "x y z"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU spinning threads cost 10-50x per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()

@@ -27,8 +27,8 @@ from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt, load_model
 from ..sampling import generate
 from ..tasks import get_task
-from ..train import TrainConfig, train
-from .common import Iterates, Run, SampleConfig, best_iteration, judged_eval, read_jsonl, write_jsonl
+from ..train import TrainConfig
+from .common import Iterates, Run, SampleConfig, best_iteration, fit_iterate, judged_eval, read_jsonl, write_jsonl
 
 
 @dataclass
@@ -113,17 +113,9 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
 
         stages["build"] = run.stage(t, "build", build_stage)
 
-        def train_stage():
-            model, tok = load_model(cfg.model)  # retrain M_0 on the selected data, as the study did
-            records = read_jsonl(d / "dataset.jsonl")
-            train_cfg = dataclasses.replace(cfg.train, reference="current")  # DPO's reference: M_0 itself
-            summary = (train(model, tok, records, train_cfg, d / "train",
-                             reference_cache=d / "dataset.ref_logps.pt", progress=progress)
-                       if records else {"skipped": f"empty dataset: {stages['build']['decisions']}"})
-            iterates.put(t, model, tok)
-            return summary
-
-        stages["train"] = run.stage(t, "train", train_stage)
+        stages["train"] = run.stage(t, "train", lambda: fit_iterate(  # retrain M_0, the DPO reference too
+            iterates, t, *load_model(cfg.model), "current", cfg.train, progress=progress,
+            empty=f"empty dataset: {stages['build']['decisions']}"))
         stages["eval"] = run.stage(t, "eval", lambda: evaluate(t))
         run.log_stages(t, stages, "eval", "build", train_note=stages["train"].get("skipped"))
     records = run.records()

@@ -249,6 +249,25 @@ def problems_for(train_set: list[dict], iteration: int, per_iteration: int | Non
     return picked
 
 
+def fit_iterate(iterates: Iterates, t: int, model, tokenizer, reference: str, train_cfg, *, progress: bool,
+                empty: str) -> dict:
+    """Train `model` on iteration t's dataset.jsonl and save it as iterate t (untrained when the set is empty).
+
+    `reference` is the DPO reference: "current" (the model as it starts) or "adapter_off" (the base);
+    its log-probs are cached beside the dataset, so a resumed run does no second reference pass.
+    """
+    from ..train import train
+
+    d = iterates.run.dir(t)
+    records = read_jsonl(d / "dataset.jsonl")
+    summary = {"skipped": empty}
+    if records:
+        summary = train(model, tokenizer, records, dataclasses.replace(train_cfg, reference=reference), d / "train",
+                        reference_cache=d / "dataset.ref_logps.pt", progress=progress)
+    iterates.put(t, model, tokenizer)
+    return summary
+
+
 def verified_loop(run: Run, cfg, *, build, start, temperatures=None, progress: bool = True):
     """The loop of the recipes with a verifiable reward (ReST-EM, Iterative RPO, the control).
 
@@ -256,7 +275,6 @@ def verified_loop(run: Run, cfg, *, build, start, temperatures=None, progress: b
     `start(iterates, t)` returns → evaluate M_t. Returns (records, best record).
     """
     from ..tasks import get_task
-    from ..train import train
 
     task = get_task(cfg.task, **cfg.task_options)
     train_set, test_set = task.load("train", cfg.train_path), task.load(cfg.eval.split, cfg.test_path)
@@ -284,17 +302,9 @@ def verified_loop(run: Run, cfg, *, build, start, temperatures=None, progress: b
 
         stages["build"] = run.stage(t, "build", build_stage)
 
-        def train_stage():
-            model, tok, reference = start(iterates, t)
-            records = read_jsonl(d / "dataset.jsonl")
-            train_cfg = dataclasses.replace(cfg.train, reference=reference)
-            summary = (train(model, tok, records, train_cfg, d / "train",
-                             reference_cache=d / "dataset.ref_logps.pt", progress=progress)
-                       if records else {"skipped": "empty dataset: the iterate is its starting model"})
-            iterates.put(t, model, tok)
-            return summary
-
-        stages["train"] = run.stage(t, "train", train_stage)
+        stages["train"] = run.stage(t, "train", lambda: fit_iterate(
+            iterates, t, *start(iterates, t), cfg.train, progress=progress,
+            empty="empty dataset: the iterate is its starting model"))
         stages["eval"] = run.stage(t, "eval", lambda: evaluate(t))
         run.log_stages(t, stages, "eval", "build", train_accuracy=stages["score"]["train_accuracy"],
                        train_coverage=stages["score"]["train_coverage"],

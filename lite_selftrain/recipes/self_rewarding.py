@@ -29,7 +29,17 @@ from ..models import ModelConfig, format_prompt
 from ..sampling import generate
 from ..tasks import get_task
 from ..train import TrainConfig, train
-from .common import Iterates, Run, SampleConfig, best_iteration, by_problem, judged_eval, read_jsonl, write_jsonl
+from .common import (
+    Iterates,
+    Run,
+    SampleConfig,
+    best_iteration,
+    by_problem,
+    fit_iterate,
+    judged_eval,
+    read_jsonl,
+    write_jsonl,
+)
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
 
@@ -169,17 +179,9 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
 
         stages["build"] = run.stage(t, "build", build_stage)
 
-        def train_stage():
-            model, tok = iterates.get(t - 1)  # continue from M_{t-1}; its log-probs are the reference
-            records = read_jsonl(d / "dataset.jsonl")
-            summary = (train(model, tok, records, dataclasses.replace(cfg.train, reference="current"),
-                             d / "train",
-                             reference_cache=d / "dataset.ref_logps.pt", progress=progress)
-                       if records else {"skipped": f"no pairs: {stages['build']['dropped']}"})
-            iterates.put(t, model, tok)
-            return summary
-
-        stages["train"] = run.stage(t, "train", train_stage)
+        stages["train"] = run.stage(t, "train", lambda: fit_iterate(  # continue from M_{t-1}, the reference
+            iterates, t, *iterates.get(t - 1), "current", cfg.train, progress=progress,
+            empty=f"no pairs: {stages['build']['dropped']}"))
         stages["eval"] = run.stage(t, "eval", lambda: evaluate(t))
         run.log_stages(t, stages, "eval", "prompts", "build", judgments_parsable=stages["judge"]["judgments_parsable"],
                        train_note=stages["train"].get("skipped"))
