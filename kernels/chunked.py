@@ -57,7 +57,7 @@ def _tile_shape(n_rows: int, n_vocab: int, cfg: ChunkConfig) -> tuple[int, int]:
 
 
 def _logit_tile(h, w_c, b_c, inv_tau, out):
-    """out ← (h · w_cᵀ + b_c) / τ, one GEMM written into a preallocated buffer."""  # (R, Vc)
+    """out (R, Vc) ← (h · w_cᵀ + b_c) / τ, one GEMM written into a preallocated buffer."""
     if b_c is None:
         torch.mm(h, w_c.t(), out=out)
         if inv_tau != 1.0:

@@ -238,8 +238,9 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     from .train import TrainConfig, train
 
     cfg = _recipe_config(TrainConfig, config_path, overrides)
+    records = load_records(data)  # bad data fails before the model is loaded
     model, tok = _load(model_name, mode, adapter)
-    summary = train(model, tok, load_records(data), cfg, Path(out), progress=True)
+    summary = train(model, tok, records, cfg, Path(out), progress=True)
     save_model(model, Path(out) / "model", tok)
     click.echo(json.dumps(summary, default=str))
 
@@ -259,9 +260,10 @@ def eval_command(model_name, mode, adapter, task_name, split, data, limit, n, ks
     from .tasks import get_task
 
     task = get_task(task_name)
+    examples = task.load(split, data)
     model, tok = _load(model_name, mode, adapter)
     cfg = EvalConfig(split=split, limit=limit, n=n, ks=list(ks), temperature=temperature)
-    click.echo(json.dumps(evaluate_policy(model, tok, task, task.load(split, data), cfg, shots, Path(out))))
+    click.echo(json.dumps(evaluate_policy(model, tok, task, examples, cfg, shots, Path(out))))
 
 
 @cli.command()
@@ -273,7 +275,20 @@ def plot(run_dir):
     click.echo(plot_metrics(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "accuracy.png"))
 
 
+def _quiet_libraries() -> None:
+    """Third-party chatter (deprecation notices, optional-kernel hints) would bury our own messages."""
+    import logging
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main():
+    _quiet_libraries()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
