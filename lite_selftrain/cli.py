@@ -57,14 +57,14 @@ def _recipe_config(cls, config_path: str | None, overrides: tuple[str, ...]):
 
 
 def _print_table(records: list[dict]) -> None:
-    keys = ["recipe", "iteration", "train_accuracy", "test_pass@1", "dataset_size"]
-    keys += sorted({k for r in records for k in r if k.startswith("test_maj@")})
+    """Iteration, train accuracy, held-out pass@1 / pass@k / maj@k (largest k), dataset size."""
+    ks = sorted({int(k.split("@")[1]) for r in records for k in r if k.startswith("test_maj@")})
+    keys = ["recipe", "iteration", "train_accuracy", "test_pass@1"]
+    keys += [f"test_pass@{ks[-1]}", f"test_maj@{ks[-1]}"] if ks and ks[-1] > 1 else []
+    keys += ["dataset_size"]
     click.echo("  ".join(f"{k:>14}" for k in keys))
     for r in records:
-        cells = []
-        for k in keys:
-            v = r.get(k)
-            cells.append(f"{v:>14.3f}" if isinstance(v, float) else f"{'' if v is None else v:>14}")
+        cells = [f"{r[k]:>14.3f}" if isinstance(r.get(k), float) else f"{r.get(k, ''):>14}" for k in keys]
         click.echo("  ".join(cells))
 
 

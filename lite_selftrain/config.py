@@ -2,7 +2,8 @@
 
 Every part keeps its own `@dataclass` beside its code; this file only knows how to fill one from a dict,
 refusing unknown keys with a suggestion, and how to read a TOML file. Nested dataclass fields are filled
-from nested tables.
+from nested tables, on top of the parent's own default for that field (RPO's `sample` table changes RPO's
+sampling defaults, not the generic ones).
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass `cls` from `data`; unknown keys and wrong types raise `UserError`."""
     hints = typing.get_type_hints(cls)
@@ -72,6 +79,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     for key, value in data.items():
         if key not in fields:
             raise _unknown_key(key, list(fields), where)
+        default = _default(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):  # a table overrides the parent's default
+            value = {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init} | value
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where != "config" else key)
     try:
         return cls(**kwargs)

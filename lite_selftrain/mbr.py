@@ -67,6 +67,8 @@ def embed(model, tokenizer, texts: list[str], *, layer: int = -1, pooling: str =
     if pooling not in ("mean", "last"):
         raise UserError(f"pooling must be mean or last, not '{pooling}'")
     body, _ = split_body_head(model)
+    if not texts:  # e.g. every candidate of a batch was unfinished
+        return torch.zeros(0, body.config.hidden_size)
     context = getattr(body.config, "max_position_embeddings", None)
     ids = tokenizer(list(texts), add_special_tokens=True, truncation=context is not None,
                     max_length=context)["input_ids"]

@@ -19,6 +19,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys=("test_pas
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     records = JsonlLog(metrics_path).read()
     if not records:
@@ -30,6 +31,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys=("test_pas
             points = [(r["iteration"], 100 * r[key]) for r in rows if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), style, label=f"{recipe} {key}" if len(keys) > 1 else recipe)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("iteration (0 = starting model)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.grid(alpha=0.3)

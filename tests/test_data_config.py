@@ -78,3 +78,17 @@ def test_read_toml_errors(tmp_path):
     (tmp_path / "c.toml").write_text("lr = = 1")
     with pytest.raises(UserError, match="invalid TOML"):
         read_toml(tmp_path / "c.toml")
+
+
+@dataclass
+class Parent:
+    inner: Inner = field(default_factory=lambda: Inner(r=64))  # the parent's own default differs
+
+
+def test_nested_table_starts_from_the_parents_default():
+    assert from_dict(Parent, {"inner": {}}).inner.r == 64
+    assert from_dict(Parent, {}).inner.r == 64
+    from lite_selftrain.recipes.rpo import RPOConfig
+
+    cfg = from_dict(RPOConfig, {"sample": {"batch_size": 4}})
+    assert (cfg.sample.n, cfg.sample.top_k, cfg.sample.batch_size) == (30, 0, 4)

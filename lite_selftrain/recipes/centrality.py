@@ -10,7 +10,7 @@
         DPO: chosen = most central, rejected = least central, ties skipped;
         retrain M_0 on the new data → M_t; evaluate on held-out prompts with the judge.
 
-Run: `lite-selftrain centrality --config examples/centrality_central_sft.toml --out runs/x`.
+Run: `lite-selftrain centrality --config examples/centrality_central_sft_150m.toml --out runs/x`.
 Simplifications: responses are embedded without their prompt; evaluation is the model judging its own
 greedy answers (the study used safety and quality benchmarks we cannot ship offline).
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..judge import JudgeConfig
 from ..mbr import SelectionConfig, dpo_pairs, select
-from ..models import ModelConfig, format_prompt, load_model
+from ..models import ModelConfig, format_prompt
 from ..sampling import generate
 from ..tasks import get_task
 from ..train import TrainConfig
@@ -114,7 +114,7 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
         stages["build"] = run.stage(t, "build", build_stage)
 
         stages["train"] = run.stage(t, "train", lambda: fit_iterate(  # retrain M_0, the DPO reference too
-            iterates, t, *load_model(cfg.model), "current", cfg.train, progress=progress,
+            iterates, t, *iterates.fresh_base(), "current", cfg.train, progress=progress,
             empty=f"empty dataset: {stages['build']['decisions']}"))
         stages["eval"] = run.stage(t, "eval", lambda: evaluate(t))
         run.log_stages(t, stages, "eval", "build", train_note=stages["train"].get("skipped"))

@@ -234,6 +234,11 @@ class Iterates:
             self.current = (iteration, *load_policy(self.base, self.path(iteration)))
         return self.current[1], self.current[2]
 
+    def fresh_base(self):
+        """The base model, loaded afresh (a new adapter), after letting the iterate in memory go."""
+        self.current = None
+        return load_policy(self.base)
+
     def put(self, iteration: int, model, tokenizer) -> None:
         save_policy(model, tokenizer, self.run.dir(iteration) / "model")
         self.current = (iteration, model, tokenizer)

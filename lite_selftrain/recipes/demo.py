@@ -85,7 +85,7 @@ def warm_start(cfg: DemoConfig, out: Path, *, progress: bool = True) -> Path:
 def warm_train_config(cfg: DemoConfig) -> TrainConfig:
     return TrainConfig(objective="sft", lr=cfg.warm_lr, max_steps=cfg.warm_steps, batch_size=cfg.batch_size,
                        grad_accum=1, warmup_ratio=0.03, max_length=128, checkpoint_every=100, log_every=50,
-                       seed=cfg.seed)
+                       group_window=1, seed=cfg.seed)  # random batches: mixed lengths learn better, pad little
 
 
 def chain_configs(cfg: DemoConfig, warm: Path) -> dict:
@@ -101,10 +101,11 @@ def chain_configs(cfg: DemoConfig, warm: Path) -> dict:
                         batch_size=256),
         seed=cfg.seed)
     sft = TrainConfig(objective="rwnll", lr=cfg.rest_lr, max_steps=cfg.rest_steps, batch_size=cfg.batch_size,
-                      grad_accum=1, max_length=128, checkpoint_every=50, log_every=25, seed=cfg.seed)
+                      grad_accum=1, max_length=128, checkpoint_every=50, log_every=25, group_window=1,
+                      seed=cfg.seed)
     dpo = TrainConfig(objective="dpo_nll", lr=cfg.rpo_lr, max_steps=cfg.rpo_steps, batch_size=cfg.batch_size,
                       grad_accum=1, max_length=128, checkpoint_every=50, log_every=25, beta=0.1, alpha=1.0,
-                      reference="current", seed=cfg.seed)
+                      reference="current", group_window=1, seed=cfg.seed)
     return {
         "rest_em": rest_em.RestEMConfig(**common, train=sft),
         "rpo": rpo.RPOConfig(**common, train=dpo, pairs_per_problem=cfg.pairs_per_problem,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..models import ModelConfig
 from ..train import TrainConfig
-from .common import EvalConfig, Run, SampleConfig, by_problem, load_policy, verified_loop
+from .common import EvalConfig, Run, SampleConfig, by_problem, verified_loop
 
 
 @dataclass
@@ -75,5 +75,5 @@ def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True,
     """Run (or resume) ReST-EM in `out`; returns (one metrics record per iteration, the best one)."""
     run = Run(out, recipe, cfg, restart=restart)
     return verified_loop(run, cfg, build=lambda *a: build_dataset(cfg, *a),
-                         start=lambda iterates, t: (*load_policy(cfg.model), "adapter_off"),  # the base, afresh
+                         start=lambda iterates, t: (*iterates.fresh_base(), "adapter_off"),  # the base, afresh
                          progress=progress)
