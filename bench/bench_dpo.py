@@ -143,34 +143,21 @@ def worker(args) -> None:
 def qlora_dpo_estimate(preset="llm-jp-3-3.7b", seq=1024, pairs=4, r=16, checkpointing=True) -> dict:
     """Peak GPU memory (GiB) of one QLoRA DPO step with the fused log-prob head, from the shapes alone.
 
-    NF4 linears with double quantisation: 0.5 B/param + ~0.127 bit of scales; embeddings and lm_head
-    stay bf16 (bitsandbytes does not quantise them). LoRA on every linear: fp32 weights + grads + paged
-    8-bit AdamW states (2 B). Activations in bf16 per token and layer: about 14·H + 4·I values saved
-    for backward (norms, q/k/v/o, rotary, MLP gate/up/act/product; SDPA keeps O(T) statistics, no T×T
-    scores); with gradient checkpointing only each layer's input H is kept, plus one layer recomputed.
-    The fused head keeps the log-probs and one fp32 logit tile (the chunked kernel's 64 MB budget),
-    never the 2·B·T × V logits. Reference log-probs come from the cache: no second model.
+    The terms come from bench/estimate_memory.py, whose per-token activation and weight formulas were
+    checked against what the package allocates on the CPU: NF4 linears with double quantisation, fp32
+    embeddings / lm_head / norms (peft's k-bit preparation upcasts them), LoRA weights, fp32 gradients and
+    8-bit Adam moments, saved activations (only layer inputs with checkpointing), the fused head's one
+    logit tile. Reference log-probs come from the cache: no second model.
     """
-    from lite_selftrain.models import PRESETS
+    import estimate_memory as em  # bench/ is on sys.path when this script runs
 
-    s = PRESETS[preset]
-    H, I, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
-    GiB = 2**30
-    linear = L * (4 * H * H + 3 * H * I)  # q, k, v, o, gate, up, down
-    lora = L * r * (4 * (H + H) + 2 * (H + I) + (I + H))
-    tokens = 2 * pairs * seq  # chosen and rejected rows in one forward
-    per_layer_token = (14 * H + 4 * I) * 2  # bytes of bf16 activations kept per token and layer
-    parts = {
-        "nf4 linears": linear * (0.5 + 0.127 / 8) / GiB,
-        "bf16 embeddings + lm_head": 2 * V * H * 2 / GiB,
-        "LoRA weights+grads+8-bit Adam": lora * (4 + 4 + 2) / GiB,
-        "activations": (L * tokens * H * 2 + tokens * per_layer_token if checkpointing
-                        else L * tokens * per_layer_token) / GiB,
-        "fused head (tile + O(N) stats)": (64 * 2**20 + tokens * (H + 8) * 4) / GiB,
-        "dequantised weight + workspace": (H * I * 2 * 2 + 256 * 2**20) / GiB,
-    }
+    s = em.shape(preset)
+    rows, GiB = 2 * pairs, 2**30  # chosen and rejected rows in one forward
+    parts = {"weights (nf4 + fp32 embeddings/head + LoRA)": em.weight_bytes(s, r) / GiB,
+             "training step (activations, grads, Adam, head, workspace)":
+                 em.train_bytes(s, r, rows, seq, checkpointing, dropout=False) / GiB}
     parts["total"] = sum(parts.values())
-    parts["full logits, for comparison"] = tokens * V * 4 / GiB
+    parts["full logits, for comparison"] = rows * seq * s["V"] * 4 / GiB
     return parts
 
 
@@ -245,10 +232,11 @@ def main(argv=None) -> None:
     print("\nestimated peak GPU memory, QLoRA DPO step of llm-jp-3-3.7b, seq 1024, 4 pairs (8 rows), "
           "gradient checkpointing, fused log-probs:")
     for k, v in est.items():
-        print(f"  {k:34s} {v:6.2f} GiB")
+        print(f"  {k:58s} {v:6.2f} GiB")
     fits = est["total"] < 24 * 0.9  # leave ~10 % for the CUDA context and fragmentation
-    print(f"  fits a 24 GB card: {'yes' if fits else 'NO'}; without checkpointing the activations alone "
-          f"would be {qlora_dpo_estimate(checkpointing=False)['activations']:.1f} GiB")
+    print(f"  fits a 24 GB card: {'yes' if fits else 'NO'}; without checkpointing the step alone would be "
+          f"{qlora_dpo_estimate(checkpointing=False)['training step (activations, grads, Adam, head, workspace)']:.1f}"
+          " GiB")
 
 
 if __name__ == "__main__":

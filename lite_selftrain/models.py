@@ -48,12 +48,12 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def build_tokenizer(save_dir: str | Path | None = None):
-    """A byte-level tokenizer (every UTF-8 byte is a token, no merges, BOS first), in Hugging Face format.
+    """A byte-level tokenizer (every UTF-8 byte is a token, no merges), in Hugging Face format.
 
     Byte-level means any text round-trips exactly, Japanese included; 260 tokens in all.
     With `save_dir`, it is saved there so `AutoTokenizer.from_pretrained(save_dir)` loads it.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -61,9 +61,6 @@ def build_tokenizer(save_dir: str | Path | None = None):
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    # a BOS token opens every text, as in Llama tokenizers: a fixed first position for attention to rest on
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                         special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
                                   eos_token="</s>", unk_token="<unk>", model_max_length=4096)
     if save_dir is not None:

@@ -132,6 +132,8 @@ def test_recipe_runs_and_a_killed_run_resumes_to_the_same_metrics(name, arith_mo
     if name in ("rest_em", "rpo"):  # a warm-started model gives real data to learn from
         assert all(r["dataset_size"] > 0 for r in records[1:])
         assert best is not None and 0 <= best["test_pass@1"] <= 1
+        chosen = json.loads((tmp_path / "whole" / "best.json").read_text())
+        assert chosen["iteration"] == best["iteration"] == max(records, key=lambda r: r["test_pass@1"])["iteration"]
     if name == "self_reward":  # a random tiny model writes no parsable judgment: the loop says so
         assert all(r["pairs"] == 0 and r["train_note"].startswith("no pairs") for r in records[1:])
         assert best is None

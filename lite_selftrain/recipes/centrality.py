@@ -28,7 +28,7 @@ from ..models import ModelConfig, format_prompt
 from ..sampling import generate
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, SampleConfig, best_iteration, fit_iterate, judged_eval, read_jsonl, write_jsonl
+from .common import Iterates, Run, SampleConfig, fit_iterate, judged_eval, read_jsonl, write_jsonl
 
 
 @dataclass
@@ -118,5 +118,4 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
             empty=f"empty dataset: {stages['build']['decisions']}"))
         stages["eval"] = run.stage(t, "eval", lambda: evaluate(t))
         run.log_stages(t, stages, "eval", "build", train_note=stages["train"].get("skipped"))
-    records = run.records()
-    return records, best_iteration(records, "test_judge_score")
+    return run.finish("test_judge_score")

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config import to_dict
 from ..models import ModelConfig, load_model, save_model
-from ..store import JsonlLog, RunStore, atomic_write_bytes
+from ..store import JsonlLog, RunStore, atomic_write_bytes, atomic_write_json
 
 
 @dataclass
@@ -114,6 +114,17 @@ class Run:
 
     def records(self) -> list[dict]:
         return [r for r in self.store.metrics.read() if r.get("recipe") == self.recipe]
+
+    def finish(self, key: str) -> tuple[list[dict], dict | None]:
+        """(records, best record by `key` on held-out data); best.json names the best iterate's folder."""
+        records = self.records()
+        best = best_iteration(records, key)
+        if best is not None:
+            model = self.dir(best["iteration"]) / "model"
+            atomic_write_json(self.store.root / "best.json",
+                              {"recipe": self.recipe, "selected_on": key, "iteration": best["iteration"],
+                               key: best[key], "model": str(model) if model.exists() else "the starting model"})
+        return records, best
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,5 +325,4 @@ def verified_loop(run: Run, cfg, *, build, start, temperatures=None, progress: b
         run.log_stages(t, stages, "eval", "build", train_accuracy=stages["score"]["train_accuracy"],
                        train_coverage=stages["score"]["train_coverage"],
                        temperature=temperature or cfg.sample.temperature)
-    records = run.records()
-    return records, best_iteration(records, cfg.eval.select_on)
+    return run.finish(cfg.eval.select_on)

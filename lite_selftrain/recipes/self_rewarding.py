@@ -33,7 +33,6 @@ from .common import (
     Iterates,
     Run,
     SampleConfig,
-    best_iteration,
     by_problem,
     fit_iterate,
     judged_eval,
@@ -185,5 +184,4 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         stages["eval"] = run.stage(t, "eval", lambda: evaluate(t))
         run.log_stages(t, stages, "eval", "prompts", "build", judgments_parsable=stages["judge"]["judgments_parsable"],
                        train_note=stages["train"].get("skipped"))
-    records = run.records()
-    return records, best_iteration(records, "test_judge_score")
+    return run.finish("test_judge_score")
