@@ -21,7 +21,6 @@ Simplifications: CPU only; a handful of steps (the machine is shared), so ratios
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -214,19 +213,17 @@ def main(argv=None) -> None:
         print(f"lite vs trl: {lite['tokens_per_s'] / base['tokens_per_s']:.2f}x throughput, "
               f"{lite['peak_rss_mb'] / base['peak_rss_mb']:.2f}x peak RSS, "
               f"{lite['peak_over_model_mb'] / base['peak_over_model_mb']:.2f}x RSS over the model")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["time", "device", "threads", "versions", "preset", "pairs", "seq_len", "steps", "provider",
-                        "tokens_per_s", "step_s", "peak_rss_mb", "peak_over_model_mb", "throughput_vs_trl"])
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for p, r in results.items():
-            w.writerow([now, _device_name(), args.threads, _versions(), args.preset, args.pairs,
-                        args.prompt_len + args.response_len + 1, args.steps, p, f"{r['tokens_per_s']:.2f}",
-                        f"{r['step_s']:.3f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_over_model_mb']:.0f}",
-                        f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}" if base else ""])
+    from results_csv import append_rows  # bench/ is on sys.path when this script runs
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    append_rows(RESULTS, [
+        {"time": now, "device": _device_name(), "threads": args.threads, "versions": _versions(),
+         "preset": args.preset, "pairs": args.pairs, "seq_len": args.prompt_len + args.response_len + 1,
+         "steps": args.steps, "provider": p, "tokens_per_s": f"{r['tokens_per_s']:.2f}",
+         "step_s": f"{r['step_s']:.3f}", "peak_rss_mb": f"{r['peak_rss_mb']:.0f}",
+         "peak_over_model_mb": f"{r['peak_over_model_mb']:.0f}",
+         "throughput_vs_trl": f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}" if base else ""}
+        for p, r in results.items()])
 
     est = qlora_dpo_estimate()
     print("\nestimated peak GPU memory, QLoRA DPO step of llm-jp-3-3.7b, seq 1024, 4 pairs (8 rows), "

@@ -28,7 +28,6 @@ prints ratios to naive measured in the same run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import resource
@@ -206,16 +205,9 @@ def run(args) -> list[dict]:
 
 
 def append_csv(rows: list[dict]) -> None:
-    if not rows:
-        return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nappended {len(rows)} rows to {RESULTS}")
+    from results_csv import append_rows  # bench/ is on sys.path when this script runs
+
+    append_rows(RESULTS, rows)
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ compare ratios, not absolute rates.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -205,14 +204,9 @@ def main():
                          "agrees_with_last": agrees, **env})
     children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"\nlargest child process: {children_mb:.0f} MB resident")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {RESULTS}")
+    from results_csv import append_rows  # bench/ is on sys.path when this script runs
+
+    append_rows(RESULTS, rows)
 
 
 if __name__ == "__main__":

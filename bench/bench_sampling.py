@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import csv
 import datetime
 import platform
 import pstats
@@ -110,14 +109,9 @@ def bench(args):
                          engine_tok_s=round(speed["engine"], 2), hf_tok_s=round(speed["hf"], 2),
                          ratio=round(ratio, 3), engine_peak_mib=round(peak["engine"], 1),
                          hf_peak_mib=round(peak["hf"], 1)))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {RESULTS}")
+    from results_csv import append_rows  # bench/ is on sys.path when this script runs
+
+    append_rows(RESULTS, rows)
 
 
 def profile(args):

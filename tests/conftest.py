@@ -38,3 +38,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The local byte-level tokenizer."""
+    from lite_selftrain.models import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A `tiny` preset model with seeded random weights."""
+    from lite_selftrain.models import build_model
+
+    return build_model("tiny", vocab_size=len(tok), seed=0)

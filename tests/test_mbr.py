@@ -8,17 +8,6 @@ import torch
 
 from lite_selftrain.errors import UserError
 from lite_selftrain.mbr import SelectionConfig, centrality, decide, dpo_pairs, embed, pair, select
-from lite_selftrain.models import build_model, build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return build_model("tiny", vocab_size=len(tok), seed=0)
 
 
 def at(*degrees):

@@ -24,16 +24,6 @@ from lite_selftrain.store import JsonlLog
 PROMPTS = ["The cat sat", "1+2=", "a much longer prompt about nothing", "hi", "x y z"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return build_model("tiny", vocab_size=len(tok), seed=0)
-
-
 # ----------------------------------------------------------------------------------------------------
 # the naive reference
 
