@@ -8,7 +8,6 @@ import csv
 from pathlib import Path
 
 
-
 def append_rows(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
