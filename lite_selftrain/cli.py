@@ -209,7 +209,8 @@ def score(task_name, split, data, limit, samples, out):
 def build(recipe, task_name, split, data, limit, shots, max_per_problem, pairs_per_problem, scored, out):
     """Turn scored samples into a training set: ReST-EM's kept samples or RPO's pairs."""
     from .recipes import rest_em, rpo
-    from .recipes.common import SampleConfig, read_jsonl, write_jsonl
+    from .recipes.common import SampleConfig, read_jsonl
+    from .store import write_jsonl
     from .tasks import get_task
 
     task = get_task(task_name)

@@ -17,14 +17,13 @@ Simplification: maj@k uses the first k samples, not an average over all k-subset
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
-from .store import atomic_write_bytes, atomic_write_json
+from .store import atomic_write_json, write_jsonl
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -110,7 +109,6 @@ def evaluate(model, tokenizer, task, examples: list[dict], *, n: int = 1, ks: Se
         for record, prompt, ex, group, ans, rew in zip(records, prompts, examples, groups, answers, rewards):
             record.update(prompt=prompt, gold=task.gold_answer(ex), completions=[c.text for c in group],
                           answers=ans, rewards=rew, finish_reasons=[c.finish_reason for c in group])
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write_bytes(out / "problems.jsonl", lines.encode())
+        write_jsonl(out / "problems.jsonl", records)
         atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -43,7 +43,6 @@ vLLM when it and a GPU are present.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .errors import UserError
 from .logprobs import split_body_head
-from .store import JsonlLog, atomic_write_bytes
+from .store import JsonlLog, write_jsonl
 
 FINISH_CODES = ("length", "eos", "stop")  # index = the per-row code the decode loop stores
 
@@ -410,9 +409,7 @@ def _resume(log: JsonlLog, num_prompts: int, n: int) -> dict[int, list[Completio
         by_prompt.setdefault(i, {}).setdefault(j, r)  # a duplicate keeps its first copy
     complete = {i: got for i, got in by_prompt.items() if len(got) == n}
     if len(complete) * n != len(records):  # partial prompts or duplicates: keep complete prompts only
-        lines = [json.dumps(complete[i][j], ensure_ascii=False, default=str) + "\n"
-                 for i in sorted(complete) for j in range(n)]
-        atomic_write_bytes(log.path, "".join(lines).encode())
+        write_jsonl(log.path, [complete[i][j] for i in sorted(complete) for j in range(n)])
     return {i: [Completion.from_dict(got[j]) for j in range(n)] for i, got in complete.items()}
 
 

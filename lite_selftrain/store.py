@@ -47,6 +47,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """A whole JSONL file, atomically: readers see the old file or every new line."""
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records).encode())
+
+
 def read_json(path: str | Path, default: Any = None) -> Any:
     path = Path(path)
     if not path.exists():

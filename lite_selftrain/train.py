@@ -26,7 +26,6 @@ counts towards `max_steps`), but moves neither the optimiser nor the schedule.
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 import resource
@@ -43,7 +42,7 @@ from .logprobs import sequence_logprobs
 from .losses import NLL_NORMS, dpo_nll_loss, reward_weighted_nll
 from .models import is_peft
 from .reference import REFERENCES, autocast_context, reference_logps_for
-from .store import JsonlLog, atomic_write_bytes, atomic_write_json
+from .store import JsonlLog, atomic_write_bytes, atomic_write_json, write_jsonl
 
 PAIR_METRICS = ("reward_chosen", "reward_rejected", "reward_acc", "margin", "logp_chosen", "logp_rejected")
 
@@ -182,7 +181,7 @@ def _trim_metrics(log: JsonlLog, last_step: int) -> None:
     records = log.recover()
     keep = [r for r in records if r.get("step", 0) <= last_step]
     if len(keep) != len(records):
-        atomic_write_bytes(log.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep).encode())
+        write_jsonl(log.path, keep)
 
 
 # ----------------------------------------------------------------------------------------------------

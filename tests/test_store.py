@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lite_selftrain.errors import UserError
-from lite_selftrain.store import JsonlLog, RunStore, atomic_write_json, read_json
+from lite_selftrain.store import JsonlLog, RunStore, atomic_write_json, read_json, write_jsonl
 
 WRITER = textwrap.dedent(
     """
@@ -95,3 +95,11 @@ def test_stage_state_and_metrics(tmp_path):
     store.log_metrics({"iteration": 0, "acc": 0.1})
     store.log_metrics({"iteration": 1, "acc": 0.2})
     assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_write_jsonl_replaces_the_whole_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    JsonlLog(path).append([{"id": 9}])
+    write_jsonl(path, [{"id": 0, "text": "日本"}, {"id": 1}])
+    assert JsonlLog(path).read() == [{"id": 0, "text": "日本"}, {"id": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]

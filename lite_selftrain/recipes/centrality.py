@@ -26,9 +26,10 @@ from ..judge import JudgeConfig
 from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt
 from ..sampling import generate
+from ..store import write_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, SampleConfig, fit_iterate, judged_eval, read_jsonl, write_jsonl
+from .common import Iterates, Run, SampleConfig, fit_iterate, judged_eval, read_jsonl
 
 
 @dataclass

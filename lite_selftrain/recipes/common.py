@@ -18,7 +18,6 @@ Layout of a run directory (`RunStore`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any
 
 from ..config import to_dict
 from ..models import ModelConfig, load_model, save_model
-from ..store import JsonlLog, RunStore, atomic_write_bytes, atomic_write_json
+from ..store import JsonlLog, RunStore, atomic_write_json, write_jsonl
 
 
 @dataclass
@@ -129,11 +128,6 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------------
 # stages
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """A whole JSONL file, atomically (datasets and scored samples are written in one go)."""
-    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -137,10 +137,8 @@ def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = Tr
         module = rpo if name == "rpo" else rest_em
         chain_records, _ = module.run(chain, out / name, progress=progress, recipe=name)
         records += chain_records
-    for record in records:  # one top-level file with every chain, written once per record
-        if not any(r["recipe"] == record["recipe"] and r["iteration"] == record["iteration"]
-                   for r in store.metrics.read()):
-            store.log_metrics(record)
+    logged = {(r["recipe"], r["iteration"]) for r in store.metrics.recover()}
+    store.metrics.append(r for r in records if (r["recipe"], r["iteration"]) not in logged)  # each record once
     plot = plot_metrics(out / "metrics.jsonl", out / "accuracy.png")
     return {"records": records, "summary": summarize(records), "plot": plot}
 

@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..judge import JudgeConfig, eft_example, judge
 from ..models import ModelConfig, format_prompt
 from ..sampling import generate
+from ..store import write_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig, train
 from .common import (
@@ -37,7 +38,6 @@ from .common import (
     fit_iterate,
     judged_eval,
     read_jsonl,
-    write_jsonl,
 )
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
