@@ -29,7 +29,7 @@ import torch
 import transformers
 
 from lite_selftrain.models import build_model, build_tokenizer, padding_side
-from lite_selftrain.sampling import generate
+from lite_selftrain.sampling import SamplingConfig, generate
 
 RESULTS = Path(__file__).parent / "results" / "bench_sampling.csv"
 
@@ -40,8 +40,8 @@ def make_prompts(count: int, length: int, seed: int = 0) -> list[str]:
 
 
 def run_engine(model, tok, prompts, n, new_tokens, batch_size):
-    out = generate(model, tok, prompts, n=n, temperature=0.7, top_k=40, max_new_tokens=new_tokens,
-                   batch_size=batch_size)
+    cfg = SamplingConfig(n=n, temperature=0.7, top_k=40, max_new_tokens=new_tokens, batch_size=batch_size)
+    out = generate(model, tok, prompts, cfg)
     return sum(c.num_tokens for group in out for c in group)
 
 
@@ -119,17 +119,18 @@ def profile(args):
     tok = build_tokenizer()
     model = build_model(args.preset, vocab_size=len(tok)).eval()
     prompts = [f"{i % 97}+{i % 89}+{i % 83}=" + "a" * (i % 7) for i in range(args.prompts)]
-    generate(model, tok, prompts[:2], n=2, max_new_tokens=2)
-    kw = dict(n=args.n[0], temperature=0.7, max_new_tokens=args.new_tokens, stop=["#"], batch_size=args.batch)
+    generate(model, tok, prompts[:2], SamplingConfig(n=2, max_new_tokens=2))
+    cfg = SamplingConfig(n=args.n[0], temperature=0.7, max_new_tokens=args.new_tokens, stop=("#",),
+                         batch_size=args.batch)
     start = time.perf_counter()
-    out = generate(model, tok, prompts, **kw)
+    out = generate(model, tok, prompts, cfg)
     plain = time.perf_counter() - start
     tokens = sum(c.num_tokens for g in out for c in g)
     start = time.perf_counter()
-    hf_tokens = run_hf(model, tok, prompts, kw["n"], args.new_tokens, args.batch)
+    hf_tokens = run_hf(model, tok, prompts, cfg.n, args.new_tokens, args.batch)
     hf = time.perf_counter() - start
     prof = cProfile.Profile()
-    prof.runcall(generate, model, tok, prompts, **kw)
+    prof.runcall(generate, model, tok, prompts, cfg)
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, self, cumulative, callers)
 
     def cum(name, file="lite_selftrain"):
@@ -139,22 +140,24 @@ def profile(args):
     decode = next(v for k, v in stats.items() if k[2] == "_decode_batch")
     body = max(v[3] for k, v in stats.items() if k[2] == "forward" and "modeling_llama" in k[0])
     modules = next(v for k, v in stats.items() if k[2] == "_wrapped_call_impl")  # body and lm_head calls
+    cache = cum("update")  # called from inside the body's attention layers
     parts = {
-        "transformer body (prefill + decode steps)": body,
-        "lm_head": sum(c[3] for k, c in modules[4].items() if k[2] == "_decode_batch") - body,
+        "transformer body (prefill + decode steps)": body - cache,
+        "writing the KV cache (prefill copies, decode appends)": cache,
+        "lm_head": sum(c[3] for k, c in modules[4].items() if k[2] == "_decode_batch"),
         "token draw (top-k / top-p / inverse CDF)": cum("draw"),
         "counter-based uniforms": cum("uniforms"),
-        "sharing the prompt cache, pruning finished rows": cum("_reindex"),
-        "stop-string checks": cum("completed"),
+        "pruning finished rows": cum("select"),
+        "stop-string checks": cum("completed_at"),
         "detokenising finished rows": cum("_completion"),
         "tokenising prompts": cum("tokenize_prompts"),
         "decode-loop bookkeeping (its own lines)": decode[2],
     }
     parts["everything else"] = total - sum(parts.values())
-    print(f"{args.preset}: {len(prompts)} prompts x n={kw['n']}, <= {args.new_tokens} new tokens, stop '#', "
+    print(f"{args.preset}: {len(prompts)} prompts x n={cfg.n}, <= {args.new_tokens} new tokens, stop '#', "
           f"{args.batch} prompts per batch, {torch.get_num_threads()} threads")
     print(f"  engine: {tokens} tokens in {plain:.2f} s = {tokens / plain:,.0f} tok/s, "
-          f"{len(prompts) * kw['n'] / plain:,.0f} samples/s")
+          f"{len(prompts) * cfg.n / plain:,.0f} samples/s")
     print(f"  Hugging Face generate, same batches, always {args.new_tokens} tokens: {hf_tokens / hf:,.0f} tok/s")
     print(f"  under cProfile ({total:.2f} s):")
     for label, seconds in parts.items():

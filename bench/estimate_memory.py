@@ -54,13 +54,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lite_selftrain.config import load_config as load_recipe_config
+from lite_selftrain.recipes import RECIPES, load_recipe
+from lite_selftrain.sampling import FREE_TEXT_TOKENS
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 RESULTS = Path(__file__).parent / "results" / "estimate_memory.csv"
 GiB = 2**30
 STREAM = 4  # bytes per element of the residual stream and KV cache: fp32 under QLoRA as loaded today
-RECIPES = {"rest-em": ("rest_em", "RestEMConfig"), "rpo": ("rpo", "RPOConfig"),
-           "self-reward": ("self_rewarding", "SelfRewardConfig"), "centrality": ("centrality", "CentralityConfig")}
 BEGIN, END = "# -- estimates (python bench/estimate_memory.py --write) --", "# -- end of estimates --"
 TABLE_BEGIN, TABLE_END = "<!-- estimates:begin -->", "<!-- estimates:end -->"
 
@@ -239,20 +241,22 @@ def verified_stages(recipe: str, cfg, c: Card) -> list[Stage]:
     T = min(cfg.train.max_length, d.prompt_max + new + 1)
     stages += c.train("train", cfg.model, cfg.train, examples, d.prompt_mean + d.response_mean, d.response_mean, T,
                       copies=2 if recipe == "rest-em" else 1)
-    stages.append(c.decode("eval greedy", test, 1, ev.batch_size, *lengths, 1, 1.0))
-    if ev.n > 1:
-        stages.append(c.decode("eval sampled", test, ev.n, ev.batch_size, *lengths, ev.top_k, 1.0))
+    stages.append(c.decode("eval greedy", test, 1, ev.sample.batch_size, *lengths, 1, 1.0))
+    if ev.sample.n > 1:
+        stages.append(c.decode("eval sampled", test, ev.sample.n, ev.sample.batch_size, *lengths, ev.sample.top_k,
+                               ev.sample.top_p))
     return stages
 
 
 def _judge(c: Card, name, judge, answers, d: DataShape, new) -> Stage:
     mean, longest = JUDGE_RUBRIC + d.prompt_mean + d.response_mean, JUDGE_RUBRIC + d.prompt_max + new
-    return c.decode(name, answers, judge.k, judge.batch_size, mean, longest, judge.max_new_tokens, 120, 0, judge.top_p)
+    js = judge.sample
+    return c.decode(name, answers, js.n, js.batch_size, mean, longest, js.max_new_tokens, 120, js.top_k, js.top_p)
 
 
 def judged_eval_stages(cfg, c: Card, d: DataShape, respond) -> list[Stage]:
     """Greedy answers to the held-out prompts, each judged k times by the same model."""
-    new = respond.max_new_tokens or 256
+    new = respond.max_new_tokens or FREE_TEXT_TOKENS
     return [c.decode("eval answers", cfg.eval_size, 1, respond.batch_size, d.prompt_mean, d.prompt_max, new,
                      d.response_mean, 1, 1.0), _judge(c, "eval judge", cfg.judge, cfg.eval_size, d, new)]
 
@@ -260,12 +264,12 @@ def judged_eval_stages(cfg, c: Card, d: DataShape, respond) -> list[Stage]:
 def self_reward_stages(cfg, c: Card) -> list[Stage]:
     """SFT once, then per iteration: write prompts, answer, judge, DPO, evaluate."""
     d, sm = _data(cfg.ift_path, "oasst1"), cfg.respond
-    new, seq = sm.max_new_tokens or 256, d.prompt_mean + d.response_mean
+    new, seq = sm.max_new_tokens or FREE_TEXT_TOKENS, d.prompt_mean + d.response_mean
     stages = [] if cfg.skip_sft else c.train("sft", cfg.model, cfg.sft, d.train, seq, d.response_mean,
                                              cfg.sft.max_length, once=True)
-    listing = cfg.prompt_shots * d.prompt_mean + 20  # a header, then one line per seed instruction
-    stages.append(c.decode("prompts", cfg.new_prompts, 1, sm.batch_size, listing, 2 * listing,
-                           cfg.prompt_max_new_tokens, cfg.prompt_max_new_tokens, 0, sm.top_p))
+    listing, wr = cfg.prompt_shots * d.prompt_mean + 20, cfg.write  # a header, then one line per seed instruction
+    stages.append(c.decode("prompts", cfg.new_prompts, 1, wr.batch_size, listing, 2 * listing,
+                           wr.max_new_tokens, wr.max_new_tokens, wr.top_k, wr.top_p))
     kept = int(0.9 * cfg.new_prompts)  # empty and repeated prompts are dropped
     stages.append(c.decode("respond", kept, sm.n, sm.batch_size, d.prompt_mean, d.prompt_max, new, d.response_mean,
                            sm.top_k, sm.top_p))
@@ -279,7 +283,7 @@ def centrality_stages(cfg, c: Card) -> list[Stage]:
     """Sample from M0, embed every candidate (and original), retrain a fresh M0 beside the held one, evaluate."""
     d, sm = _data(cfg.data_path, "oasst1"), cfg.sample
     prompts = min(cfg.limit or d.train, d.train - (0 if cfg.test_path else cfg.eval_size))
-    new = sm.max_new_tokens or 256
+    new = sm.max_new_tokens or FREE_TEXT_TOKENS
     stages = [c.decode("sample", prompts, sm.n, sm.batch_size, d.prompt_mean, d.prompt_max, new, d.response_mean,
                        sm.top_k, sm.top_p)]
     rows = cfg.selection.batch_size
@@ -333,13 +337,7 @@ def read_header(path: Path) -> tuple[str, dict[str, list[str]]]:
 
 def load_config(recipe: str, path: Path, overrides: list[str]):
     """The recipe config the CLI would build from `path` and `--set` overrides."""
-    import importlib
-
-    from lite_selftrain.cli import _recipe_config
-
-    module, cls = RECIPES[recipe]
-    return _recipe_config(getattr(importlib.import_module(f"lite_selftrain.recipes.{module}"), cls), str(path),
-                          tuple(overrides))
+    return load_recipe_config(load_recipe(recipe)[1], path, overrides)
 
 
 def example_files() -> list[Path]:

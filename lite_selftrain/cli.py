@@ -19,41 +19,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-
-
-def _parse_overrides(pairs: tuple[str, ...]) -> dict:
-    """`a.b=1` strings → nested dict, values parsed as TOML (bare words fall back to strings)."""
-    from .config import tomllib
-
-    out: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set expects key=value, got '{pair}'")
-        key, raw = pair.split("=", 1)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _merge(base: dict, over: dict) -> dict:
-    merged = dict(base)
-    for k, v in over.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return merged
-
-
-def _recipe_config(cls, config_path: str | None, overrides: tuple[str, ...]):
-    from .config import from_dict, read_toml
-
-    data = read_toml(config_path) if config_path else {}
-    return from_dict(cls, _merge(data, _parse_overrides(overrides)))
+from .recipes import RECIPES
 
 
 def _print_table(records: list[dict]) -> None:
@@ -93,33 +59,30 @@ def cli():
 @restart_option
 def demo(out, quick, overrides, restart):
     """Self-training on the built-in arith task, on the CPU, with a control; no downloads."""
+    from .config import load_config
     from .recipes.demo import DemoConfig, quick_config, run_demo
 
-    cfg = quick_config() if quick else DemoConfig()
-    if overrides:
-        from .config import from_dict, to_dict
-
-        cfg = from_dict(DemoConfig, _merge(to_dict(cfg), _parse_overrides(overrides)))
+    cfg = load_config(DemoConfig, overrides=overrides, base=quick_config() if quick else DemoConfig())
     result = run_demo(cfg, out, restart=restart, progress=True, echo=click.echo)
     _print_table(result["records"])
     click.echo(result["summary"])
     click.echo(f"plot: {result['plot']}")
 
 
-def _recipe_command(name: str, module: str, config_cls: str, doc: str):
-    @cli.command(name=name, help=doc)
+def _recipe_command(name: str, help: str):
+    @cli.command(name=name, help=help)
     @config_option
     @set_option
     @out_option
     @restart_option
     def command(config_path, overrides, out, restart):
-        import importlib
-
+        from .config import load_config
         from .plot import plot_metrics
+        from .recipes import load_recipe
 
-        mod = importlib.import_module(f"lite_selftrain.recipes.{module}")
-        cfg = _recipe_config(getattr(mod, config_cls), config_path, overrides)
-        records, best = mod.run(cfg, out, restart=restart, progress=True)
+        module, config_class = load_recipe(name)
+        cfg = load_config(config_class, config_path, overrides)
+        records, best = module.run(cfg, out, restart=restart, progress=True)
         _print_table(records)
         click.echo(f"best iteration: {best['iteration'] if best else 'none (no iteration has the selection metric)'}")
         click.echo(f"plot: {plot_metrics(Path(out) / 'metrics.jsonl', Path(out) / 'accuracy.png')}")
@@ -127,12 +90,8 @@ def _recipe_command(name: str, module: str, config_cls: str, doc: str):
     return command
 
 
-_recipe_command("rest-em", "rest_em", "RestEMConfig", "ReST-EM: keep correct samples, retrain the base model.")
-_recipe_command("rpo", "rpo", "RPOConfig", "Iterative RPO: DPO + NLL on correct vs incorrect samples.")
-_recipe_command("self-reward", "self_rewarding", "SelfRewardConfig",
-                "Self-Rewarding LM: write prompts, answer, judge yourself, DPO on best vs worst.")
-_recipe_command("centrality", "centrality", "CentralityConfig",
-                "Embedding-centrality self-selection (SFT or DPO) with one of four data policies.")
+for _name, _recipe in RECIPES.items():
+    _recipe_command(_name, _recipe.help)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,10 +107,17 @@ def _model_options(f):
 
 
 def _task_options(f):
+    f = click.option("--shots", type=int, default=None, help="Few-shot examples (default: the task's own).")(f)
     f = click.option("--data", default=None, help="Local JSONL / saved dataset (default: the task's own).")(f)
     f = click.option("--split", default="train", show_default=True)(f)
     f = click.option("--task", "task_name", required=True, help="gsm8k, math, arc, humaneval, apps, instruct, arith")(f)
     return f
+
+
+def _task(task_name, shots):
+    from .tasks import get_task
+
+    return get_task(task_name) if shots is None else get_task(task_name, shots=shots)
 
 
 def _load(model_name, mode, adapter):
@@ -167,20 +133,19 @@ def _load(model_name, mode, adapter):
 @click.option("--temperature", default=0.7, show_default=True)
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=1.0, show_default=True)
-@click.option("--shots", default=4, show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N problems.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Samples JSONL (resumable).")
-def sample(model_name, mode, adapter, task_name, split, data, n, temperature, top_k, top_p, shots, limit, seed, out):
+def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperature, top_k, top_p, limit, seed, out):
     """Draw N completions per problem into a JSONL file; a killed run resumes."""
-    from .recipes.common import SampleConfig, sample_problems
-    from .tasks import get_task
+    from .sampling import SamplingConfig, generate
 
-    task = get_task(task_name)
+    task = _task(task_name, shots)
     examples = task.load(split, data)[:limit]
+    cfg = SamplingConfig(n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).for_task(task)
     model, tok = _load(model_name, mode, adapter)
-    cfg = SampleConfig(n=n, temperature=temperature, top_k=top_k, top_p=top_p, shots=shots)
-    click.echo(json.dumps(sample_problems(model, tok, task, examples, cfg, Path(out), seed=seed)))
+    groups = generate(model, tok, [task.prompt(ex) for ex in examples], cfg, out=Path(out), progress=True)
+    click.echo(json.dumps({"problems": len(groups), "samples": sum(map(len, groups))}))
 
 
 @cli.command()
@@ -188,40 +153,37 @@ def sample(model_name, mode, adapter, task_name, split, data, n, temperature, to
 @click.option("--limit", type=int, default=None)
 @click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-def score(task_name, split, data, limit, samples, out):
+def score(task_name, split, data, shots, limit, samples, out):
     """Add a reward to every sample of a samples file."""
-    from .recipes.common import score_samples
-    from .tasks import get_task
+    from .store import read_jsonl, write_jsonl
 
-    task = get_task(task_name)
-    click.echo(json.dumps(score_samples(task, task.load(split, data)[:limit], Path(samples), Path(out))))
+    task = _task(task_name, shots)
+    scored, info = task.score_samples(read_jsonl(samples), task.load(split, data)[:limit])
+    write_jsonl(Path(out), scored)
+    click.echo(json.dumps(info))
 
 
 @cli.command()
 @click.option("--recipe", type=click.Choice(["rest-em", "rpo"]), required=True)
 @_task_options
 @click.option("--limit", type=int, default=None)
-@click.option("--shots", default=4, show_default=True)
 @click.option("--max-per-problem", default=10, show_default=True, help="ReST-EM's cap of kept samples.")
 @click.option("--pairs-per-problem", default=10, show_default=True, help="RPO's K.")
 @click.option("--scored", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-def build(recipe, task_name, split, data, limit, shots, max_per_problem, pairs_per_problem, scored, out):
+def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_per_problem, scored, out):
     """Turn scored samples into a training set: ReST-EM's kept samples or RPO's pairs."""
     from .recipes import rest_em, rpo
-    from .recipes.common import SampleConfig, read_jsonl
-    from .store import write_jsonl
-    from .tasks import get_task
+    from .store import read_jsonl, write_jsonl
 
-    task = get_task(task_name)
-    problems = task.load(split, data)[:limit]
-    sample_cfg = SampleConfig(shots=shots)
+    task = _task(task_name, shots)
+    prompts = [task.prompt(p) for p in task.load(split, data)[:limit]]
     if recipe == "rest-em":
-        cfg = rest_em.RestEMConfig(task=task_name, sample=sample_cfg, max_per_problem=max_per_problem)
-        records, info = rest_em.build_dataset(cfg, task, problems, read_jsonl(Path(scored)), 1)
+        cfg = rest_em.RestEMConfig(task=task_name, max_per_problem=max_per_problem)
+        records, info = rest_em.keep_correct(cfg, prompts, read_jsonl(scored), 1)
     else:
-        cfg = rpo.RPOConfig(task=task_name, sample=sample_cfg, pairs_per_problem=pairs_per_problem)
-        records, info = rpo.build_pairs(cfg, task, problems, read_jsonl(Path(scored)), 1)
+        cfg = rpo.RPOConfig(task=task_name, pairs_per_problem=pairs_per_problem)
+        records, info = rpo.build_pairs(cfg, prompts, read_jsonl(scored), 1)
     write_jsonl(Path(out), records)
     click.echo(json.dumps(info))
 
@@ -234,11 +196,12 @@ def build(recipe, task_name, split, data, limit, shots, max_per_problem, pairs_p
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     """Fine-tune on a dataset (objective sft, rwnll or dpo_nll); resumes from its checkpoints."""
+    from .config import load_config
     from .data import load_records
     from .models import save_model
     from .train import TrainConfig, train
 
-    cfg = _recipe_config(TrainConfig, config_path, overrides)
+    cfg = load_config(TrainConfig, config_path, overrides)
     records = load_records(data)  # bad data fails before the model is loaded
     model, tok = _load(model_name, mode, adapter)
     summary = train(model, tok, records, cfg, Path(out), progress=True)
@@ -253,18 +216,18 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
 @click.option("--n", default=8, show_default=True, help="Samples per problem for pass@k / maj@k.")
 @click.option("--k", "ks", multiple=True, type=int, default=(1, 4, 8), show_default=True)
 @click.option("--temperature", default=0.7, show_default=True)
-@click.option("--shots", default=4, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def eval_command(model_name, mode, adapter, task_name, split, data, limit, n, ks, temperature, shots, out):
+def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit, n, ks, temperature, out):
     """Greedy pass@1 and sampled pass@k / maj@k on a task split, with per-problem records."""
-    from .recipes.common import EvalConfig, evaluate_policy
-    from .tasks import get_task
+    from .evaluate import EvalConfig, heldout
 
-    task = get_task(task_name)
+    task = _task(task_name, shots)
     examples = task.load(split, data)
+    default = EvalConfig()
+    cfg = EvalConfig(split=split, limit=limit, sample=default.sample.replace(n=n, temperature=temperature),
+                     ks=list(ks))
     model, tok = _load(model_name, mode, adapter)
-    cfg = EvalConfig(split=split, limit=limit, n=n, ks=list(ks), temperature=temperature)
-    click.echo(json.dumps(evaluate_policy(model, tok, task, examples, cfg, shots, Path(out))))
+    click.echo(json.dumps(heldout(model, tok, task, examples, cfg, Path(out))))
 
 
 @cli.command()

@@ -1,9 +1,12 @@
 """Turning plain dicts (TOML files, CLI flags) into the dataclasses that configure each part.
 
+    cfg = load_config(RestEMConfig, "examples/rest_em_gsm8k_150m.toml", ["train.lr=1e-5", "iterations=2"])
+
 Every part keeps its own `@dataclass` beside its code; this file only knows how to fill one from a dict,
-refusing unknown keys with a suggestion, and how to read a TOML file. Nested dataclass fields are filled
-from nested tables, on top of the parent's own default for that field (RPO's `sample` table changes RPO's
-sampling defaults, not the generic ones).
+refusing unknown keys with a suggestion, how to read a TOML file, and how `key=value` overrides (dotted
+keys reach nested tables, values are TOML) go on top of it. Nested dataclass fields are filled from nested
+tables, on top of the parent's own default for that field (RPO's `sample` table changes RPO's sampling
+defaults, not the generic ones).
 """
 
 from __future__ import annotations
@@ -102,3 +105,36 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML: {e}") from None
+
+
+def parse_overrides(pairs) -> dict[str, Any]:
+    """`a.b=1` strings → a nested dict, values parsed as TOML (bare words fall back to strings)."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` on top, nested tables merged key by key."""
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides=(), base: T | None = None) -> T:
+    """`cls` from a TOML file (or `base`, or the class defaults) with `key=value` overrides on top."""
+    data = read_toml(path) if path else to_dict(base) if base is not None else {}
+    return from_dict(cls, merge(data, parse_overrides(overrides)))

@@ -9,19 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
-from .store import iter_jsonl_lines
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSONL file; a malformed line is reported with its file and line number."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"data file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
-    return list(iter_jsonl_lines(path, text))
+from .store import read_jsonl
 
 
 def _load_saved_dataset(path: Path, split: str | None) -> list[dict]:

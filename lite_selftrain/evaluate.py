@@ -9,8 +9,9 @@
 - accuracy: the mean reward over all samples (with greedy decoding and n = 1 it equals pass@1).
 
 Usage:
-    metrics = evaluate(model, tok, task, task.load("test", path), n=8, ks=[1, 4, 8], temperature=0.7,
-                       out_dir="runs/x/eval")  # writes metrics.json and problems.jsonl there
+    metrics = evaluate(model, tok, task, task.load("test", path), SamplingConfig(n=8, temperature=0.7),
+                       ks=[1, 4, 8], out_dir="runs/x/eval")  # writes metrics.json and problems.jsonl there
+    metrics = heldout(model, tok, task, test_set, EvalConfig(), "runs/x/eval")  # what the recipes report
 
 Simplification: maj@k uses the first k samples, not an average over all k-subsets of the n.
 """
@@ -20,10 +21,24 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .sampling import SamplingConfig, generate
 from .store import atomic_write_json, write_jsonl
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy pass@1, plus pass@k / maj@k from `sample.n` samples per problem."""
+
+    split: str = "test"  # held-out problems, never trained on
+    limit: int | None = None  # evaluate on the first `limit` problems (None: all)
+    sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        n=8, temperature=0.7, top_k=40, batch_size=32))  # ReST-EM's sampling knobs; n = 1 skips this part
+    ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # the k of pass@k / maj@k to report
+    select_on: str = "test_pass@1"  # the metric that picks the best iteration
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -78,24 +93,21 @@ def score_problems(answers: list[list[str | None]], rewards: list[list[float]], 
     return metrics, records
 
 
-def evaluate(model, tokenizer, task, examples: list[dict], *, n: int = 1, ks: Sequence[int] = (1,),
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int | None = None,
-             seed: int = 0, batch_size: int = 16, shots: int = 0, out_dir: str | Path | None = None) -> dict:
-    """Sample n completions per example, reward them with the task, and return the metrics.
+def evaluate(model, tokenizer, task, examples: list[dict], cfg: SamplingConfig, *, ks: Sequence[int] = (1,),
+             out_dir: str | Path | None = None) -> dict:
+    """Sample cfg.n completions per example (with the task's stop strings and length), reward them with the
+    task, and return the metrics.
 
     With `out_dir`, writes metrics.json and problems.jsonl (prompt, gold answer, completions, answers,
     rewards and metrics of every problem) there.
     """
-    from .sampling import generate
-
     if task.needs_judge:
         raise UserError(f"task {task.name} has no automatic reward; evaluate it with the judge")
     if not examples:
         raise UserError("no examples to evaluate")
-    prompts = [task.prompt(ex, shots=shots) for ex in examples]
-    groups = generate(model, tokenizer, prompts, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
-                      max_new_tokens=max_new_tokens or task.max_new_tokens, stop=task.stop, seed=seed,
-                      batch_size=batch_size)
+    n = cfg.n
+    prompts = [task.prompt(ex) for ex in examples]
+    groups = generate(model, tokenizer, prompts, cfg.for_task(task))
     flat = [(c, ex) for group, ex in zip(groups, examples) for c in group]
     flat_rewards = task.rewards([c.text for c, _ in flat], [ex for _, ex in flat])
     rewards = [flat_rewards[i * n:(i + 1) * n] for i in range(len(examples))]
@@ -111,4 +123,19 @@ def evaluate(model, tokenizer, task, examples: list[dict], *, n: int = 1, ks: Se
                           answers=ans, rewards=rew, finish_reasons=[c.finish_reason for c in group])
         write_jsonl(out / "problems.jsonl", records)
         atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def heldout(model, tokenizer, task, examples: list[dict], cfg: EvalConfig, out_dir: str | Path) -> dict:
+    """The recipes' held-out metrics: greedy pass@1 plus sampled pass@k / maj@k, prefixed `test_`."""
+    examples = examples[: cfg.limit] if cfg.limit else examples
+    out_dir = Path(out_dir)
+    greedy = evaluate(model, tokenizer, task, examples, cfg.sample.replace(n=1, temperature=0.0), ks=[1],
+                      out_dir=out_dir / "greedy")
+    metrics = {"test_pass@1": greedy["pass@1"]}
+    if cfg.sample.n > 1:
+        sampled = evaluate(model, tokenizer, task, examples, cfg.sample, ks=cfg.ks, out_dir=out_dir / "sampled")
+        metrics.update({f"test_{k}": v for k, v in sampled.items() if k.startswith(("pass@", "maj@"))
+                        and k != "pass@1"})
+        metrics["test_sampled_pass@1"] = sampled["pass@1"]
     return metrics

@@ -8,8 +8,9 @@ response into the "rejected" one of a preference pair.
 
 Usage:
     from lite_selftrain.judge import JudgeConfig, judge
-    results = judge(model, tokenizer, [(prompt, response), ...], JudgeConfig(k=3))
+    results = judge(model, tokenizer, [(prompt, response), ...], JudgeConfig())   # k = sample.n = 3
     results[0].score  # mean of the parsable scores, or None
+    metrics = judged_eval(model, tokenizer, prompts, JudgeConfig(), answer=SamplingConfig(max_new_tokens=256))
 
 Simplifications: one rubric (the paper's, in our own words); the model's chat template (when it has one)
 wraps the judge prompt, as it wraps every instruction.
@@ -18,7 +19,10 @@ wraps the judge prompt, as it wraps every instruction.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .models import format_prompt
+from .sampling import SamplingConfig, generate
 
 JUDGE_TEMPLATE = """\
 You are grading a reply to a user's request. Start from 0 points and add points as follows (at most 5):
@@ -47,12 +51,10 @@ _SCORE = re.compile(r"score\s*\**\s*[:：]\s*\**\s*(-?\d+(?:\.\d+)?)\s*\**\s*(?:
 
 @dataclass
 class JudgeConfig:
-    k: int = 3  # judgments per response, averaged: the paper's 3
-    temperature: float = 0.7  # the paper samples judgments like responses (0.7, top-p 0.9)
-    top_p: float = 0.9  # nucleus sampling as in the paper
-    max_new_tokens: int = 256  # a justification of under 100 words plus the score line
-    batch_size: int = 16  # prompts per sampling batch (each yields k rows)
-    seed: int = 0  # sampling seed: the same judgments on a rerun
+    # k = sample.n judgments per response, averaged (the paper's 3), sampled like responses (T 0.7, top-p
+    # 0.9); 256 new tokens hold a justification of under 100 words plus the score line
+    sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        n=3, temperature=0.7, top_p=0.9, max_new_tokens=256, batch_size=16))
     chat: bool = True  # wrap the judge prompt in the tokenizer's chat template when it has one
 
 
@@ -101,19 +103,27 @@ def eft_example(prompt: str, response: str, justification: str, score: float) ->
 
 
 def judge(model, tokenizer, pairs: list[tuple[str, str]], cfg: JudgeConfig | None = None) -> list[Judgment]:
-    """k judgments of each (prompt, response) pair by `model`, parsed and averaged."""
-    from .models import format_prompt
-    from .sampling import generate
-
+    """cfg.sample.n judgments of each (prompt, response) pair by `model`, parsed and averaged."""
     cfg = cfg or JudgeConfig()
     prompts = [judge_prompt(p, r) for p, r in pairs]
     if cfg.chat:
         prompts = [format_prompt(tokenizer, p) for p in prompts]
-    groups = generate(model, tokenizer, prompts, n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
+    groups = generate(model, tokenizer, prompts, cfg.sample)
     out = []
     for group in groups:
         texts = [c.text for c in group]
         scores = [parse_score(t) for t in texts]
         out.append(Judgment(texts=texts, scores=scores, score=average_score(scores)))
     return out
+
+
+def judged_eval(model, tokenizer, prompts: list[str], cfg: JudgeConfig, answer: SamplingConfig) -> dict:
+    """Greedy answers to held-out prompts (in the chat template), each judged by the same model."""
+    answers = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in prompts],
+                       answer.replace(n=1, temperature=0.0))
+    verdicts = judge(model, tokenizer, [(p, a[0].text) for p, a in zip(prompts, answers)], cfg)
+    scores = [v.score for v in verdicts if v.score is not None]
+    parsable = sum(s is not None for v in verdicts for s in v.scores)
+    return {"test_judge_score": sum(scores) / len(scores) if scores else None,
+            "test_judge_parsable": parsable / max(len(verdicts) * cfg.sample.n, 1),
+            "test_mean_tokens": sum(a[0].num_tokens for a in answers) / max(len(answers), 1)}

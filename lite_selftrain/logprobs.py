@@ -21,12 +21,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import fused_logprob
-
-
-def split_body_head(model):
-    """(transformer body returning hidden states, lm_head module) of a causal LM, peft-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+from .models import split_body_head
 
 
 def _linear_weight(linear) -> tuple[torch.Tensor, torch.Tensor | None]:

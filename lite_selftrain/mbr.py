@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .logprobs import split_body_head
-from .models import padding_side
+from .models import padding_side, split_body_head, training_mode
 
 POLICIES = ("original", "central", "central_or_drop", "central_or_original")
 
@@ -75,24 +74,19 @@ def embed(model, tokenizer, texts: list[str], *, layer: int = -1, pooling: str =
     out = torch.zeros(len(ids), body.config.hidden_size)  # (N, H)
     order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: len(ids[i]))  # similar lengths batch
     device = next(body.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), padding_side(tokenizer, "right"):
-            for b in range(0, len(order), batch_size):
-                chunk = order[b : b + batch_size]
-                batch = tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt").to(device)
-                mask = batch["attention_mask"]  # (B, T)
-                result = body(**batch, output_hidden_states=layer != -1)
-                hidden = result.last_hidden_state if layer == -1 else result.hidden_states[layer]  # (B, T, H)
-                hidden = hidden.float()
-                if pooling == "mean":
-                    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, H)
-                else:
-                    pooled = hidden[torch.arange(len(chunk), device=device), mask.sum(1) - 1]  # (B, H)
-                out[chunk] = F.normalize(pooled, dim=-1).cpu()
-    finally:
-        model.train(was_training)
+    with torch.inference_mode(), training_mode(model, False), padding_side(tokenizer, "right"):
+        for b in range(0, len(order), batch_size):
+            chunk = order[b : b + batch_size]
+            batch = tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt").to(device)
+            mask = batch["attention_mask"]  # (B, T)
+            result = body(**batch, output_hidden_states=layer != -1)
+            hidden = result.last_hidden_state if layer == -1 else result.hidden_states[layer]  # (B, T, H)
+            hidden = hidden.float()
+            if pooling == "mean":
+                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, H)
+            else:
+                pooled = hidden[torch.arange(len(chunk), device=device), mask.sum(1) - 1]  # (B, H)
+            out[chunk] = F.normalize(pooled, dim=-1).cpu()
     return out
 
 

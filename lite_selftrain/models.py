@@ -8,21 +8,22 @@ The only file that knows about peft and bitsandbytes. Three ways to get a model:
 - a **hub id**, when online; offline it fails with a one-line message.
 
 The reference policy of DPO is the same model with its adapter disabled (`reference_mode`), never a
-second copy. Simplifications: one adapter per model; LoRA targets every linear projection but lm_head.
+second copy. The parts the sampler, trainer and embedder share: `split_body_head` (the transformer body
+and the lm_head of any wrapped model), `training_mode`, `autocast_context`.
+Simplifications: one adapter per model; LoRA targets every linear projection but lm_head.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .store import atomic_dir
 
 # ----------------------------------------------------------------------------------------------------
 # presets: Llama shapes. llm-jp-3 shapes follow the published configs (untied lm_head, V = 99,584).
@@ -237,19 +238,28 @@ def reference_mode(model):
     return model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
 
 
+def split_body_head(model):
+    """(transformer body returning hidden states, lm_head module) of a causal LM, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary folder that replaces `path` only if the block finishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def training_mode(model, on: bool):
+    """`model.train(on)` for the block, then the caller's mode back (dropout on or off)."""
+    before = model.training
+    model.train(on)
     try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        yield model
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        model.train(before)
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; nothing on CPU, where fp32 matmuls are the fast ones."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def save_model(model, path: str | Path, tokenizer=None) -> Path:

@@ -23,7 +23,7 @@ import torch
 from .batching import collate, data_fingerprint, encode_records
 from .errors import UserError
 from .logprobs import sequence_logprobs
-from .models import reference_mode
+from .models import autocast_context, reference_mode, training_mode
 from .store import atomic_write_bytes
 
 REFERENCES = ("adapter_off", "current")
@@ -50,28 +50,19 @@ def model_fingerprint(model, reference: str = "current") -> str:
     return h.hexdigest()[:16]
 
 
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; nothing on CPU, where fp32 matmuls are the fast ones."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _reference_pass(model, examples, *, batch_size, pad_id, reference, autocast, progress):
     """(N, 2) fp32 [chosen, rejected] log-prob sums, longest pairs first to bound padding."""
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: -examples[i].length)
     out = torch.zeros(len(examples), 2)  # (N, 2)
     ctx = reference_mode(model) if reference == "adapter_off" else contextlib.nullcontext()
-    was_training = model.training
-    model.eval()  # no dropout: the reference is the deterministic policy
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(order), desc="reference log-probs", unit="pair")
-    try:
-        with torch.no_grad(), ctx, autocast_context(device, autocast):
+    try:  # eval mode, no dropout: the reference is the deterministic policy
+        with torch.no_grad(), training_mode(model, False), ctx, autocast_context(device, autocast):
             for lo in range(0, len(order), batch_size):
                 idx = order[lo:lo + batch_size]
                 batch = collate([examples[i] for i in idx], pad_id)
@@ -81,7 +72,6 @@ def _reference_pass(model, examples, *, batch_size, pad_id, reference, autocast,
                 if bar is not None:
                     bar.update(len(idx))
     finally:
-        model.train(was_training)
         if bar is not None:
             bar.close()
     return out

@@ -1,25 +1,32 @@
 """The run directory: the only code that touches an experiment's files.
 
 One directory per experiment holds its config (`config.json`), a state file (`state.json`, finished stages),
-`metrics.jsonl`, and per-iteration folders of samples, datasets and adapters. Two rules make a killed job
+`metrics.jsonl`, and per-iteration folders of samples, datasets and adapters. Three rules make a killed job
 safe to restart:
 
-- whole files are written to a temporary name, fsynced, then renamed over the target (atomic on POSIX);
+- whole files and folders are written to a temporary name beside their target, fsynced, then renamed over
+  it (atomic on POSIX); every temporary name starts with `.lite-tmp.<pid>.`, so what a killed process left
+  behind is recognisable, and `sweep_temporaries` removes it (the recipes do on every resume and stage);
 - JSONL files are append-only, one `write` per batch of complete lines; a kill can only leave a torn
   *last* line (no trailing newline), which `JsonlLog.recover` detects and truncates away before the next
-  append. A complete line that does not parse is corruption, never a torn write: it is reported, not dropped.
+  append. A complete line that does not parse is corruption, never a torn write: it is reported, not dropped;
+- `read_jsonl` reads whole files (user data, or files written whole) strictly: every line counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+
+TMP_PREFIX = ".lite-tmp."  # temporary entries are named .lite-tmp.<pid>.<target name>.<random>
 
 
 def _fsync_dir(path: Path) -> None:
@@ -30,17 +37,76 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temporary_prefix(target: Path) -> str:
+    return f"{TMP_PREFIX}{os.getpid()}.{target.name}."
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary folder beside `path` that replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
+    old = None
+    try:
+        yield tmp
+        if path.exists():  # a folder cannot be renamed over a non-empty one: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_temporaries(root: str | Path) -> list[Path]:
+    """Remove the temporary files and folders under `root` left by processes no longer running.
+
+    Only entries named `.lite-tmp.<pid>.…` whose process is gone (or is this one, between writes) go;
+    a running writer's temporaries stay. Returns what was removed.
+    """
+    removed = []
+    for entry in sorted(Path(root).rglob(f"{TMP_PREFIX}*")):  # parents before their contents
+        pid = entry.name[len(TMP_PREFIX):].split(".", 1)[0]
+        if any(entry.is_relative_to(gone) for gone in removed) or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -60,6 +126,20 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every record of a whole JSONL file; a malformed line is reported with its file and line number."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a JSONL file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    return list(iter_jsonl_lines(path, text))
 
 
 def iter_jsonl_lines(path: Path, text: str) -> Iterator[dict]:

@@ -40,8 +40,8 @@ from .batching import OBJECTIVES, collate, data_fingerprint, encode_records, pla
 from .errors import UserError
 from .logprobs import sequence_logprobs
 from .losses import NLL_NORMS, dpo_nll_loss, reward_weighted_nll
-from .models import is_peft
-from .reference import REFERENCES, autocast_context, reference_logps_for
+from .models import autocast_context, is_peft, training_mode
+from .reference import REFERENCES, reference_logps_for
 from .store import JsonlLog, atomic_write_bytes, atomic_write_json, write_jsonl
 
 PAIR_METRICS = ("reward_chosen", "reward_rejected", "reward_acc", "margin", "logp_chosen", "logp_rejected")
@@ -287,8 +287,6 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
     resumed_from = counters["step"]
 
     dropouts = _disable_dropout(model) if cfg.disable_dropout else []
-    was_training = model.training
-    model.train()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -314,49 +312,49 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
         last, window, w_steps, w_tokens, w_time = rec, {}, 0, 0, 0.0
 
     try:
-        for step in range(counters["step"], total):
-            t0 = time.perf_counter()
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch not in plans:
-                plans = {epoch: plan_epoch([e.length for e in examples], step_size=step_size,
-                                           micro_size=cfg.batch_size, window=cfg.group_window, seed=cfg.seed,
-                                           epoch=epoch)}
-            parts, tokens = _step_loss(model, examples, plans[epoch][k], ref, cfg, pad_id, device)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            parts = {name: float(v) for name, v in parts.items()}
-            if math.isfinite(float(norm)) and math.isfinite(parts["loss"]):
-                optimizer.step()
-                scheduler.step()
-                counters["bad_streak"] = 0
-                parts["grad_norm"] = float(norm)
-                for name, v in parts.items():
-                    window[name] = window.get(name, 0.0) + v
-                w_steps += 1
-            else:
-                counters["skipped"] += 1
-                counters["bad_streak"] += 1
-                if counters["bad_streak"] >= cfg.nan_patience:
-                    raise UserError(f"training diverged: {counters['bad_streak']} steps in a row with a NaN/inf "
-                                    f"loss or gradient (at step {step + 1}); lower train.lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            counters.update(step=step + 1, tokens=counters["tokens"] + tokens,
-                            elapsed_s=counters["elapsed_s"] + dt)
-            w_tokens, w_time = w_tokens + tokens, w_time + dt
-            if bar is not None:
-                bar.update(1)
-            at_checkpoint = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total
-            if (step + 1) % cfg.log_every == 0 or at_checkpoint or step + 1 == total:
-                flush(step + 1)
-            if at_checkpoint:
-                _save_checkpoint(ckpt_path, {"run": run_id, "done": False, "weights": _weights(model),
-                                             "optimizer": optimizer.state_dict(),
-                                             "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                                             "counters": counters})
+        with training_mode(model, True):
+            for step in range(counters["step"], total):
+                t0 = time.perf_counter()
+                epoch, k = divmod(step, steps_per_epoch)
+                if epoch not in plans:
+                    plans = {epoch: plan_epoch([e.length for e in examples], step_size=step_size,
+                                               micro_size=cfg.batch_size, window=cfg.group_window, seed=cfg.seed,
+                                               epoch=epoch)}
+                parts, tokens = _step_loss(model, examples, plans[epoch][k], ref, cfg, pad_id, device)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                parts = {name: float(v) for name, v in parts.items()}
+                if math.isfinite(float(norm)) and math.isfinite(parts["loss"]):
+                    optimizer.step()
+                    scheduler.step()
+                    counters["bad_streak"] = 0
+                    parts["grad_norm"] = float(norm)
+                    for name, v in parts.items():
+                        window[name] = window.get(name, 0.0) + v
+                    w_steps += 1
+                else:
+                    counters["skipped"] += 1
+                    counters["bad_streak"] += 1
+                    if counters["bad_streak"] >= cfg.nan_patience:
+                        raise UserError(f"training diverged: {counters['bad_streak']} steps in a row with a NaN/inf "
+                                        f"loss or gradient (at step {step + 1}); lower train.lr or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                counters.update(step=step + 1, tokens=counters["tokens"] + tokens,
+                                elapsed_s=counters["elapsed_s"] + dt)
+                w_tokens, w_time = w_tokens + tokens, w_time + dt
+                if bar is not None:
+                    bar.update(1)
+                at_checkpoint = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total
+                if (step + 1) % cfg.log_every == 0 or at_checkpoint or step + 1 == total:
+                    flush(step + 1)
+                if at_checkpoint:
+                    _save_checkpoint(ckpt_path, {"run": run_id, "done": False, "weights": _weights(model),
+                                                 "optimizer": optimizer.state_dict(),
+                                                 "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                                                 "counters": counters})
     finally:
         for m, p in dropouts:
             m.p = p
-        model.train(was_training)
         if bar is not None:
             bar.close()
 

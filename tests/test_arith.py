@@ -75,7 +75,7 @@ def test_prompt_with_shots():
     task = ArithTask(terms=3)
     ex = task.make([1, 2, 3])
     assert task.prompt(ex) == "1+2+3="
-    lines = task.prompt(ex, shots=2).split("\n")
+    lines = ArithTask(terms=3, shots=2).prompt(ex).split("\n")
     assert len(lines) == 3 and lines[-1] == "1+2+3="
     for line in lines[:2]:
         question, _, solution = line.partition("=")

@@ -44,7 +44,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
 
 def test_a_run_directory_refuses_another_config_unless_restarted(tmp_path):
     base = ["rest-em", "--set", "task=arith", "--set", "iterations=0", "--set", "model.name=tiny",
-            "--set", "model.mode=full", "--set", "eval.n=1", "--set", "eval.limit=4", "--out", tmp_path / "r"]
+            "--set", "model.mode=full", "--set", "eval.sample.n=1", "--set", "eval.limit=4", "--out", tmp_path / "r"]
     assert cli(*base).returncode == 0
     _one_line_error(cli(*base, "--set", "seed=3"), "different config")
     assert cli(*base, "--set", "seed=3", "--restart").returncode == 0

@@ -10,6 +10,7 @@ import pytest
 
 from lite_selftrain.errors import UserError
 from lite_selftrain.evaluate import accuracy, evaluate, maj_at_k, pass_at_k, score_problems
+from lite_selftrain.sampling import SamplingConfig
 from lite_selftrain.tasks import Task, get_task
 
 
@@ -75,7 +76,7 @@ class FirstByteTask(Task):
     max_new_tokens = 4
     stop = ()
 
-    def prompt(self, example, shots=0):
+    def prompt(self, example):
         return example["question"]
 
     def extract_answer(self, text):
@@ -97,8 +98,8 @@ def test_evaluate_end_to_end_writes_records_that_reproduce_its_metrics(tiny, tmp
     model, tok = tiny
     task = FirstByteTask()
     examples = [{"question": f"{i}+{i}="} for i in range(12)]
-    metrics = evaluate(model, tok, task, examples, n=4, ks=[1, 2, 4], temperature=1.0, seed=1, batch_size=4,
-                       out_dir=tmp_path)
+    metrics = evaluate(model, tok, task, examples, SamplingConfig(n=4, temperature=1.0, seed=1, batch_size=4),
+                       ks=[1, 2, 4], out_dir=tmp_path)
     records = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert len(records) == 12 and all(len(r["completions"]) == 4 for r in records)
@@ -117,12 +118,13 @@ def test_greedy_evaluation_pass_at_1_is_accuracy(tiny):
     model, tok = tiny
     task = FirstByteTask()
     examples = [{"question": f"{i}*{i}="} for i in range(10)]
-    metrics = evaluate(model, tok, task, examples, temperature=0.0, batch_size=5)
+    greedy = SamplingConfig(temperature=0.0, batch_size=5)
+    metrics = evaluate(model, tok, task, examples, greedy)
     assert metrics["pass@1"] == metrics["accuracy"] == metrics["maj@1"]
-    assert evaluate(model, tok, task, examples, temperature=0.0, batch_size=5) == metrics  # deterministic
+    assert evaluate(model, tok, task, examples, greedy) == metrics  # deterministic
 
 
 def test_evaluate_refuses_judge_tasks(tiny):
     model, tok = tiny
     with pytest.raises(UserError, match="judge"):
-        evaluate(model, tok, get_task("instruct"), [{"prompt": "hi", "response": "hello"}])
+        evaluate(model, tok, get_task("instruct"), [{"prompt": "hi", "response": "hello"}], SamplingConfig())

@@ -9,7 +9,6 @@ key=value ...` lines; the estimate blocks come from bench/estimate_memory.py (`-
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 import re
 import shlex
@@ -18,14 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from lite_selftrain.cli import _merge, _parse_overrides, _recipe_config
-from lite_selftrain.config import read_toml
+from lite_selftrain.config import load_config, merge, parse_overrides, read_toml
 from lite_selftrain.errors import UserError
+from lite_selftrain.recipes import RECIPES, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
-COMMANDS = {"rest-em": ("rest_em", "RestEMConfig"), "rpo": ("rpo", "RPOConfig"),
-            "self-reward": ("self_rewarding", "SelfRewardConfig"), "centrality": ("centrality", "CentralityConfig")}
 SIZES = ["150m", "980m", "1.8b", "3.7b"]
 
 
@@ -34,15 +31,14 @@ def header(path: Path) -> tuple[type, dict[str, list[str]]]:
     text = path.read_text()
     first = text.splitlines()[0]
     m = re.fullmatch(r"# recipe: (\S+)", first)
-    assert m and m.group(1) in COMMANDS, f"{path.name}: first line must be '# recipe: <{'|'.join(COMMANDS)}>'"
-    module, cls = COMMANDS[m.group(1)]
+    assert m and m.group(1) in RECIPES, f"{path.name}: first line must be '# recipe: <{'|'.join(RECIPES)}>'"
     sizes = {}
     for size, args in re.findall(r"^# size (\S+):(.*)$", text, re.M):
         words = shlex.split(args)
         pairs = len(words) % 2 == 0 and words[::2] == ["--set"] * (len(words) // 2)
         assert pairs, f"{path.name} {size}: expected '--set key=value' pairs, got {args.strip()!r}"
         sizes[size] = words[1::2]
-    return getattr(importlib.import_module(f"lite_selftrain.recipes.{module}"), cls), sizes
+    return load_recipe(m.group(1))[1], sizes
 
 
 def on_defaults(default, data: dict):
@@ -72,7 +68,7 @@ def estimator():
 
 
 def test_there_are_examples_for_every_recipe():
-    assert {header(p)[0].__name__ for p in EXAMPLES} == {cls for _, cls in COMMANDS.values()}
+    assert {header(p)[0].__name__ for p in EXAMPLES} == {recipe.config for recipe in RECIPES.values()}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -80,18 +76,18 @@ def test_example_parses_with_every_size(path):
     cls, sizes = header(path)
     assert list(sizes) == SIZES
     data = read_toml(path)
-    base = _recipe_config(cls, str(path), ())
+    base = load_config(cls, str(path))
     assert isinstance(base, cls)
     # a table in the file replaces the recipe's default table: it must not reset a field to the class default
     assert base == on_defaults(cls(), data)
     for size, overrides in sizes.items():
-        cfg = _recipe_config(cls, str(path), tuple(overrides))
+        cfg = load_config(cls, str(path), overrides)
         assert size in cfg.model.name, f"{path.name}: size {size} runs {cfg.model.name}"
-        assert cfg == on_defaults(base, _parse_overrides(tuple(overrides)))  # nothing else moved
-        assert cfg == on_defaults(cls(), _merge(data, _parse_overrides(tuple(overrides))))
+        assert cfg == on_defaults(base, parse_overrides(overrides))  # nothing else moved
+        assert cfg == on_defaults(cls(), merge(data, parse_overrides(overrides)))
         for pair in overrides:  # each flag took effect
             key = pair.split("=", 1)[0]
-            assert leaf(cfg, key) == leaf(_parse_overrides((pair,)), key), f"{path.name} {size}: {pair}"
+            assert leaf(cfg, key) == leaf(parse_overrides([pair]), key), f"{path.name} {size}: {pair}"
 
 
 def test_a_mistyped_key_fails(tmp_path):
@@ -100,9 +96,9 @@ def test_a_mistyped_key_fails(tmp_path):
     bad.write_text(path.read_text().replace("lora_r = 16", "lora_rank = 16"))
     cls, _ = header(path)
     with pytest.raises(UserError, match="model.lora_rank.*did you mean 'lora_r'"):
-        _recipe_config(cls, str(bad), ())
+        load_config(cls, str(bad))
     with pytest.raises(UserError, match="unknown config key 'sample.nn'"):
-        _recipe_config(cls, str(path), ("sample.nn=3",))
+        load_config(cls, str(path), ["sample.nn=3"])
 
 
 def test_every_size_fits_and_the_estimates_shown_are_current():

@@ -68,12 +68,13 @@ def test_eft_examples_end_with_one_score_line():
 
 def test_judge_samples_k_judgments_per_pair():
     from lite_selftrain.models import build_model, build_tokenizer
+    from lite_selftrain.sampling import SamplingConfig
 
     tok = build_tokenizer()
     model = build_model("tiny", vocab_size=len(tok)).eval()
     model.config.max_position_embeddings = 2048  # byte tokens: the judge prompt alone is ~750 of them
     pairs = [("What is 2 + 2?", "4"), ("Say hi.", "hi")]
-    cfg = JudgeConfig(k=3, max_new_tokens=6, seed=5)
+    cfg = JudgeConfig(sample=SamplingConfig(n=3, temperature=0.7, top_p=0.9, max_new_tokens=6, seed=5))
     results = judge(model, tok, pairs, cfg)
     assert len(results) == 2
     for r in results:

@@ -16,21 +16,16 @@ import pytest
 
 from lite_selftrain.config import from_dict, to_dict
 from lite_selftrain.errors import UserError
-from lite_selftrain.recipes import centrality, demo, rest_em, rpo, self_rewarding
+from lite_selftrain.recipes import RECIPES, demo, load_recipe, rest_em, rpo, self_rewarding
 from lite_selftrain.tasks import get_task
 
-RECIPES = {
-    "rest_em": (rest_em, rest_em.RestEMConfig),
-    "rpo": (rpo, rpo.RPOConfig),
-    "self_reward": (self_rewarding, self_rewarding.SelfRewardConfig),
-    "centrality": (centrality, centrality.CentralityConfig),
-}
+NAMES = {"rest-em": "rest_em", "rpo": "rpo", "self-reward": "self_reward", "centrality": "centrality"}  # folders
 
 RUNNER = """
 import json, sys
 from lite_selftrain.config import from_dict
-from tests.test_recipes import RECIPES
-module, cls = RECIPES[sys.argv[1]]
+from lite_selftrain.recipes import load_recipe
+module, cls = load_recipe(sys.argv[1])
 module.run(from_dict(cls, json.loads(sys.argv[2])), sys.argv[3], progress=False)
 """
 
@@ -53,11 +48,11 @@ def instruct_file(tmp_path_factory):
 
 
 def _arith_config(name, model, mode):
-    cfg = {"task": "arith", "task_options": {"terms": 3, "n_train": 24, "n_test": 16}, "iterations": 2,
+    cfg = {"task": "arith", "task_options": {"terms": 3, "n_train": 24, "n_test": 16, "shots": 0}, "iterations": 2,
            "problems_per_iteration": 12, "model": {"name": model, "mode": mode},
-           "sample": {"n": 6, "shots": 0, "batch_size": 8},
-           "eval": {"n": 2, "ks": [1, 2], "batch_size": 16},
-           "train": {**SMALL_TRAIN, "objective": "rwnll" if name == "rest_em" else "dpo_nll", "lr": 1e-3}}
+           "sample": {"n": 6, "batch_size": 8},
+           "eval": {"sample": {"n": 2, "batch_size": 16}, "ks": [1, 2]},
+           "train": {**SMALL_TRAIN, "objective": "rwnll" if name == "rest-em" else "dpo_nll", "lr": 1e-3}}
     if name == "rpo":
         cfg["pairs_per_problem"] = 2
     return cfg
@@ -65,19 +60,19 @@ def _arith_config(name, model, mode):
 
 def _instruct_config(name, path):
     tiny = {"name": "tiny", "mode": "lora", "lora_dropout": 0.0}
-    judge = {"k": 2, "max_new_tokens": 8}
-    sample = {"n": 3, "max_new_tokens": 10, "top_k": 0, "top_p": 0.9, "shots": 0, "batch_size": 8}
-    if name == "self_reward":
+    judge = {"sample": {"n": 2, "max_new_tokens": 8}}
+    sample = {"n": 3, "max_new_tokens": 10, "top_k": 0, "top_p": 0.9, "batch_size": 8}
+    if name == "self-reward":
         return {"ift_path": path, "eval_size": 2, "model": tiny, "judge": judge, "new_prompts": 4,
-                "prompt_max_new_tokens": 12, "respond": sample, "iterations": 2,
+                "write": {"max_new_tokens": 12}, "respond": sample, "iterations": 2,
                 "sft": {**SMALL_TRAIN, "objective": "sft"}, "train": {**SMALL_TRAIN, "objective": "dpo_nll"}}
     return {"data_path": path, "eval_size": 2, "model": tiny, "judge": judge, "sample": sample, "iterations": 2,
             "objective": "sft", "selection": {"policy": "central"}, "train": {**SMALL_TRAIN, "objective": "sft"}}
 
 
 def _config(name, arith_model, instruct_file):
-    if name in ("rest_em", "rpo"):
-        return _arith_config(name, arith_model, "full" if name == "rest_em" else "lora")
+    if name in ("rest-em", "rpo"):
+        return _arith_config(name, arith_model, "full" if name == "rest-em" else "lora")
     return _instruct_config(name, instruct_file)
 
 
@@ -107,9 +102,9 @@ def _kill_when(proc, path: Path, timeout=300.0):
 
 # where to pull the plug: inside iteration 1's training (a trainer checkpoint exists, training goes on)
 KILL_AT = {
-    "rest_em": "rest_em/iter_01/train/checkpoint.pt",
+    "rest-em": "rest_em/iter_01/train/checkpoint.pt",
     "rpo": "rpo/iter_01/train/checkpoint.pt",
-    "self_reward": "self_reward/iter_00/sft/checkpoint.pt",
+    "self-reward": "self_reward/iter_00/train/checkpoint.pt",
     "centrality": "centrality/iter_01/samples.jsonl",
 }
 
@@ -117,11 +112,11 @@ KILL_AT = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_runs_and_a_killed_run_resumes_to_the_same_metrics(name, arith_model, instruct_file, tmp_path):
-    module, cls = RECIPES[name]
+    module, cls = load_recipe(name)
     cfg = _config(name, arith_model, instruct_file)
     records, best = module.run(from_dict(cls, cfg), tmp_path / "whole", progress=False)
     assert [r["iteration"] for r in records] == [0, 1, 2]
-    assert (tmp_path / "whole" / name / "iter_02" / "model").exists()
+    assert (tmp_path / "whole" / NAMES[name] / "iter_02" / "model").exists()
 
     proc = _start(name, cfg, tmp_path / "killed")
     _kill_when(proc, tmp_path / "killed" / KILL_AT[name])
@@ -129,18 +124,18 @@ def test_recipe_runs_and_a_killed_run_resumes_to_the_same_metrics(name, arith_mo
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
     assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
 
-    if name in ("rest_em", "rpo"):  # a warm-started model gives real data to learn from
+    if name in ("rest-em", "rpo"):  # a warm-started model gives real data to learn from
         assert all(r["dataset_size"] > 0 for r in records[1:])
         assert best is not None and 0 <= best["test_pass@1"] <= 1
         chosen = json.loads((tmp_path / "whole" / "best.json").read_text())
         assert chosen["iteration"] == best["iteration"] == max(records, key=lambda r: r["test_pass@1"])["iteration"]
-    if name == "self_reward":  # a random tiny model writes no parsable judgment: the loop says so
+    if name == "self-reward":  # a random tiny model writes no parsable judgment: the loop says so
         assert all(r["pairs"] == 0 and r["train_note"].startswith("no pairs") for r in records[1:])
         assert best is None
 
 
 def test_run_directory_refuses_a_different_config(arith_model, tmp_path):
-    cfg = _arith_config("rest_em", arith_model, "full")
+    cfg = _arith_config("rest-em", arith_model, "full")
     cfg["iterations"] = 0
     rest_em.run(from_dict(rest_em.RestEMConfig, cfg), tmp_path, progress=False)
     cfg["seed"] = 1
@@ -158,16 +153,18 @@ def test_build_rules_on_hand_made_samples():
 
     scored = [s(0, 0, "3#3", 1.0), s(0, 1, "3#3", 1.0), s(0, 2, "4#4", 0.0), s(0, 3, "3#3", 1.0, "length"),
               s(1, 0, "7#7", 1.0), s(1, 1, "7#7", 1.0), s(2, 0, "9#9", 0.0)]
+    prompts = [task.prompt(p) for p in problems]
     cfg = rest_em.RestEMConfig(task="arith", max_per_problem=1)
-    records, info = rest_em.build_dataset(cfg, task, problems, scored, 1)
+    records, info = rest_em.keep_correct(cfg, prompts, scored, 1)
     assert [r["response"] for r in records] == ["3#3", "7#7"]  # the cap, and correct finished samples only
+    assert [r["prompt"] for r in records] == ["1+2=", "3+4="]
     assert info["dropped"] == {"too_long": 1, "no_correct": 1}
-    pairs, info = rpo.build_pairs(rpo.RPOConfig(task="arith", pairs_per_problem=5), task, problems, scored, 1)
+    pairs, info = rpo.build_pairs(rpo.RPOConfig(task="arith", pairs_per_problem=5), prompts, scored, 1)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3#3", "4#4")]  # distinct texts: one pair
     assert info["dropped"] == {"too_long": 1, "no_correct": 1, "no_incorrect": 1}
-    control = rest_em.RestEMConfig(task="arith", selection="random", dataset_sizes=[2])
-    blind, _ = rest_em.build_dataset(control, task, problems, scored, 1)
+    blind, info = demo.blind_pick([2])(cfg, prompts, scored, 1)  # the demo's control
     assert len(blind) == 2 and all(r["reward"] == 1.0 for r in blind)
+    assert info["correct_kept"] == sum(r["response"] != "4#4" and r["response"] != "9#9" for r in blind)
 
 
 def test_self_reward_pairs_skip_ties_and_unparsable():
@@ -185,6 +182,7 @@ def test_self_reward_pairs_skip_ties_and_unparsable():
 
 
 def test_config_round_trips_through_dicts():
-    for _, cls in RECIPES.values():
+    for name in RECIPES:
+        _, cls = load_recipe(name)
         cfg = cls()
         assert from_dict(cls, to_dict(cfg)) == cfg

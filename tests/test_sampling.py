@@ -1,7 +1,8 @@
 """The sampling engine against a naive reference: one prompt, one sample, no cache, no padding.
 
 The reference recomputes the whole sequence at every step and draws with the same counter-based uniforms,
-so shared-prefix batched sampling must reproduce its tokens exactly and its log-probs to float rounding.
+so shared-prefix batched sampling must reproduce its tokens exactly and its log-probs to float rounding,
+under eager and sdpa attention alike and however often the engine looks for finished rows.
 """
 
 import json
@@ -16,12 +17,19 @@ import time
 import pytest
 import torch
 
+from lite_selftrain.engine import draw, mix32, uniforms
 from lite_selftrain.errors import UserError
 from lite_selftrain.models import ModelConfig, build_model, build_tokenizer, load_model, reference_mode
-from lite_selftrain.sampling import Completion, SamplingConfig, _mix32, draw, generate, uniforms
+from lite_selftrain.sampling import Completion, SamplingConfig, generate
 from lite_selftrain.store import JsonlLog
 
 PROMPTS = ["The cat sat", "1+2=", "a much longer prompt about nothing", "hi", "x y z"]
+
+
+def sample(model, tok, prompts, *, out=None, logprobs=False, truncate=False, progress=False, **knobs):
+    """`generate` with the knobs of one SamplingConfig given as keywords."""
+    return generate(model, tok, prompts, SamplingConfig(**knobs), out=out, logprobs=logprobs, truncate=truncate,
+                    progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,7 +115,7 @@ def test_mix32_matches_32bit_arithmetic():
 
     xs = torch.randint(0, 2**32, (1000,), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
     xs[:3] = torch.tensor([0, 2**32 - 1, 2**31])
-    assert _mix32(xs).tolist() == [ref(x) for x in xs.tolist()]
+    assert mix32(xs).tolist() == [ref(x) for x in xs.tolist()]
 
 
 def test_uniforms_are_per_row_streams():
@@ -156,7 +164,7 @@ def test_draw_greedy_is_argmax():
 
 def test_greedy_equals_reference_with_padding_and_batches(model, tok):
     want = naive_generate(model, tok, PROMPTS, n=1, temperature=0, max_new_tokens=12)
-    got = generate(model, tok, PROMPTS, n=3, temperature=0, max_new_tokens=12, batch_size=2, logprobs=True)
+    got = sample(model, tok, PROMPTS, n=3, temperature=0, max_new_tokens=12, batch_size=2, logprobs=True)
     assert_same(got, [w * 3 for w in want])  # every sample of a prompt is its one greedy continuation
 
 
@@ -164,22 +172,24 @@ def test_greedy_equals_reference_with_padding_and_batches(model, tok):
 def test_sampling_equals_reference(model, tok, temperature, top_k, top_p):
     kw = dict(n=3, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=10, seed=3)
     want = naive_generate(model, tok, PROMPTS, **kw)
-    got = generate(model, tok, PROMPTS, batch_size=2, logprobs=True, **kw)
+    got = sample(model, tok, PROMPTS, batch_size=2, logprobs=True, **kw)
     assert_same(got, want)
     assert len({tuple(c.token_ids) for c in got[0]}) > 1  # samples of one prompt differ
 
 
 def test_outputs_depend_on_seed_and_prompt_index_only(model, tok):
     kw = dict(n=2, temperature=1.0, max_new_tokens=8, seed=11)
-    a = generate(model, tok, PROMPTS, batch_size=2, **kw)
-    assert a == generate(model, tok, PROMPTS, batch_size=2, **kw)  # same call, same outputs
-    assert a == generate(model, tok, PROMPTS, batch_size=5, **kw)  # batch-mates do not matter
-    assert a[:2] == generate(model, tok, PROMPTS[:2], batch_size=1, **kw)
-    assert a != generate(model, tok, PROMPTS, batch_size=2, **{**kw, "seed": 12})
+    a = sample(model, tok, PROMPTS, batch_size=2, **kw)
+    assert a == sample(model, tok, PROMPTS, batch_size=2, **kw)  # same call, same outputs
+    assert a == sample(model, tok, PROMPTS, batch_size=5, **kw)  # batch-mates do not matter
+    assert a[:2] == sample(model, tok, PROMPTS[:2], batch_size=1, **kw)
+    assert a != sample(model, tok, PROMPTS, batch_size=2, **{**kw, "seed": 12})
 
 
-def test_stop_strings_and_eos_end_rows_in_a_mixed_batch(model, tok):
-    """EOS, a stop string and the length limit end different rows of one batch, pruned mid-way."""
+@pytest.mark.parametrize("check_every", [1, 4, 7])
+def test_stop_strings_and_eos_end_rows_in_a_mixed_batch(model, tok, check_every):
+    """EOS, a stop string and the length limit end different rows of one batch, pruned mid-way, whether the
+    engine looks for finished rows every step or every few (rows then run past their end, dropped)."""
     free = naive_generate(model, tok, PROMPTS[:3], n=4, temperature=1.0, max_new_tokens=24, seed=5)
     row = free[0][0].token_ids  # make sample 0 of prompt 0 hit the EOS at step 4 ...
     eos = next(t for k, t in enumerate(row) if k >= 4 and t not in row[:k] and t > 3)
@@ -190,7 +200,7 @@ def test_stop_strings_and_eos_end_rows_in_a_mixed_batch(model, tok):
     try:
         kw = dict(n=4, temperature=1.0, max_new_tokens=24, seed=5, stop=[stop, "\x00never"])
         want = naive_generate(model, tok, PROMPTS[:3], eos_ids=(2, eos), **kw)
-        got = generate(model, tok, PROMPTS[:3], batch_size=3, logprobs=True, **kw)
+        got = sample(model, tok, PROMPTS[:3], batch_size=3, logprobs=True, check_every=check_every, **kw)
     finally:
         model.generation_config.eos_token_id = 2
     assert_same(got, want)
@@ -208,6 +218,39 @@ def test_stop_strings_and_eos_end_rows_in_a_mixed_batch(model, tok):
             assert c.num_tokens == 24 and stop not in c.text
 
 
+@pytest.fixture(scope="module")
+def by_attention(tok):
+    """The same tiny weights under each attention implementation the engine serves."""
+    models = {}
+    for impl in ("eager", "sdpa"):
+        models[impl] = build_model("tiny", vocab_size=len(tok), seed=0)
+        models[impl].set_attn_implementation(impl)
+    return models
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_eager_and_sdpa_give_the_no_cache_reference_on_a_padded_batch(by_attention, tok, temperature):
+    """Eager attention adds the mask to the scores, sdpa applies it: the engine's float mask serves both."""
+    assert len({len(tok(p)["input_ids"]) for p in PROMPTS}) == len(PROMPTS)  # one batch, every row padded but one
+    kw = dict(n=2, temperature=temperature, max_new_tokens=12, seed=7)
+    want = naive_generate(by_attention["sdpa"], tok, PROMPTS, **kw)  # no cache, no padding
+    assert_same(naive_generate(by_attention["eager"], tok, PROMPTS, **kw), want)
+    for model in by_attention.values():
+        got = sample(model, tok, PROMPTS, batch_size=len(PROMPTS), logprobs=True, **kw)
+        assert_same(got, want)
+
+
+def test_refuses_models_it_cannot_serve(tok):
+    model = build_model("tiny", vocab_size=len(tok), seed=0)
+    model.config._attn_implementation = "flex_attention"  # takes a BlockMask, not the engine's float mask
+    with pytest.raises(UserError, match="attention eager or sdpa, not 'flex_attention'"):
+        sample(model, tok, PROMPTS, max_new_tokens=2)
+    model = build_model("tiny", vocab_size=len(tok), seed=0)
+    model.config.sliding_window = 8
+    with pytest.raises(UserError, match="full-attention models.*backend='vllm'"):
+        sample(model, tok, PROMPTS, max_new_tokens=2)
+
+
 def test_peft_adapter_on_and_off(tok):
     from peft import LoraConfig, get_peft_model
 
@@ -219,12 +262,12 @@ def test_peft_adapter_on_and_off(tok):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     model.train()
     kw = dict(n=2, temperature=0.9, max_new_tokens=8, seed=1)
-    on = generate(model, tok, PROMPTS, batch_size=2, logprobs=True, **kw)
+    on = sample(model, tok, PROMPTS, batch_size=2, logprobs=True, **kw)
     assert model.training  # the caller's mode is restored
     model.eval()
     assert_same(on, naive_generate(model, tok, PROMPTS, **kw))
     with reference_mode(model):
-        off = generate(model, tok, PROMPTS, batch_size=2, logprobs=True, **kw)
+        off = sample(model, tok, PROMPTS, batch_size=2, logprobs=True, **kw)
         assert_same(off, naive_generate(model, tok, PROMPTS, **kw))
     assert [c.token_ids for g in on for c in g] != [c.token_ids for g in off for c in g]
 
@@ -233,7 +276,7 @@ def test_qlora_model(tmp_path):
     model, tok = load_model(ModelConfig(name="tiny", mode="qlora", lora_dropout=0.0))
     model.eval()
     kw = dict(n=2, temperature=0.0, max_new_tokens=6)
-    got = generate(model, tok, PROMPTS[:3], batch_size=2, logprobs=True, **kw)
+    got = sample(model, tok, PROMPTS[:3], batch_size=2, logprobs=True, **kw)
     assert_same(got, naive_generate(model, tok, PROMPTS[:3], **kw), atol=1e-3)
 
 
@@ -248,9 +291,9 @@ def read_records(path):
 def test_resume_drops_torn_and_partial_prompts(model, tok, tmp_path):
     kw = dict(n=3, temperature=1.0, max_new_tokens=8, seed=2, batch_size=2)
     path = tmp_path / "samples.jsonl"
-    want = generate(model, tok, PROMPTS, out=path, **kw)
+    want = sample(model, tok, PROMPTS, out=path, **kw)
     lines = path.read_text().splitlines(keepends=True)
-    assert len(lines) == 15 and want == generate(model, tok, PROMPTS, **kw)
+    assert len(lines) == 15 and want == sample(model, tok, PROMPTS, **kw)
     by_prompt = {}
     for line in lines:
         by_prompt.setdefault(json.loads(line)["prompt_index"], []).append(line)
@@ -260,32 +303,33 @@ def test_resume_drops_torn_and_partial_prompts(model, tok, tmp_path):
     damaged = [by_prompt[0][0], json.dumps(sentinel) + "\n", by_prompt[0][2], *by_prompt[3][:2],
                by_prompt[4][0][: len(by_prompt[4][0]) // 2]]
     path.write_text("".join(damaged))
-    got = generate(model, tok, PROMPTS, out=path, **kw)
+    got = sample(model, tok, PROMPTS, out=path, **kw)
     assert got[0][1].text == "KEPT FROM FILE"  # a finished prompt is not sampled again
     assert got[0][::2] == want[0][::2] and got[1:] == want[1:]  # the rest is what the uninterrupted run gave
     records = read_records(path)
     keys = [(r["prompt_index"], r["sample_index"]) for r in records]
     assert sorted(keys) == [(i, j) for i in range(5) for j in range(3)]
-    assert generate(model, tok, PROMPTS, out=JsonlLog(path), **kw) == got  # nothing left to do
+    assert sample(model, tok, PROMPTS, out=JsonlLog(path), **kw) == got  # nothing left to do
 
 
 def test_resume_refuses_a_file_from_another_job(model, tok, tmp_path):
     path = tmp_path / "samples.jsonl"
-    generate(model, tok, PROMPTS, n=3, max_new_tokens=4, out=path)
+    sample(model, tok, PROMPTS, n=3, max_new_tokens=4, out=path)
     with pytest.raises(UserError, match="another sampling job"):
-        generate(model, tok, PROMPTS, n=2, max_new_tokens=4, out=path)
+        sample(model, tok, PROMPTS, n=2, max_new_tokens=4, out=path)
 
 
 KILLED_JOB = """
 import sys, torch
 torch.set_num_threads(1)
 from lite_selftrain.models import build_model, build_tokenizer
-from lite_selftrain.sampling import generate
+from lite_selftrain.sampling import SamplingConfig, generate
 tok = build_tokenizer()
 model = build_model("tiny", vocab_size=len(tok), seed=0)
 prompts = [f"problem {i}: " + "ab" * (i % 7) for i in range(160)]
 print("ready", flush=True)
-generate(model, tok, prompts, n=3, temperature=1.0, max_new_tokens=10, seed=9, batch_size=4, out=sys.argv[1])
+cfg = SamplingConfig(n=3, temperature=1.0, max_new_tokens=10, seed=9, batch_size=4)
+generate(model, tok, prompts, cfg, out=sys.argv[1])
 """
 
 
@@ -303,15 +347,15 @@ def test_killed_job_resumes_with_one_record_per_sample(model, tok, tmp_path):
     before = len(path.read_text().splitlines()) if path.exists() else 0
     prompts = [f"problem {i}: " + "ab" * (i % 7) for i in range(160)]
     kw = dict(n=3, temperature=1.0, max_new_tokens=10, seed=9, batch_size=4)
-    got = generate(model, tok, prompts, out=path, **kw)
+    got = sample(model, tok, prompts, out=path, **kw)
     keys = [(r["prompt_index"], r["sample_index"]) for r in read_records(path)]
     assert sorted(keys) == [(i, j) for i in range(160) for j in range(3)]
     assert 0 < before < len(keys)  # the kill really cut the job short
-    assert got == generate(model, tok, prompts, **kw)
+    assert got == sample(model, tok, prompts, **kw)
 
 
 def test_progress_bar_reports_samples_and_tokens(model, tok, capsys):
-    generate(model, tok, PROMPTS, n=2, max_new_tokens=4, progress=True)
+    sample(model, tok, PROMPTS, n=2, max_new_tokens=4, progress=True)
     err = capsys.readouterr().err
     assert "10/10" in err and "tok/s" in err
 
@@ -321,14 +365,14 @@ def test_progress_bar_reports_samples_and_tokens(model, tok, capsys):
 
 
 def test_bad_input(model, tok):
-    assert generate(model, tok, [], n=4) == []
+    assert sample(model, tok, [], n=4) == []
     for kwargs, message in [(dict(n=0), "n must"), (dict(temperature=-0.1), "temperature"),
                             (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
                             (dict(stop=[""]), "stop"), (dict(backend="tgi"), "backend")]:
         with pytest.raises(UserError, match=message):
-            generate(model, tok, PROMPTS, **kwargs)
+            sample(model, tok, PROMPTS, **kwargs)
     with pytest.raises(UserError, match="prompt 1 is empty"):
-        generate(model, tok, ["ok", ""])
+        sample(model, tok, ["ok", ""])
 
 
 @pytest.fixture(scope="module")
@@ -341,24 +385,24 @@ def short(tok):
 
 def test_prompt_longer_than_the_context(short, tok):
     with pytest.raises(UserError, match="prompt 2 has 64 tokens"):
-        generate(short, tok, ["a", "b", "y" * 64])
+        sample(short, tok, ["a", "b", "y" * 64])
     with pytest.raises(UserError, match="leaves no room"):
-        generate(short, tok, ["y" * 70], max_new_tokens=63, truncate=True)
+        sample(short, tok, ["y" * 70], max_new_tokens=63, truncate=True)
 
 
 def test_completions_stop_where_the_context_ends(short, tok):
     kw = dict(n=2, temperature=1.0, seed=4)
-    got = generate(short, tok, ["z" * 58, "short"], max_new_tokens=20, batch_size=2, logprobs=True, **kw)
+    got = sample(short, tok, ["z" * 58, "short"], max_new_tokens=20, batch_size=2, logprobs=True, **kw)
     assert [c.num_tokens for c in got[0]] == [6, 6] and [c.num_tokens for c in got[1]] == [20, 20]
     assert {c.finish_reason for g in got for c in g} == {"length"}
-    assert_same(got[:1], generate(short, tok, ["z" * 58], max_new_tokens=6, logprobs=True, **kw))
+    assert_same(got[:1], sample(short, tok, ["z" * 58], max_new_tokens=6, logprobs=True, **kw))
 
 
 def test_truncate_keeps_the_end_of_the_prompt(short, tok):
     long = "".join(chr(97 + i % 26) for i in range(100))
     kw = dict(n=2, temperature=1.0, max_new_tokens=12, seed=4)
-    got = generate(short, tok, [long, "ok"], truncate=True, **kw)
-    assert got == generate(short, tok, [long[-52:], "ok"], **kw)  # 52 + 12 = 64 positions
+    got = sample(short, tok, [long, "ok"], truncate=True, **kw)
+    assert got == sample(short, tok, [long[-52:], "ok"], **kw)  # 52 + 12 = 64 positions
 
 
 def test_completion_round_trip():
@@ -375,7 +419,7 @@ def test_completion_round_trip():
 def test_cuda_matches_reference(tok):
     model = build_model("tiny", vocab_size=len(tok), seed=0).cuda()
     kw = dict(n=2, temperature=0.0, max_new_tokens=10)
-    got = generate(model, tok, PROMPTS, batch_size=2, logprobs=True, **kw)
+    got = sample(model, tok, PROMPTS, batch_size=2, logprobs=True, **kw)
     assert_same(got, naive_generate(model, tok, PROMPTS, **kw), atol=1e-3)
 
 
@@ -388,10 +432,10 @@ def test_vllm_backend(tmp_path):
     llm = vllm.LLM(model=str(folder), gpu_memory_utilization=0.3)
     tok = build_tokenizer()
     kw = dict(n=3, temperature=1.0, max_new_tokens=8, seed=1, stop=["\n"], logprobs=True)
-    got = generate(llm, tok, PROMPTS, backend="vllm", out=tmp_path / "s.jsonl", **kw)
+    got = sample(llm, tok, PROMPTS, backend="vllm", out=tmp_path / "s.jsonl", **kw)
     assert [len(g) for g in got] == [3] * len(PROMPTS)
     for c in (c for g in got for c in g):
         assert c.finish_reason in ("eos", "stop", "length") and c.num_tokens == len(c.token_ids) <= 8
         assert "\n" not in c.text and c.logprob == pytest.approx(sum(c.token_logprobs))
-    assert generate(llm, tok, PROMPTS, backend="vllm", **kw) == got  # per-prompt seeds: reproducible
-    assert generate(llm, tok, PROMPTS, backend="vllm", out=tmp_path / "s.jsonl", **kw) == got  # resumed
+    assert sample(llm, tok, PROMPTS, backend="vllm", **kw) == got  # per-prompt seeds: reproducible
+    assert sample(llm, tok, PROMPTS, backend="vllm", out=tmp_path / "s.jsonl", **kw) == got  # resumed

@@ -98,21 +98,24 @@ def test_gsm8k_numeric_equivalence():
 
 
 def test_gsm8k_prompts():
-    task = get_task("gsm8k")
+    task = get_task("gsm8k", shots=0)
     ex = {"question": "How many legs do 3 cats have?", "answer": "#### 12"}
     assert task.prompt(ex) == "Question: How many legs do 3 cats have?\nAnswer:\n"
-    two = task.prompt(ex, shots=2)
+    two = get_task("gsm8k", shots=2).prompt(ex)
     assert two.count("Question:") == 3 and two.count("####") == 2 and two.endswith(task.prompt(ex))
+    assert get_task("gsm8k").prompt(ex).count("####") == 4  # 4-shot unless told otherwise, as the papers
     assert all(stop not in task.reference(ex) for stop in task.stop)
     with pytest.raises(UserError, match="shots"):
-        task.prompt(ex, shots=99)
+        get_task("gsm8k", shots=99).prompt(ex)
+    with pytest.raises(UserError, match="shots"):
+        get_task("gsm8k", shots=-1)
 
 
 # -- arc ------------------------------------------------------------------------------------------------
 
 
 def test_arc_references_and_letters():
-    task = get_task("arc")
+    task = get_task("arc", shots=0)
     examples = task.load("test", str(DATA / "arc.jsonl"))
     assert [task.gold_answer(ex) for ex in examples] == ["A", "B", "D"]  # answerKey "2" is the 2nd choice: B
     for ex in examples:
@@ -121,7 +124,7 @@ def test_arc_references_and_letters():
     prompt = task.prompt(examples[1])
     assert "A. friction\nB. gravity\nC. magnetism\nD. electricity\nAnswer:\n" in prompt and "1." not in prompt
     assert "E. uranium" in task.prompt(examples[2])
-    four = task.prompt(examples[0], shots=4)  # the recipes' default
+    four = get_task("arc").prompt(examples[0])  # the task's default
     assert four.count("Question:") == 5 and four.count("The answer is") == 4
 
 

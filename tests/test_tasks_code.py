@@ -33,7 +33,7 @@ def test_humaneval_references_pass(humaneval):
     assert task.rewards([task.reference(ex) for ex in examples], examples) == [1.0] * len(examples)
     assert task.prompt(examples[0]) == examples[0]["prompt"]
     assert task.extract_answer(task.reference(examples[2])) == task.gold_answer(examples[2])
-    assert task.prompt(examples[0], shots=4) == examples[0]["prompt"]  # zero-shot whatever shots says
+    assert HumanEvalTask(shots=4).prompt(examples[0]) == examples[0]["prompt"]  # zero-shot whatever shots says
 
 
 def test_humaneval_failures(humaneval):
@@ -76,7 +76,7 @@ def test_apps_references_pass(apps):
 def test_apps_prompts(apps):
     task, examples = apps
     assert task.prompt(examples[0]).endswith("Output\n5\n\nUse Standard Input format\nANSWER:\n")
-    assert task.prompt(examples[0], shots=4) == task.prompt(examples[0])
+    assert AppsTask(shots=4).prompt(examples[0]) == task.prompt(examples[0])
     call = task.prompt(examples[2])
     assert call.startswith("\nQUESTION:\n") and "class Solution:" in call
     assert call.endswith("\nUse Call-Based format\nANSWER:\n")

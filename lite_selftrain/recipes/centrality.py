@@ -22,14 +22,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..judge import JudgeConfig
+from ..judge import JudgeConfig, judged_eval
 from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt
-from ..sampling import generate
-from ..store import write_jsonl
+from ..sampling import SamplingConfig, generate
+from ..store import read_jsonl, write_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, SampleConfig, fit_iterate, judged_eval, read_jsonl
+from .common import Iterates, Run, sampled, write_stage
 
 
 @dataclass
@@ -40,14 +40,12 @@ class CentralityConfig:
     limit: int | None = None  # use only the first `limit` training prompts
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
     iterations: int = 1  # the study retrained once
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(
-        n=8, temperature=0.7, top_k=0, top_p=0.9, max_new_tokens=256, shots=0))  # n candidates per prompt
+    sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        n=8, temperature=0.7, top_p=0.9, max_new_tokens=256))  # n candidates per prompt
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # policy, rank threshold, layer, pooling
     objective: str = "sft"  # "sft" on the selected responses, or "dpo" on (most, least) central pairs
     train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="sft"))
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # for evaluation
-    seed: int = 0
-
     def __post_init__(self):
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be 'sft' or 'dpo', not '{self.objective}'")
@@ -77,9 +75,9 @@ def build(cfg: CentralityConfig, model, tok, prompts: list[str], originals: list
     return records, decisions, info
 
 
-def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = True, recipe: str = "centrality"):
+def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = True, name: str = "centrality"):
     """Run (or resume) centrality self-selection in `out`; returns (metrics per iteration, the best one)."""
-    run = Run(out, recipe, cfg, restart=restart)
+    run = Run(out, name, cfg, restart=restart)
     data = get_task("instruct").load("train", cfg.data_path)
     if cfg.test_path:
         test = [r["prompt"] for r in get_task("instruct").load("test", cfg.test_path)][: cfg.eval_size]
@@ -89,34 +87,30 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
     if not data:
         raise UserError(f"centrality needs more records than eval_size ({cfg.eval_size})")
     prompts, originals = [r["prompt"] for r in data], [r["response"] for r in data]
-    iterates = Iterates(run, cfg.model)
-    evaluate = lambda t: judged_eval(*iterates.get(t), test, cfg.judge, cfg.sample)
-    run.log_stages(0, {"eval": run.stage(0, "eval", lambda: evaluate(0))}, "eval")
+    models = Iterates(run, cfg.model)
+    evaluate = lambda t: judged_eval(*models.get(t), test, cfg.judge, cfg.sample)
+
+    def candidates(t):  # n responses per prompt from M_{t-1}, in the chat template
+        model, tok = models.get(t - 1)
+        return sampled(generate(model, tok, [format_prompt(tok, p) for p in prompts],
+                                cfg.sample.replace(seed=cfg.sample.seed + t), out=run.dir(t) / "samples.jsonl",
+                                progress=progress))
+
+    def selection(t):  # the most central candidate (or pair) by M_{t-1}'s own embeddings
+        records, decisions, info = build(cfg, *models.get(t - 1), prompts, originals,
+                                         read_jsonl(run.dir(t) / "samples.jsonl"))
+        write_jsonl(run.dir(t) / "decisions.jsonl", decisions)
+        return write_stage(run.dir(t) / "dataset.jsonl", records, info)
+
+    run.once(0, "eval", lambda: evaluate(0))
+    run.log(0, "eval")
     for t in range(1, cfg.iterations + 1):
-        d = run.dir(t)
-
-        def sample_stage():
-            model, tok = iterates.get(t - 1)
-            groups = generate(model, tok, [format_prompt(tok, p) for p in prompts], n=cfg.sample.n,
-                              temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
-                              max_new_tokens=cfg.sample.max_new_tokens or 256, seed=cfg.seed + t,
-                              batch_size=cfg.sample.batch_size, out=d / "samples.jsonl", progress=progress)
-            return {"samples": sum(len(g) for g in groups)}
-
-        stages = {"sample": run.stage(t, "sample", sample_stage)}
-
-        def build_stage():
-            records, decisions, info = build(cfg, *iterates.get(t - 1), prompts, originals,
-                                             read_jsonl(d / "samples.jsonl"))
-            write_jsonl(d / "decisions.jsonl", decisions)
-            write_jsonl(d / "dataset.jsonl", records)
-            return info
-
-        stages["build"] = run.stage(t, "build", build_stage)
-
-        stages["train"] = run.stage(t, "train", lambda: fit_iterate(  # retrain M_0, the DPO reference too
-            iterates, t, *iterates.fresh_base(), "current", cfg.train, progress=progress,
-            empty=f"empty dataset: {stages['build']['decisions']}"))
-        stages["eval"] = run.stage(t, "eval", lambda: evaluate(t))
-        run.log_stages(t, stages, "eval", "build", train_note=stages["train"].get("skipped"))
+        run.once(t, "sample", lambda: candidates(t))
+        built = run.once(t, "build", lambda: selection(t))
+        # retrain M_0 on the selection; for DPO, M_0 is the reference too
+        trained = run.once(t, "train", lambda: models.fit(t, *models.fresh_base(), cfg.train, reference="current",
+                                                          progress=progress,
+                                                          empty=f"empty dataset: {built['decisions']}"))
+        run.once(t, "eval", lambda: evaluate(t))
+        run.log(t, "eval", "build", train_note=trained.get("skipped"))
     return run.finish("test_judge_score")

@@ -1,6 +1,6 @@
 """The CPU demo: a tiny model learns longer sums from its own verified samples, beside a control.
 
-    lite-selftrain demo --out runs/demo          (about 5-10 minutes on 2 CPU cores, no downloads)
+    lite-selftrain demo --out runs/demo          (about 1-2 minutes on 2 CPU cores, no downloads)
 
 1. Warm start: a 140k-parameter Llama (`demo` preset) is trained from scratch on worked solutions of sums
    of 2-3 one-digit numbers, plus 2% of 4 numbers — the only gold solutions it ever sees. (A pure
@@ -9,7 +9,8 @@
    previous model (easy-to-hard: the verifier turns lucky long solutions into training data):
      rest_em   ReST-EM: keep the correct samples, retrain the warm-start model on them;
      rpo       Iterative RPO: (correct, incorrect) pairs, DPO + NLL, continue from the last model;
-     control   ReST-EM's loop with the same number of samples kept blind to the reward, the same steps.
+     control   ReST-EM's loop keeping as many of its own samples as ReST-EM kept, picked blind to the
+               reward (`blind_pick`), trained the same steps.
 3. Every model is scored on the same 300 held-out 4-number problems (greedy pass@1, and pass@8 / maj@8
    from 8 samples). `metrics.jsonl` gets one record per chain and iteration; `accuracy.png` plots them.
 
@@ -19,18 +20,21 @@ The gain of self-training over the control is what the reward taught. Simplifica
 
 from __future__ import annotations
 
-import dataclasses
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..config import to_dict
+from ..evaluate import EvalConfig
 from ..models import ModelConfig, build_model, build_tokenizer, save_model
+from ..plot import plot_metrics
+from ..sampling import SamplingConfig, group_by_prompt
 from ..store import RunStore
 from ..tasks import get_task
 from ..train import TrainConfig, train
 from . import rest_em, rpo
-from .common import EvalConfig, SampleConfig
 
 
 @dataclass
@@ -90,15 +94,14 @@ def warm_train_config(cfg: DemoConfig) -> TrainConfig:
 
 def chain_configs(cfg: DemoConfig, warm: Path) -> dict:
     """The three chains' recipe configs, sharing the task, problems, sampling and evaluation."""
+    knobs = dict(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, batch_size=256)
     common = dict(
         task="arith",
         task_options={"terms": cfg.terms, "seed": cfg.seed, "n_train": cfg.iterations * cfg.problems_per_iteration,
                       "n_test": cfg.test_problems},
         problems_per_iteration=cfg.problems_per_iteration, iterations=cfg.iterations,
-        model=ModelConfig(name=str(warm), mode="full"),
-        sample=SampleConfig(n=cfg.samples, temperature=cfg.temperature, top_k=cfg.top_k, shots=0, batch_size=256),
-        eval=EvalConfig(n=cfg.eval_samples, ks=[1, cfg.eval_samples], temperature=cfg.temperature, top_k=cfg.top_k,
-                        batch_size=256),
+        model=ModelConfig(name=str(warm), mode="full"), sample=SamplingConfig(n=cfg.samples, **knobs),
+        eval=EvalConfig(sample=SamplingConfig(n=cfg.eval_samples, **knobs), ks=[1, cfg.eval_samples]),
         seed=cfg.seed)
     sft = TrainConfig(objective="rwnll", lr=cfg.rest_lr, max_steps=cfg.rest_steps, batch_size=cfg.batch_size,
                       grad_accum=1, max_length=128, checkpoint_every=50, log_every=25, group_window=1,
@@ -110,15 +113,29 @@ def chain_configs(cfg: DemoConfig, warm: Path) -> dict:
         "rest_em": rest_em.RestEMConfig(**common, train=sft),
         "rpo": rpo.RPOConfig(**common, train=dpo, pairs_per_problem=cfg.pairs_per_problem,
                              temperatures=[cfg.temperature]),
-        "control": rest_em.RestEMConfig(**common, train=sft, selection="random"),
+        "control": rest_em.RestEMConfig(**common, train=sft),
     }
+
+
+def blind_pick(sizes: list[int]):
+    """The control's `keep`: as many samples as ReST-EM kept at that iteration (`sizes`), drawn without
+    looking at the reward, at most max_per_problem per problem, each trained with weight 1."""
+
+    def keep(cfg: rest_em.RestEMConfig, prompts: list[str], scored: list[dict], iteration: int):
+        rng = random.Random(f"{cfg.seed}/{iteration}/build")
+        groups = group_by_prompt([s for s in scored if s["finish_reason"] != "length"])
+        pool = [s for _, g in sorted(groups.items()) for s in rng.sample(g, min(len(g), cfg.max_per_problem))]
+        size = sizes[iteration - 1] if len(sizes) >= iteration else 0
+        kept = rng.sample(pool, min(size, len(pool)))
+        records = [{"prompt": prompts[s["prompt_index"]], "response": s["text"], "reward": 1.0} for s in kept]
+        return records, {"dataset_size": len(records), "problems_kept": len({s["prompt_index"] for s in kept}),
+                         "correct_kept": sum(s["reward"] > 0 for s in kept)}
+
+    return keep
 
 
 def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = True, echo=print) -> dict:
     """Warm start, then the ReST-EM, RPO and control chains; resumable; returns records and a summary."""
-    from ..config import to_dict
-    from ..plot import plot_metrics
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     store = RunStore(out)
@@ -129,14 +146,14 @@ def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = Tr
     configs = chain_configs(cfg, warm)
     records = []
     for name in ("rest_em", "rpo", "control"):
-        chain = configs[name]
-        if name == "control":  # as many samples as ReST-EM kept, iteration by iteration
-            sizes = [r["dataset_size"] for r in records if r["recipe"] == "rest_em" and r["iteration"] > 0]
-            chain = dataclasses.replace(chain, dataset_sizes=sizes)
         echo(f"chain {name}: {cfg.iterations} iterations of {cfg.problems_per_iteration} fresh problems")
-        module = rpo if name == "rpo" else rest_em
-        chain_records, _ = module.run(chain, out / name, progress=progress, recipe=name)
-        records += chain_records
+        if name == "rpo":
+            chain, _ = rpo.run(configs[name], out / name, progress=progress, name=name)
+        else:  # the control keeps as many samples as ReST-EM kept, iteration by iteration, blind to the reward
+            sizes = [r["dataset_size"] for r in records if r["recipe"] == "rest_em" and r["iteration"] > 0]
+            keep = rest_em.keep_correct if name == "rest_em" else blind_pick(sizes)
+            chain, _ = rest_em.run(configs[name], out / name, progress=progress, name=name, keep=keep)
+        records += chain
     logged = {(r["recipe"], r["iteration"]) for r in store.metrics.recover()}
     store.metrics.append(r for r in records if (r["recipe"], r["iteration"]) not in logged)  # each record once
     plot = plot_metrics(out / "metrics.jsonl", out / "accuracy.png")

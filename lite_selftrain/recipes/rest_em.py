@@ -9,8 +9,7 @@ binary reward.
         evaluate M_t on held-out problems; keep the best iteration (small sets over-fit after a few).
 
 Run: `lite-selftrain rest-em --config examples/rest_em_gsm8k_150m.toml --out runs/x`.
-Simplifications: unfinished (length-capped) samples are dropped before the reward; with `selection =
-"random"` the same loop is the demo's control (samples kept without looking at the reward).
+Simplification: unfinished (length-capped) samples are dropped before the reward.
 """
 
 from __future__ import annotations
@@ -18,62 +17,82 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
+from ..sampling import SamplingConfig, generate, group_by_prompt
+from ..store import read_jsonl
+from ..tasks import get_task
 from ..train import TrainConfig
-from .common import EvalConfig, Run, SampleConfig, by_problem, verified_loop
+from .common import Iterates, Run, problems_for, sampled, write_stage
 
 
 @dataclass
 class RestEMConfig:
     task: str = "gsm8k"
-    task_options: dict = field(default_factory=dict)  # passed to get_task (e.g. arith's terms)
+    task_options: dict = field(default_factory=dict)  # passed to get_task: shots (reasoning tasks: 4), terms, ...
     train_path: str | None = None  # local data file; None: the task's own source
     test_path: str | None = None
     problems_per_iteration: int | None = None  # None: every training problem each iteration
     iterations: int = 3  # the paper's MATH gains came in 3 iterations; APPS peaked after 1
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
-    sample: SampleConfig = field(default_factory=SampleConfig)  # N 32, T 0.7, top-k 40
+    sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        n=32, temperature=0.7, top_k=40))  # the paper's E-step: N 32, T 0.7, top-k 40; iteration t adds t to seed
     max_per_problem: int = 10  # the paper's cap per problem
-    selection: str = "reward"  # "reward" (ReST-EM) or "random" (the control: ignore the reward)
-    dataset_sizes: list[int] = field(default_factory=list)  # for "random": the size to draw per iteration
     train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="rwnll"))
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = 0  # which problems each iteration draws, which correct samples the cap keeps
 
     def __post_init__(self):
-        if self.selection not in ("reward", "random"):
-            raise ValueError(f"selection must be 'reward' or 'random', not '{self.selection}'")
         if self.train.objective not in ("rwnll", "sft"):
-            raise ValueError("ReST-EM trains with objective 'rwnll' (or 'sft')")
+            raise UserError("ReST-EM trains with objective 'rwnll' (or 'sft')")
 
 
-def build_dataset(cfg: RestEMConfig, task, problems: list[dict], scored: list[dict], iteration: int):
-    """Keep ≤ max_per_problem correct, finished samples per problem (or, for the control, random ones)."""
+def keep_correct(cfg: RestEMConfig, prompts: list[str], scored: list[dict], iteration: int):
+    """(training records, summary): at most max_per_problem correct, finished samples per problem."""
     rng = random.Random(f"{cfg.seed}/{iteration}/build")
     finished = [s for s in scored if s["finish_reason"] != "length"]
-    groups = by_problem(finished)
-    if cfg.selection == "reward":
-        kept = []
-        for _, group in sorted(groups.items()):
-            correct = [s for s in group if s["reward"] > 0]
-            kept += rng.sample(correct, min(len(correct), cfg.max_per_problem))
-    else:  # the control: as many samples as ReST-EM kept, drawn blind to the reward
-        size = cfg.dataset_sizes[iteration - 1] if len(cfg.dataset_sizes) >= iteration else 0
-        pool = [s for _, g in sorted(groups.items()) for s in rng.sample(g, min(len(g), cfg.max_per_problem))]
-        kept = rng.sample(pool, min(size, len(pool)))
-    records = [{"prompt": task.prompt(problems[s["prompt_index"]], shots=cfg.sample.shots),
-                "response": s["text"], "reward": s["reward"] if cfg.selection == "reward" else 1.0}
-               for s in kept]
-    solved = {s["prompt_index"] for s in kept}
-    info = {"dataset_size": len(records), "problems_kept": len(solved),
+    groups = group_by_prompt(finished)
+    kept = []
+    for _, group in sorted(groups.items()):
+        correct = [s for s in group if s["reward"] > 0]
+        kept += rng.sample(correct, min(len(correct), cfg.max_per_problem))
+    records = [{"prompt": prompts[s["prompt_index"]], "response": s["text"], "reward": s["reward"]} for s in kept]
+    info = {"dataset_size": len(records), "problems_kept": len({s["prompt_index"] for s in kept}),
             "dropped": {"too_long": len(scored) - len(finished),
                         "no_correct": sum(1 for g in groups.values() if not any(s["reward"] > 0 for s in g))}}
     return records, info
 
 
-def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True, recipe: str = "rest_em"):
-    """Run (or resume) ReST-EM in `out`; returns (one metrics record per iteration, the best one)."""
-    run = Run(out, recipe, cfg, restart=restart)
-    return verified_loop(run, cfg, build=lambda *a: build_dataset(cfg, *a),
-                         start=lambda iterates, t: (*iterates.fresh_base(), "adapter_off"),  # the base, afresh
-                         progress=progress)
+def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True, name: str = "rest_em",
+        keep=keep_correct):
+    """Run (or resume) ReST-EM in `out`; returns (one metrics record per iteration, the best one).
+
+    `keep(cfg, prompts, scored, t)` turns an iteration's scored samples into training records (the demo's
+    control passes a reward-blind pick); `name` names the run's folder and its metrics records.
+    """
+    run = Run(out, name, cfg, restart=restart)
+    task = get_task(cfg.task, **cfg.task_options)
+    train_set, test_set = task.load("train", cfg.train_path), task.load(cfg.eval.split, cfg.test_path)
+    sampling = cfg.sample.for_task(task)
+    models = Iterates(run, cfg.model)
+    evaluate = lambda t: heldout(*models.get(t), task, test_set, cfg.eval, run.dir(t) / "eval")
+
+    run.once(0, "eval", lambda: evaluate(0))
+    run.log(0, "eval")
+    for t in range(1, cfg.iterations + 1):
+        d, problems = run.dir(t), problems_for(train_set, t, cfg.problems_per_iteration, cfg.seed)
+        prompts = [task.prompt(p) for p in problems]
+        # E-step: N samples per problem from M_{t-1}, each scored 0/1, the correct ones kept
+        run.once(t, "sample", lambda: sampled(generate(*models.get(t - 1), prompts, sampling.replace(
+            seed=sampling.seed + t), out=d / "samples.jsonl", progress=progress)))
+        run.once(t, "score", lambda: write_stage(d / "scored.jsonl", *task.score_samples(
+            read_jsonl(d / "samples.jsonl"), problems)))
+        run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *keep(
+            cfg, prompts, read_jsonl(d / "scored.jsonl"), t)))
+        # M-step: the BASE model, afresh, trained on them with the reward-weighted NLL
+        run.once(t, "train", lambda: models.fit(t, *models.fresh_base(), cfg.train, reference="adapter_off",
+                                                progress=progress))
+        run.once(t, "eval", lambda: evaluate(t))
+        run.log(t, "eval", "build", "score")
+    return run.finish(cfg.eval.select_on)

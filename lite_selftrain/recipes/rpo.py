@@ -20,56 +20,87 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
+from ..sampling import SamplingConfig, generate, group_by_prompt
+from ..store import read_jsonl
+from ..tasks import get_task
 from ..train import TrainConfig
-from .common import EvalConfig, Run, SampleConfig, by_problem, verified_loop
+from .common import Iterates, Run, problems_for, sampled, write_stage
 
 
 @dataclass
 class RPOConfig:
     task: str = "gsm8k"
-    task_options: dict = field(default_factory=dict)  # passed to get_task
+    task_options: dict = field(default_factory=dict)  # passed to get_task: shots (reasoning tasks: 4), ...
     train_path: str | None = None  # local data file; None: the task's own source
     test_path: str | None = None
     problems_per_iteration: int | None = None  # None: every training question each iteration
     iterations: int = 4  # the paper ran 4 on GSM8K (gains flattened at the 4th)
-    temperatures: list[float] = field(default_factory=lambda: [0.8, 0.8, 1.3, 1.3])  # GSM8K's schedule
+    temperatures: list[float] = field(default_factory=lambda: [0.8, 0.8, 1.3, 1.3])  # GSM8K's; [] keeps sample's
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(n=30, top_k=0))  # N 30, no top-k
+    sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        n=30, temperature=0.8))  # N 30, no top-k; temperatures (when set) replace its temperature
     pairs_per_problem: int = 10  # K for GSM8K
     train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="dpo_nll", beta=0.1, alpha=1.0))
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = 0  # which problems each iteration draws, which pairs are kept
 
     def __post_init__(self):
         if self.train.objective != "dpo_nll":
-            raise ValueError("Iterative RPO trains with objective 'dpo_nll' (alpha = 0 gives plain DPO)")
+            raise UserError("Iterative RPO trains with objective 'dpo_nll' (alpha = 0 gives plain DPO)")
+
+    def temperature(self, iteration: int) -> float:
+        """Iteration's sampling temperature: the schedule's, its last one past its end."""
+        return self.temperatures[min(iteration, len(self.temperatures)) - 1] if self.temperatures else \
+            self.sample.temperature
 
 
-def build_pairs(cfg: RPOConfig, task, problems: list[dict], scored: list[dict], iteration: int):
-    """Up to K (correct, incorrect) pairs per question, with the reason every question without pairs has."""
+def build_pairs(cfg: RPOConfig, prompts: list[str], scored: list[dict], iteration: int):
+    """(up to K (correct, incorrect) pairs per question, summary with why each question gave none)."""
     rng = random.Random(f"{cfg.seed}/{iteration}/pairs")
     finished = [s for s in scored if s["finish_reason"] != "length"]
     dropped = {"too_long": len(scored) - len(finished), "no_correct": 0, "no_incorrect": 0}
     records = []
-    for index, group in sorted(by_problem(finished).items()):
+    for index, group in sorted(group_by_prompt(finished).items()):
         wins = list({s["text"]: s for s in group if s["reward"] > 0}.values())  # distinct texts only:
         losses = list({s["text"]: s for s in group if s["reward"] <= 0}.values())  # a repeated pair teaches nothing
         if not wins or not losses:
             dropped["no_correct" if not wins else "no_incorrect"] += 1
             continue
         combos = list(itertools.product(range(len(wins)), range(len(losses))))
-        prompt = task.prompt(problems[index], shots=cfg.sample.shots)
         for w, l in rng.sample(combos, min(cfg.pairs_per_problem, len(combos))):
-            records.append({"prompt": prompt, "chosen": wins[w]["text"], "rejected": losses[l]["text"]})
+            records.append({"prompt": prompts[index], "chosen": wins[w]["text"], "rejected": losses[l]["text"]})
     return records, {"dataset_size": len(records), "pairs": len(records),
                      "problems_kept": len({r["prompt"] for r in records}), "dropped": dropped}
 
 
-def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, recipe: str = "rpo"):
+def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, name: str = "rpo"):
     """Run (or resume) Iterative RPO in `out`; returns (one metrics record per iteration, the best one)."""
-    run = Run(out, recipe, cfg, restart=restart)
-    # continue from the last iterate; its log-probs before the first step are the reference
-    return verified_loop(run, cfg, build=lambda *a: build_pairs(cfg, *a),
-                         start=lambda iterates, t: (*iterates.get(t - 1), "current"),
-                         temperatures=cfg.temperatures, progress=progress)
+    run = Run(out, name, cfg, restart=restart)
+    task = get_task(cfg.task, **cfg.task_options)
+    train_set, test_set = task.load("train", cfg.train_path), task.load(cfg.eval.split, cfg.test_path)
+    sampling = cfg.sample.for_task(task)
+    models = Iterates(run, cfg.model)
+    evaluate = lambda t: heldout(*models.get(t), task, test_set, cfg.eval, run.dir(t) / "eval")
+
+    run.once(0, "eval", lambda: evaluate(0))
+    run.log(0, "eval")
+    for t in range(1, cfg.iterations + 1):
+        d, problems = run.dir(t), problems_for(train_set, t, cfg.problems_per_iteration, cfg.seed)
+        prompts = [task.prompt(p) for p in problems]
+        at_t = sampling.replace(temperature=cfg.temperature(t), seed=sampling.seed + t)
+        # N chains of thought per question from M_{t-1}, scored, paired correct vs incorrect
+        run.once(t, "sample", lambda: sampled(generate(*models.get(t - 1), prompts, at_t, out=d / "samples.jsonl",
+                                                       progress=progress)))
+        run.once(t, "score", lambda: write_stage(d / "scored.jsonl", *task.score_samples(
+            read_jsonl(d / "samples.jsonl"), problems)))
+        run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *build_pairs(
+            cfg, prompts, read_jsonl(d / "scored.jsonl"), t)))
+        # DPO + NLL from M_{t-1}, whose log-probs before the first step are the reference
+        run.once(t, "train", lambda: models.fit(t, *models.get(t - 1), cfg.train, reference="current",
+                                                progress=progress))
+        run.once(t, "eval", lambda: evaluate(t))
+        run.log(t, "eval", "build", "score", temperature=at_t.temperature)
+    return run.finish(cfg.eval.select_on)

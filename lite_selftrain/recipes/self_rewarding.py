@@ -22,23 +22,14 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
-from ..data import read_jsonl as read_data
 from ..errors import UserError
-from ..judge import JudgeConfig, eft_example, judge
+from ..judge import JudgeConfig, eft_example, judge, judged_eval
 from ..models import ModelConfig, format_prompt
-from ..sampling import generate
-from ..store import write_jsonl
+from ..sampling import SamplingConfig, generate, group_by_prompt
+from ..store import read_jsonl
 from ..tasks import get_task
-from ..train import TrainConfig, train
-from .common import (
-    Iterates,
-    Run,
-    SampleConfig,
-    by_problem,
-    fit_iterate,
-    judged_eval,
-    read_jsonl,
-)
+from ..train import TrainConfig
+from .common import Iterates, Run, sampled, write_stage
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
 
@@ -55,25 +46,34 @@ class SelfRewardConfig:
     iterations: int = 2  # M1 → M2 → M3 in the paper
     new_prompts: int = 512  # prompts written per iteration
     prompt_shots: int = 8  # the paper's 8 IFT prompts per few-shot list
-    prompt_max_new_tokens: int = 96  # one instruction line
-    respond: SampleConfig = field(default_factory=lambda: SampleConfig(
-        n=4, temperature=0.7, top_k=0, top_p=0.9, max_new_tokens=256, shots=0))  # the paper's N 4, T 0.7, p 0.9
+    write: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        temperature=0.7, top_p=0.9, max_new_tokens=96, stop=("\n",)))  # one instruction line per list
+    respond: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        n=4, temperature=0.7, top_p=0.9, max_new_tokens=256))  # the paper's N 4, T 0.7, top-p 0.9
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # k 3 judgments averaged
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         objective="dpo_nll", alpha=0.0, beta=0.1))  # plain DPO, β 0.1
-    seed: int = 0
+    seed: int = 0  # which seed prompts each few-shot list shows
 
 
-def write_prompts(model, tok, seeds: list[str], cfg: SelfRewardConfig, out, iteration: int) -> tuple[list[str], dict]:
+def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict]) -> tuple[list[dict], dict]:
+    """M_0's data: IFT in the chat template, and EFT judge prompts as `judge()` will prompt them."""
+    eft = [eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]))
+           for r in (read_jsonl(cfg.eft_path) if cfg.eft_path else [])]
+    records = [{"prompt": format_prompt(tok, r["prompt"]), "response": r["response"]} for r in ift]
+    records += [{"prompt": format_prompt(tok, r["prompt"]) if cfg.judge.chat else r["prompt"],
+                 "response": r["response"]} for r in eft]
+    return records, {"ift": len(ift), "eft": len(eft), "dataset_size": len(records)}
+
+
+def write_prompts(model, tok, seeds: list[str], cfg: SelfRewardConfig, iteration: int, out) -> tuple[list, dict]:
     """New instructions from few-shot lists of seed instructions; drops empty, repeated and seed ones."""
     rng = random.Random(f"{cfg.seed}/{iteration}/prompts")
     lists = []
     for _ in range(cfg.new_prompts):
         picked = rng.sample(seeds, min(cfg.prompt_shots, len(seeds)))
         lists.append(PROMPT_HEADER + "".join(f"Task: {' '.join(p.split())}\n" for p in picked) + "Task:")
-    groups = generate(model, tok, lists, n=1, temperature=cfg.respond.temperature, top_p=cfg.respond.top_p,
-                      max_new_tokens=cfg.prompt_max_new_tokens, stop=("\n",), seed=cfg.seed + iteration,
-                      batch_size=cfg.respond.batch_size, out=out)
+    groups = generate(model, tok, lists, cfg.write.replace(n=1, seed=cfg.write.seed + iteration), out=out)
     known, kept, dropped = set(seeds), [], {"empty": 0, "repeated": 0}
     for (completion,) in groups:
         text = completion.text.strip()
@@ -83,15 +83,24 @@ def write_prompts(model, tok, seeds: list[str], cfg: SelfRewardConfig, out, iter
             dropped["repeated"] += 1
         else:
             known.add(text)
-            kept.append(text)
+            kept.append({"prompt": text})
     return kept, {"prompts_written": len(lists), "prompts_kept": len(kept), "prompts_dropped": dropped}
+
+
+def judge_samples(model, tok, prompts: list[str], samples: list[dict], cfg: JudgeConfig) -> tuple[list, dict]:
+    """Every answer with its mean judged score (None when no judgment parsed) and its judgments."""
+    verdicts = judge(model, tok, [(prompts[s["prompt_index"]], s["text"]) for s in samples], cfg)
+    judged = [{**s, "prompt": format_prompt(tok, prompts[s["prompt_index"]]), "score": v.score,
+               "judgments": v.texts} for s, v in zip(samples, verdicts)]
+    parsed = sum(x is not None for v in verdicts for x in v.scores)
+    return judged, {"judgments": len(verdicts) * cfg.sample.n, "judgments_parsable": parsed}
 
 
 def build_pairs(judged: list[dict]) -> tuple[list[dict], dict]:
     """(highest, lowest) judged answer per prompt, with the reason each prompt without a pair has."""
     dropped = {"too_long": 0, "unparsable_judgment": 0, "tie": 0}
     records = []
-    for _, group in sorted(by_problem(judged).items()):
+    for _, group in sorted(group_by_prompt(judged).items()):
         finished = [s for s in group if s["finish_reason"] != "length"]
         scored = [s for s in finished if s["score"] is not None]
         if len(finished) < 2:
@@ -109,9 +118,9 @@ def build_pairs(judged: list[dict]) -> tuple[list[dict], dict]:
     return records, {"pairs": len(records), "dataset_size": len(records), "dropped": dropped}
 
 
-def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = True, recipe: str = "self_reward"):
+def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = True, name: str = "self_reward"):
     """Run (or resume) self-rewarding training in `out`; returns (metrics per iteration, the best one)."""
-    run = Run(out, recipe, cfg, restart=restart)
+    run = Run(out, name, cfg, restart=restart)
     task = get_task("instruct")
     ift = task.load("train", cfg.ift_path)
     if cfg.test_path:
@@ -120,68 +129,43 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         ift, test = ift[: -cfg.eval_size], [r["prompt"] for r in ift[-cfg.eval_size:]]
     if not ift:
         raise UserError(f"self-rewarding needs more IFT records than eval_size ({cfg.eval_size})")
-    iterates = Iterates(run, cfg.model)
-
-    def sft():
-        model, tok = iterates.get(0)
-        eft = [eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]))
-               for r in (read_data(cfg.eft_path) if cfg.eft_path else [])]
-        chat = lambda text, on=True: format_prompt(tok, text) if on else text  # as judge() will prompt
-        records = [{"prompt": chat(r["prompt"]), "response": r["response"]} for r in ift]
-        records += [{"prompt": chat(r["prompt"], cfg.judge.chat), "response": r["response"]} for r in eft]
-        summary = train(model, tok, records, cfg.sft, run.dir(0) / "sft", progress=progress)
-        iterates.put(0, model, tok)
-        return {"ift": len(ift), "eft": len(eft), **summary}
-
-    if not cfg.skip_sft:
-        run.stage(0, "sft", sft)
-    evaluate = lambda t: judged_eval(*iterates.get(t), test, cfg.judge, cfg.respond)
-    run.log_stages(0, {"eval": run.stage(0, "eval", lambda: evaluate(0))}, "eval")
     seeds = [r["prompt"] for r in ift]
+    models = Iterates(run, cfg.model)
+    evaluate = lambda t: judged_eval(*models.get(t), test, cfg.judge, cfg.respond)
+
+    def sft_data():  # M_0's data, tokenised as judge() and generate() will prompt
+        return write_stage(run.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift))
+
+    def respond(t):  # N answers to each new prompt, in the chat template
+        model, tok = models.get(t - 1)
+        prompts = [format_prompt(tok, r["prompt"]) for r in read_jsonl(run.dir(t) / "prompts.jsonl")]
+        return sampled(generate(model, tok, prompts, cfg.respond.replace(seed=cfg.respond.seed + t),
+                                out=run.dir(t) / "samples.jsonl", progress=progress))
+
+    def judge_answers(t):  # k judgments of every answer by M_{t-1} itself
+        new = [r["prompt"] for r in read_jsonl(run.dir(t) / "prompts.jsonl")]
+        judging = dataclasses.replace(cfg.judge, sample=cfg.judge.sample.replace(seed=cfg.judge.sample.seed + t))
+        return write_stage(run.dir(t) / "judged.jsonl", *judge_samples(
+            *models.get(t - 1), new, read_jsonl(run.dir(t) / "samples.jsonl"), judging))
+
+    if not cfg.skip_sft:  # M_0: SFT of the base model on IFT + EFT
+        run.once(0, "build", sft_data)
+        run.once(0, "train", lambda: models.fit(0, *models.get(0), cfg.sft, reference="current", progress=progress))
+    run.once(0, "eval", lambda: evaluate(0))
+    run.log(0, "eval")
     for t in range(1, cfg.iterations + 1):
         d = run.dir(t)
-
-        def prompts_stage():
-            kept, info = write_prompts(*iterates.get(t - 1), seeds, cfg, d / "prompts_raw.jsonl", t)
-            write_jsonl(d / "prompts.jsonl", [{"prompt": p} for p in kept])
-            return info
-
-        stages = {"prompts": run.stage(t, "prompts", prompts_stage)}
-        new = [r["prompt"] for r in read_jsonl(d / "prompts.jsonl")]
-
-        def respond_stage():
-            model, tok = iterates.get(t - 1)
-            groups = generate(model, tok, [format_prompt(tok, p) for p in new], n=cfg.respond.n,
-                              temperature=cfg.respond.temperature, top_p=cfg.respond.top_p,
-                              max_new_tokens=cfg.respond.max_new_tokens, seed=cfg.seed + t,
-                              batch_size=cfg.respond.batch_size, out=d / "samples.jsonl", progress=progress)
-            return {"responses": sum(len(g) for g in groups)}
-
-        stages["respond"] = run.stage(t, "respond", respond_stage)
-
-        def judge_stage():
-            samples = read_jsonl(d / "samples.jsonl")
-            verdicts = judge(*iterates.get(t - 1), [(new[s["prompt_index"]], s["text"]) for s in samples],
-                             dataclasses.replace(cfg.judge, seed=cfg.judge.seed + t))
-            judged = [{**s, "prompt": format_prompt(iterates.get(t - 1)[1], new[s["prompt_index"]]),
-                       "score": v.score, "judgments": v.texts} for s, v in zip(samples, verdicts)]
-            write_jsonl(d / "judged.jsonl", judged)
-            parsed = sum(x is not None for v in verdicts for x in v.scores)
-            return {"judgments": len(verdicts) * cfg.judge.k, "judgments_parsable": parsed}
-
-        stages["judge"] = run.stage(t, "judge", judge_stage)
-
-        def build_stage():
-            records, info = build_pairs(read_jsonl(d / "judged.jsonl"))
-            write_jsonl(d / "dataset.jsonl", records)
-            return info
-
-        stages["build"] = run.stage(t, "build", build_stage)
-
-        stages["train"] = run.stage(t, "train", lambda: fit_iterate(  # continue from M_{t-1}, the reference
-            iterates, t, *iterates.get(t - 1), "current", cfg.train, progress=progress,
-            empty=f"no pairs: {stages['build']['dropped']}"))
-        stages["eval"] = run.stage(t, "eval", lambda: evaluate(t))
-        run.log_stages(t, stages, "eval", "prompts", "build", judgments_parsable=stages["judge"]["judgments_parsable"],
-                       train_note=stages["train"].get("skipped"))
+        # M_{t-1} writes new prompts, answers each N times, judges every answer k times
+        run.once(t, "prompts", lambda: write_stage(d / "prompts.jsonl", *write_prompts(
+            *models.get(t - 1), seeds, cfg, t, d / "prompts_raw.jsonl")))
+        run.once(t, "respond", lambda: respond(t))
+        run.once(t, "judge", lambda: judge_answers(t))
+        built = run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *build_pairs(
+            read_jsonl(d / "judged.jsonl"))))
+        # DPO on (best, worst) from M_{t-1}, which is the reference
+        trained = run.once(t, "train", lambda: models.fit(t, *models.get(t - 1), cfg.train, reference="current",
+                                                          progress=progress, empty=f"no pairs: {built['dropped']}"))
+        run.once(t, "eval", lambda: evaluate(t))
+        run.log(t, "eval", "prompts", "build", judgments_parsable=run.summaries[t]["judge"]["judgments_parsable"],
+                train_note=trained.get("skipped"))
     return run.finish("test_judge_score")

@@ -18,8 +18,8 @@ Usage:
     task = AppsTask(sandbox={"timeout": 4})
     task.outcomes(program, example)  # e.g. ["pass", "pass", "fail"]
 
-Simplifications: the prompt is the APPS paper's zero-shot format (`shots` is ignored); the harness's looser fallbacks
-(comparing lines as unordered sets) are left out, so order matters.
+Simplifications: the prompt is the APPS paper's zero-shot format (a `shots` option is ignored); the harness's
+looser fallbacks (comparing lines as unordered sets) are left out, so order matters.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ class AppsTask(CodeTask):
                 record[key] = json.loads(value) if value.strip() else empty
         return record
 
-    def prompt(self, example: dict, shots: int = 0) -> str:
-        """Zero-shot, whatever `shots` says (the recipes' default of 4 is for the reasoning tasks)."""
+    def prompt(self, example: dict) -> str:
+        """Zero-shot, whatever `shots` says."""
         starter = example.get("starter_code") or ""
         call = example["input_output"].get("fn_name") or starter
         kind = "\nUse Call-Based format" if call else "\nUse Standard Input format"

@@ -47,11 +47,12 @@ class ArcTask(Task):
     stop = ("\nQuestion:",)  # the next few-shot block would begin here
     hub, hub_configs = "allenai/ai2_arc", ("ARC-Challenge",)
     fields = ("question", "choices", "answerKey")
+    default_shots = 4  # the papers prompt base models 4-shot
 
-    def prompt(self, example: dict, shots: int = 0) -> str:
+    def prompt(self, example: dict) -> str:
         options = "".join(f"{letter}. {text}\n" for letter, text in zip(string.ascii_uppercase,
                                                                           example["choices"]["text"]))
-        return few_shot(EXEMPLARS, shots, self.name) + f"Question: {example['question']}\n{options}Answer:\n"
+        return few_shot(EXEMPLARS, self.shots, self.name) + f"Question: {example['question']}\n{options}Answer:\n"
 
     def reference(self, example: dict) -> str:
         return f"The answer is {self.gold_answer(example)}."

@@ -27,8 +27,8 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from ..data import read_jsonl
 from ..errors import UserError
+from ..store import read_jsonl
 from .base import Task
 
 _ANSWER = re.compile(r"#\s*(-?\d+)")  # the number right after the answer marker
@@ -80,7 +80,8 @@ class ArithTask(Task):
     stop = ("\n",)  # references are one line; few-shot examples are separated by newlines
 
     def __init__(self, terms: int | tuple[int, int] = 3, digits: int = 1, style: str = "sums",
-                 seed: int = 0, **options):
+                 seed: int = 0, shots: int = 0, **options):
+        super().__init__(shots)
         self.config = ArithConfig(terms=terms, digits=digits, style=style, seed=seed, **options)
         self.max_new_tokens = self.longest_reference_len(self.config.terms[1]) + 2  # + margin for end token
 
@@ -137,10 +138,10 @@ class ArithTask(Task):
     # ------------------------------------------------------------------------------------------------
     # prompts, references, rewards
 
-    def prompt(self, example: dict, shots: int = 0) -> str:
+    def prompt(self, example: dict) -> str:
         """The question, after `shots` solved train problems (one per line) when asked."""
         lines = [ex["question"] + self.reference(ex)
-                 for ex in self.load("train", n=shots, seed=self.config.seed + 10_000)] if shots else []
+                 for ex in self.load("train", n=self.shots, seed=self.config.seed + 10_000)] if self.shots else []
         return "\n".join(lines + [example["question"]])
 
     def reference(self, example: dict) -> str:

@@ -2,9 +2,11 @@
 
 A task turns dataset records into prompts, gold responses and rewards:
 
+    task = get_task("gsm8k", shots=4)                  # the few-shot count is the task's own option
     task.load("test", path="gsm8k_test.jsonl")       # records with the public dataset's field names
-    task.prompt(example, shots=4)                      # few-shot prompt ending where the answer starts
+    task.prompt(example)                               # few-shot prompt ending where the answer starts
     task.reward(completion, example)                   # 1.0 when the final answer is right, else 0.0
+    scored, stats = task.score_samples(samples, examples)   # sample records with a reward each
 
 `extract_answer` returns a normalised string, so majority voting can group equal answers by string.
 Simplification: records are plain dicts; a task checks only the fields it reads.
@@ -27,9 +29,15 @@ class Task:
     max_new_tokens: int = 512  # long enough for the longest reference solution of the task
     stop: tuple[str, ...] = ()  # strings that end a completion during sampling
     needs_judge: bool = False  # True when rewards come from lite_selftrain.judge, not reward()
+    default_shots: int = 0  # solved examples before the question; reasoning tasks prompt base models 4-shot
     hub: str | None = None  # the public dataset's hub name, used when no path is given
     hub_configs: tuple[str | None, ...] = (None,)  # its configurations (subsets), loaded one after another
     fields: tuple[str, ...] = ()  # the record fields the task reads
+
+    def __init__(self, shots: int | None = None):
+        self.shots = self.default_shots if shots is None else shots
+        if not isinstance(self.shots, int) or self.shots < 0:
+            raise UserError(f"task {self.name}: shots must be a count >= 0, not {shots!r}")
 
     # -- data ----------------------------------------------------------------------------------------
     def load(self, split: str, path: str | None = None) -> list[dict]:
@@ -53,7 +61,8 @@ class Task:
         return record
 
     # -- prompts and answers ---------------------------------------------------------------------------
-    def prompt(self, example: dict, shots: int = 0) -> str:
+    def prompt(self, example: dict) -> str:
+        """The prompt of one example, after `self.shots` solved examples for the few-shot tasks."""
         raise NotImplementedError
 
     def reference(self, example: dict) -> str:
@@ -76,6 +85,21 @@ class Task:
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
         return [self.reward(c, ex) for c, ex in zip(completions, examples)]
+
+    def score_samples(self, samples: list[dict], examples: list[dict]) -> tuple[list[dict], dict]:
+        """Sample records ({prompt_index, sample_index, text, ...}) with a reward each, in prompt order, and
+        {"samples", "train_accuracy" (mean reward), "train_coverage" (share of problems solved at least once)}."""
+        for i, s in enumerate(samples):
+            if not (isinstance(s.get("prompt_index"), int) and 0 <= s["prompt_index"] < len(examples)
+                    and isinstance(s.get("text"), str)):
+                raise UserError(f"sample record {i} needs a text and a prompt_index in 0..{len(examples) - 1}")
+        samples = sorted(samples, key=lambda r: (r["prompt_index"], r.get("sample_index", 0)))
+        rewards = self.rewards([s["text"] for s in samples], [examples[s["prompt_index"]] for s in samples])
+        scored = [{**s, "reward": float(r)} for s, r in zip(samples, rewards)]
+        solved = {s["prompt_index"] for s in scored if s["reward"] > 0}
+        return scored, {"samples": len(scored),
+                        "train_accuracy": sum(s["reward"] for s in scored) / max(len(scored), 1),
+                        "train_coverage": len(solved) / max(len(examples), 1)}
 
 
 def few_shot(exemplars: list[tuple[str, str]], shots: int, task: str) -> str:
@@ -121,7 +145,8 @@ def normalize_code(code: str) -> str:
 class CodeTask(Task):
     """A task whose reward runs the program against tests in the sandbox: 1.0 iff every test passes."""
 
-    def __init__(self, sandbox: SandboxConfig | dict | None = None):
+    def __init__(self, sandbox: SandboxConfig | dict | None = None, shots: int | None = None):
+        super().__init__(shots)  # accepted for a uniform interface; the code tasks prompt zero-shot
         cfg = from_dict(SandboxConfig, sandbox, where="sandbox") if isinstance(sandbox, dict) else sandbox
         self.sandbox = Sandbox(cfg)  # limits, user and parallelism of the program runs
 

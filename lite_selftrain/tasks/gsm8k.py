@@ -66,9 +66,10 @@ class GSM8KTask(Task):
     stop = ("\nQuestion:",)  # the next few-shot block would begin here
     hub, hub_configs = "openai/gsm8k", ("main",)
     fields = ("question", "answer")
+    default_shots = 4  # the papers prompt base models 4-shot
 
-    def prompt(self, example: dict, shots: int = 0) -> str:
-        return few_shot(EXEMPLARS, shots, self.name) + f"Question: {example['question']}\nAnswer:\n"
+    def prompt(self, example: dict) -> str:
+        return few_shot(EXEMPLARS, self.shots, self.name) + f"Question: {example['question']}\nAnswer:\n"
 
     def reference(self, example: dict) -> str:
         return re.sub(r"<<[^>]*>>", "", example["answer"]).strip()

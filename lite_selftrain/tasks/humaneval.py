@@ -10,7 +10,8 @@ Usage:
     task = HumanEvalTask(sandbox={"timeout": 5})
     task.rewards(completions, examples)  # programs run in parallel across cores
 
-Simplifications: zero-shot only, as in the Codex paper (`shots` is ignored); the stop strings are the Codex paper's.
+Simplifications: zero-shot only, as in the Codex paper (a `shots` option is ignored); the stop strings are the
+Codex paper's.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class HumanEvalTask(CodeTask):
     hub = "openai/openai_humaneval"  # one split, "test"
     fields = ("prompt", "canonical_solution", "test", "entry_point")
 
-    def prompt(self, example: dict, shots: int = 0) -> str:
-        """Zero-shot, whatever `shots` says (the recipes' default of 4 is for the reasoning tasks)."""
+    def prompt(self, example: dict) -> str:
+        """Zero-shot, whatever `shots` says."""
         return example["prompt"]
 
     def reference(self, example: dict) -> str:

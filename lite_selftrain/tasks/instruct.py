@@ -84,8 +84,8 @@ class InstructTask(Task):
             raise UserError(f"{path or self.hub}: no first-turn prompt with a reply")
         return out
 
-    def prompt(self, example: dict, shots: int = 0) -> str:
-        """Zero-shot, whatever `shots` says (the recipes' default of 4 is for the reasoning tasks)."""
+    def prompt(self, example: dict) -> str:
+        """Zero-shot, whatever `shots` says."""
         return example["prompt"]
 
     def reference(self, example: dict) -> str:

@@ -191,8 +191,10 @@ class MathTask(Task):
     hub_configs = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                    "number_theory", "prealgebra", "precalculus")
     fields = ("problem", "solution")
+    default_shots = 4  # the papers prompt base models 4-shot
 
-    def __init__(self, timeout: float = 5.0, workers: int = 0):
+    def __init__(self, timeout: float = 5.0, workers: int = 0, shots: int | None = None):
+        super().__init__(shots)
         self.timeout = timeout  # seconds per equivalence check; math-verify's own default
         self.workers = workers  # checking processes; 0 = one per CPU core
         self._verifier: MathVerifier | None = None  # started on the first check that needs it
@@ -207,8 +209,8 @@ class MathTask(Task):
         if self._verifier is not None:
             self._verifier.close()
 
-    def prompt(self, example: dict, shots: int = 0) -> str:
-        return few_shot(EXEMPLARS, shots, self.name) + f"Problem:\n{example['problem']}\n\nSolution:\n"
+    def prompt(self, example: dict) -> str:
+        return few_shot(EXEMPLARS, self.shots, self.name) + f"Problem:\n{example['problem']}\n\nSolution:\n"
 
     def reference(self, example: dict) -> str:
         return example["solution"]
