@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -88,13 +89,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_temporaries(root: str | Path) -> list[Path]:
+def sweep_temporaries(root: str | Path, *, report: bool = True) -> list[Path]:
     """Remove the temporary files and folders under `root` left by processes no longer running.
 
     Only entries named `.lite-tmp.<pid>.…` whose process is gone (or is this one, between writes) go;
-    a running writer's temporaries stay. Returns what was removed.
+    a running writer's temporaries stay. With `report`, one line on stderr says what went. Returns it.
     """
-    removed = []
+    root, removed = Path(root), []
+    if not root.is_dir():
+        return removed
     for entry in sorted(Path(root).rglob(f"{TMP_PREFIX}*")):  # parents before their contents
         pid = entry.name[len(TMP_PREFIX):].split(".", 1)[0]
         if any(entry.is_relative_to(gone) for gone in removed) or not pid.isdigit():
@@ -106,6 +109,9 @@ def sweep_temporaries(root: str | Path) -> list[Path]:
         else:
             entry.unlink(missing_ok=True)
         removed.append(entry)
+    if removed and report:
+        names = ", ".join(str(p.relative_to(root)) for p in removed)
+        print(f"{root}: removed {len(removed)} temporary entries a stopped run left: {names}", file=sys.stderr)
     return removed
 
 

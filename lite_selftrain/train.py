@@ -42,7 +42,7 @@ from .logprobs import sequence_logprobs
 from .losses import NLL_NORMS, dpo_nll_loss, reward_weighted_nll
 from .models import autocast_context, is_peft, training_mode
 from .reference import REFERENCES, reference_logps_for
-from .store import JsonlLog, atomic_write_bytes, atomic_write_json, write_jsonl
+from .store import JsonlLog, atomic_write_bytes, atomic_write_json, sweep_temporaries, write_jsonl
 
 PAIR_METRICS = ("reward_chosen", "reward_rejected", "reward_acc", "margin", "logp_chosen", "logp_rejected")
 
@@ -237,6 +237,7 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
     beside the dataset to share it between runs).
     """
     out_dir = Path(out_dir)
+    sweep_temporaries(out_dir)  # a checkpoint write a kill cut short
     ckpt_path = out_dir / "checkpoint.pt"
     examples, data_stats = encode_records(tokenizer, records, cfg.objective, cfg.max_length)
     if not examples:

@@ -29,6 +29,23 @@ module, cls = load_recipe(sys.argv[1])
 module.run(from_dict(cls, json.loads(sys.argv[2])), sys.argv[3], progress=False)
 """
 
+# The same, but the process SIGKILLs itself the first time a temporary is about to be renamed over a file
+# or folder called sys.argv[4]: the moment a kill leaves a finished temporary behind.
+KILLED_INSIDE_A_WRITE = """
+import json, os, signal, sys
+from pathlib import Path
+rename = os.replace
+def replace(src, dst, *args, **kwargs):
+    if Path(dst).name == sys.argv[4] and Path(src).name.startswith(".lite-tmp."):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst, *args, **kwargs)
+os.replace = replace
+from lite_selftrain.config import from_dict
+from lite_selftrain.recipes import load_recipe
+module, cls = load_recipe(sys.argv[1])
+module.run(from_dict(cls, json.loads(sys.argv[2])), sys.argv[3], progress=False)
+"""
+
 SMALL_TRAIN = {"max_steps": 4, "batch_size": 4, "grad_accum": 1, "checkpoint_every": 1, "log_every": 1}
 
 
@@ -83,10 +100,14 @@ def _metrics(out: Path) -> list[dict]:
     return rows
 
 
-def _start(name, cfg, out):
+def _start(name, cfg, out, *, runner=RUNNER, extra=()):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.Popen([sys.executable, "-c", RUNNER, name, json.dumps(cfg), str(out)], env=env,
+    return subprocess.Popen([sys.executable, "-c", runner, name, json.dumps(cfg), str(out), *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _temporaries(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".lite-tmp.*"))
 
 
 def _kill_when(proc, path: Path, timeout=300.0):
@@ -132,6 +153,26 @@ def test_recipe_runs_and_a_killed_run_resumes_to_the_same_metrics(name, arith_mo
     if name == "self-reward":  # a random tiny model writes no parsable judgment: the loop says so
         assert all(r["pairs"] == 0 and r["train_note"].startswith("no pairs") for r in records[1:])
         assert best is None
+
+
+@pytest.mark.slow
+def test_kills_inside_saves_leave_nothing_behind(arith_model, tmp_path):
+    """Killed inside the reference-cache write, then inside a trainer checkpoint write, then inside the
+    model save: each resume removes what the kill left, and the run ends as an uninterrupted one."""
+    cfg = _arith_config("rpo", arith_model, "lora")  # DPO: a reference cache, checkpoints and an adapter
+    rpo.run(from_dict(rpo.RPOConfig, cfg), tmp_path / "whole", progress=False)
+    out = tmp_path / "killed"
+    left = {}
+    for target in ("dataset.ref_logps.pt", "checkpoint.pt", "model"):
+        proc = _start("rpo", cfg, out, runner=KILLED_INSIDE_A_WRITE, extra=[target])
+        assert proc.wait(timeout=600) == -signal.SIGKILL, proc.stderr.read()[-3000:]
+        left[target] = _temporaries(out)
+        assert any(target in name for name in left[target]), left  # the kill left the finished temporary
+    resumed = _start("rpo", cfg, out)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    assert "temporary entries a stopped run left" in resumed.stderr.read()
+    assert _temporaries(out) == []
+    assert _metrics(out) == _metrics(tmp_path / "whole")
 
 
 def test_run_directory_refuses_a_different_config(arith_model, tmp_path):

@@ -103,3 +103,36 @@ def test_write_jsonl_replaces_the_whole_file(tmp_path):
     write_jsonl(path, [{"id": 0, "text": "日本"}, {"id": 1}])
     assert JsonlLog(path).read() == [{"id": 0, "text": "日本"}, {"id": 1}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_sweep_removes_temporaries_of_stopped_processes_only(tmp_path, capsys):
+    from lite_selftrain.store import atomic_dir, atomic_write_bytes, sweep_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    alive = str(os.getppid())  # a running process that is not this one
+    (tmp_path / "iter_01").mkdir()
+    stale_dir = tmp_path / "iter_01" / f".lite-tmp.{dead}.model.x1"
+    (stale_dir / "inner").mkdir(parents=True)
+    (stale_dir / "inner" / f".lite-tmp.{dead}.nested.x2").write_text("x")
+    stale_file = tmp_path / f".lite-tmp.{dead}.state.json.x3"
+    stale_file.write_text("{")
+    running = tmp_path / f".lite-tmp.{alive}.checkpoint.pt.x4"
+    running.write_text("being written")
+    lookalike = tmp_path / ".lite-tmp.notapid.x5"
+    lookalike.write_text("not ours")
+    atomic_write_bytes(tmp_path / "kept.bin", b"data")
+    with atomic_dir(tmp_path / "folder") as tmp:
+        (tmp / "f").write_text("y")
+    removed = sweep_temporaries(tmp_path)
+    assert sorted(removed) == sorted([stale_dir, stale_file])  # the nested entry went with its folder
+    assert running.exists() and lookalike.exists() and not stale_dir.exists()
+    assert (tmp_path / "kept.bin").read_bytes() == b"data" and (tmp_path / "folder" / "f").read_text() == "y"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "removed 2 temporary entries" in err[0]
+    assert sweep_temporaries(tmp_path) == [] and capsys.readouterr().err == ""
+    with atomic_dir(tmp_path / "folder") as tmp:  # replacing a folder leaves only the new one
+        (tmp / "g").write_text("z")
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["g"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lite-tmp.")) == sorted(
+        [running.name, lookalike.name])

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,24 +46,16 @@ class Run:
         self.recipe = recipe
         self.store.bind_config({"recipe": recipe, **to_dict(config)}, restart=restart)
         self.summaries: dict[int, dict[str, dict]] = {}  # iteration -> stage -> summary, as logged
-        self.sweep()
+        sweep_temporaries(self.store.root)
 
     def dir(self, iteration: int) -> Path:
         return self.store.iteration_dir(self.recipe, iteration)
-
-    def sweep(self) -> None:
-        """Remove what a killed process left mid-write, and say so in one line."""
-        removed = sweep_temporaries(self.store.root)
-        if removed:
-            names = ", ".join(str(p.relative_to(self.store.root)) for p in removed)
-            print(f"{self.store.root}: removed {len(removed)} temporary entries a stopped run left: {names}",
-                  file=sys.stderr)
 
     def once(self, iteration: int, name: str, fn: Callable[[], dict]) -> dict:
         """Run `fn` unless this stage already finished; its summary (with its time) is kept and returned."""
         key = f"{self.recipe}/{iteration:02d}/{name}"
         if not self.store.is_done(key):
-            self.sweep()
+            sweep_temporaries(self.store.root)  # what a kill inside this stage's writes left
             start = time.perf_counter()
             info = dict(fn())
             info["seconds"] = round(time.perf_counter() - start, 2)

@@ -31,7 +31,7 @@ from ..evaluate import EvalConfig
 from ..models import ModelConfig, build_model, build_tokenizer, save_model
 from ..plot import plot_metrics
 from ..sampling import SamplingConfig, group_by_prompt
-from ..store import RunStore
+from ..store import RunStore, sweep_temporaries
 from ..tasks import get_task
 from ..train import TrainConfig, train
 from . import rest_em, rpo
@@ -141,6 +141,7 @@ def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = Tr
     store = RunStore(out)
     store.bind_config({"demo": to_dict(cfg)}, restart=restart)
     out = store.root
+    sweep_temporaries(out)  # e.g. a warm start killed while it was being saved
     echo("warm start: training the demo model from scratch on gold solutions of short sums")
     warm = warm_start(cfg, out, progress=progress)
     configs = chain_configs(cfg, warm)
