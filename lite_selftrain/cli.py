@@ -114,12 +114,6 @@ def _task_options(f):
     return f
 
 
-def _task(task_name, shots):
-    from .tasks import get_task
-
-    return get_task(task_name) if shots is None else get_task(task_name, shots=shots)
-
-
 def _load(model_name, mode, adapter):
     from .models import ModelConfig, load_model
 
@@ -138,14 +132,15 @@ def _load(model_name, mode, adapter):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Samples JSONL (resumable).")
 def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperature, top_k, top_p, limit, seed, out):
     """Draw N completions per problem into a JSONL file; a killed run resumes."""
-    from .sampling import SamplingConfig, generate
+    from .sampling import SamplingConfig, generate, sampled
+    from .tasks import get_task
 
-    task = _task(task_name, shots)
+    task = get_task(task_name, shots=shots)
     examples = task.load(split, data)[:limit]
     cfg = SamplingConfig(n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).for_task(task)
     model, tok = _load(model_name, mode, adapter)
     groups = generate(model, tok, [task.prompt(ex) for ex in examples], cfg, out=Path(out), progress=True)
-    click.echo(json.dumps({"problems": len(groups), "samples": sum(map(len, groups))}))
+    click.echo(json.dumps(sampled(groups)))
 
 
 @cli.command()
@@ -156,8 +151,9 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
 def score(task_name, split, data, shots, limit, samples, out):
     """Add a reward to every sample of a samples file."""
     from .store import read_jsonl, write_jsonl
+    from .tasks import get_task
 
-    task = _task(task_name, shots)
+    task = get_task(task_name, shots=shots)
     scored, info = task.score_samples(read_jsonl(samples), task.load(split, data)[:limit])
     write_jsonl(Path(out), scored)
     click.echo(json.dumps(info))
@@ -175,8 +171,9 @@ def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_p
     """Turn scored samples into a training set: ReST-EM's kept samples or RPO's pairs."""
     from .recipes import rest_em, rpo
     from .store import read_jsonl, write_jsonl
+    from .tasks import get_task
 
-    task = _task(task_name, shots)
+    task = get_task(task_name, shots=shots)
     prompts = [task.prompt(p) for p in task.load(split, data)[:limit]]
     if recipe == "rest-em":
         cfg = rest_em.RestEMConfig(task=task_name, max_per_problem=max_per_problem)
@@ -220,8 +217,9 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
 def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit, n, ks, temperature, out):
     """Greedy pass@1 and sampled pass@k / maj@k on a task split, with per-problem records."""
     from .evaluate import EvalConfig, heldout
+    from .tasks import get_task
 
-    task = _task(task_name, shots)
+    task = get_task(task_name, shots=shots)
     examples = task.load(split, data)
     default = EvalConfig()
     cfg = EvalConfig(split=split, limit=limit, sample=default.sample.replace(n=n, temperature=temperature),

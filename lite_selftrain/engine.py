@@ -276,8 +276,8 @@ def _decode_batch(body, head, prompt_ids: list[list[int]], prompt_index: list[in
             ends, codes = end.tolist(), code.tolist()
             if maybe_stop is not None:  # the first stop string within each row's end; EOS outranks stop
                 hits = maybe_stop[:, looked : s + 1].nonzero().tolist()  # (row, step - looked), row-major
-                seen = tokens[sorted({r for r, _ in hits}), : s + 1].tolist() if hits else []
-                text_of = dict(zip(sorted({r for r, _ in hits}), seen))
+                candidates = sorted({r for r, _ in hits})
+                text_of = dict(zip(candidates, tokens[candidates, : s + 1].tolist())) if hits else {}
                 resolved = set()
                 for r, k in hits:
                     step = looked + k

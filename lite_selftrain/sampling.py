@@ -103,6 +103,11 @@ class Completion:
         return cls(**{k: v for k, v in record.items() if k in names})
 
 
+def sampled(groups: list[list[Completion]]) -> dict:
+    """The summary of a sampling job: how many prompts and completions `generate` returned."""
+    return {"prompts": len(groups), "samples": sum(map(len, groups))}
+
+
 def group_by_prompt(records: list[dict]) -> dict[int, list[dict]]:
     """Sample records by their prompt_index, in file order."""
     groups: dict[int, list[dict]] = {}

@@ -25,11 +25,11 @@ from ..errors import UserError
 from ..judge import JudgeConfig, judged_eval
 from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt
-from ..sampling import SamplingConfig, generate
+from ..sampling import SamplingConfig, generate, sampled
 from ..store import read_jsonl, write_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, sampled, write_stage
+from .common import Iterates, Run, write_stage
 
 
 @dataclass

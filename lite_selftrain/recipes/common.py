@@ -152,11 +152,6 @@ def write_stage(path: Path, records: list[dict], info: dict) -> dict:
     return info
 
 
-def sampled(groups: list[list]) -> dict:
-    """The summary of a sampling stage."""
-    return {"prompts": len(groups), "samples": sum(map(len, groups))}
-
-
 def best_iteration(records: list[dict], key: str) -> dict | None:
     """The iteration with the highest `key` (earliest on ties): self-training can over-fit later.
 

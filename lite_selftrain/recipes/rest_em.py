@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
-from ..sampling import SamplingConfig, generate, group_by_prompt
+from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, problems_for, sampled, write_stage
+from .common import Iterates, Run, problems_for, write_stage
 
 
 @dataclass

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..judge import JudgeConfig, eft_example, judge, judged_eval
 from ..models import ModelConfig, format_prompt
-from ..sampling import SamplingConfig, generate, group_by_prompt
+from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, sampled, write_stage
+from .common import Iterates, Run, write_stage
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
 
