@@ -12,6 +12,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download a model or dataset
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Child Pythons leave the working directory off sys.path: in the source checkout its `kernels/` folder would
+# hide the PyPI package `kernels` that transformers imports (ours is installed as lite_selftrain.kernels).
+os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

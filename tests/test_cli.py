@@ -1,8 +1,10 @@
 """The command line: help everywhere, one-line errors with exit code 2, and the stages chained by hand."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +12,14 @@ COMMANDS = ["demo", "rest-em", "rpo", "self-reward", "centrality", "sample", "sc
             "plot"]
 
 
-def cli(*args, cwd=None):
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=ROOT):
+    """`python -m lite_selftrain ...` as a user runs it in the checkout: its working directory first on sys.path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     return subprocess.run([sys.executable, "-m", "lite_selftrain", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+                          text=True, cwd=cwd, env=env, timeout=600)
 
 
 def test_help_on_every_command():

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,8 +136,13 @@ def test_bad_inputs_are_user_errors(tmp_path):
 
 
 def test_package_installs_no_top_level_kernels_module():
-    code = "import importlib.util as u, lite_selftrain.kernels as k; print(k.__name__, u.find_spec('kernels'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
-    assert out.stdout.split() == ["lite_selftrain.kernels", "None"]
+    """Our kernels/ is lite_selftrain.kernels; `kernels` (if installed) stays the PyPI package transformers uses."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import importlib.util as u, lite_selftrain.kernels as k; s = u.find_spec('kernels'); "
+            "print(k.__name__, s.origin if s else None)")
+    for cwd in ("/", root):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, check=True)
+        name, origin = out.stdout.split()
+        assert name == "lite_selftrain.kernels" and not origin.startswith(str(root / "kernels"))
     for cmd in ([sys.executable, "-m", "lite_selftrain", "--help"], ["lite-selftrain", "--help"]):
-        assert "Usage" in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert "Usage" in subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root).stdout

@@ -5,7 +5,6 @@ are skipped, the sampler and the trainer pick up where they stopped, and every r
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -101,8 +100,7 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _start(name, cfg, out, *, runner=RUNNER, extra=()):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.Popen([sys.executable, "-c", runner, name, json.dumps(cfg), str(out), *extra], env=env,
+    return subprocess.Popen([sys.executable, "-c", runner, name, json.dumps(cfg), str(out), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
