@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import UserError
+from ..errors import UserError, UserTypeError
 from .base import CodeTask, Task
 
 # name -> (module, class); modules are imported on first use
@@ -26,12 +26,16 @@ TASKS: dict[str, tuple[str, str]] = {
 
 def get_task(name: str, **options) -> Task:
     """The task called `name`, built with `options`; unknown names and options raise `UserError`."""
+    if not isinstance(name, str):
+        raise UserTypeError(f"the task name must be a string (one of {', '.join(TASKS)}), not {type(name).__name__}")
     if name not in TASKS:
         raise UserError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
     module, cls = TASKS[name]
     task_class = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
     try:
         return task_class(**options)
+    except UserError:
+        raise
     except TypeError as e:
         raise UserError(f"bad options for task {name}: {e}") from None
 

@@ -1,0 +1,396 @@
+"""Bad inputs, as a careless user types them: each one ends in one clear line, never a traceback, and
+leaves no file behind.
+
+Command-line cases run `python -m lite_selftrain` in-process (runpy, with sys.argv set) and check exit code 2, exactly
+one `error:` line on stderr, and that nothing under the test folder changed (no run folder made, no
+config bound, no output written). Python API cases check the kind of exception and its one-line
+message. Two cases run as real processes to show that no traceback reaches a terminal.
+"""
+
+import math
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lite_selftrain.kernels import fused_logprob
+
+from lite_selftrain.config import from_dict
+from lite_selftrain.evaluate import EvalConfig
+from lite_selftrain.models import ModelConfig, load_model
+from lite_selftrain.sampling import SamplingConfig, generate
+from lite_selftrain.tasks import get_task
+from lite_selftrain.train import TrainConfig
+
+EX = Path(__file__).resolve().parents[1] / "examples"
+def main(argv: list[str]) -> None:
+    """The console entry, in this process: what `python -m lite_selftrain ARGS` runs."""
+    old = sys.argv
+    sys.argv = ["lite-selftrain", *argv]
+    try:
+        runpy.run_module("lite_selftrain", run_name="__main__", alter_sys=False)
+    finally:
+        sys.argv = old
+
+
+REST, RPO = EX / "rest_em_gsm8k_150m.toml", EX / "rpo_gsm8k_150m.toml"
+SR, CEN = EX / "self_reward_oasst_150m.toml", EX / "centrality_central_sft_150m.toml"
+SET = ["rest-em", "--config", REST, "--out", "{t}/run", "--set"]  # then one override
+
+FILES = {  # name -> content, written into each case's folder
+    "afile": "x\n",
+    "samples_noidx.jsonl": '{"sample_index": 0, "text": "1"}\n',
+    "samples_stridx.jsonl": '{"prompt_index": "0", "text": "1"}\n',
+    "samples_range.jsonl": '{"prompt_index": 0, "text": "1"}\n{"prompt_index": 7, "text": "1"}\n',
+    "samples_notext.jsonl": '{"prompt_index": 0}\n',
+    "samples_torn.jsonl": '{"prompt_index": 0, "text": "1"}\n{"prompt_index": 0,\n',
+    "samples_list.jsonl": '[1, 2]\n',
+    "scored_noreward.jsonl": '{"prompt_index": 0, "text": "a", "finish_reason": "eos"}\n',
+    "scored_strreward.jsonl": '{"prompt_index": 0, "text": "a", "finish_reason": "eos", "reward": "high"}\n',
+    "scored_nofinish.jsonl": '{"prompt_index": 0, "text": "a", "reward": 1.0}\n',
+    "scored_negidx.jsonl": '{"prompt_index": -1, "text": "a", "finish_reason": "eos", "reward": 1.0}\n',
+    "scored_floatidx.jsonl": '{"prompt_index": 0.5, "text": "a", "finish_reason": "eos", "reward": 1.0}\n',
+    "train_noresp.jsonl": '{"prompt": "a"}\n',
+    "train_intprompt.jsonl": '{"prompt": 3, "response": "b"}\n',
+    "train_strreward.jsonl": '{"prompt": "a", "response": "b", "reward": "x"}\n',
+    "train_nochosen.jsonl": '{"prompt": "a", "rejected": "b"}\n',
+    "train_empty.jsonl": "",
+    "gsm_list.jsonl": '{"question": "q", "answer": ["1"]}\n',
+    "gsm_null.jsonl": '{"question": "q", "answer": null}\n',
+    "gsm_noanswer.jsonl": '{"question": "q"}\n',
+    "plotrun/metrics.jsonl": '{"iteration": 0, "test_pass@1": 0.5}\n',
+    "plotrun2/metrics.jsonl": '{"recipe": "r", "iteration": "zero"}\n',
+    "invalid.toml": "lr = = 1\n",
+    "int_table.toml": "train = 3\n",
+    "lr_table.toml": '[train]\nlr = {x = 1}\n',
+    "options_list.toml": "task_options = [1, 2]\n",
+    "train_bad.toml": "lr = -1\n",
+    "train_typo.toml": "lrr = 1e-4\n",
+}
+
+# (id, command line with {t} for the case's folder, text the one error line must contain)
+CLI_CASES = [
+    # recipe configs: types, nested tables, ranges, names
+    ("lr-table", ["rest-em", "--config", "{t}/lr_table.toml", "--out", "{t}/run"],
+     "lr_table.toml: train.lr must be a positive number, got {x = 1}"),
+    ("int-for-table", ["rest-em", "--config", "{t}/int_table.toml", "--out", "{t}/run"],
+     "train must be a table, got 3"),
+    ("options-list", ["rest-em", "--config", "{t}/options_list.toml", "--out", "{t}/run"],
+     "task_options must be a table, got [1, 2]"),
+    ("garbage-toml", ["rest-em", "--config", "{t}/garbage.toml", "--out", "{t}/run"], "not a UTF-8 text file"),
+    ("invalid-toml", ["rest-em", "--config", "{t}/invalid.toml", "--out", "{t}/run"], "invalid TOML"),
+    ("missing-toml", ["rest-em", "--config", "{t}/nope.toml", "--out", "{t}/run"], "config file not found"),
+    ("iterations", [*SET, "iterations=-1"],
+     "iterations must be an integer >= 0, got -1"),
+    ("problems", [*SET, "problems_per_iteration=-5"],
+     "problems_per_iteration must be a positive integer, got -5"),
+    ("eval-limit", [*SET, "eval.limit=-1"], "eval.limit must be"),
+    ("lr-neg", [*SET, "train.lr=-1e-5"], "train.lr must be"),
+    ("lr-str", [*SET, "train.lr='1e-5'"], 'got "1e-5"'),
+    ("lr-nan", [*SET, "train.lr=nan"], "got nan"),
+    ("warmup", [*SET, "train.warmup_ratio=1.5"],
+     "train.warmup_ratio must be a number in [0, 1]"),
+    ("grad-norm", [*SET, "train.max_grad_norm=-1"],
+     "train.max_grad_norm must be"),
+    ("epochs", [*SET, "train.epochs=0"], "train.epochs must be"),
+    ("epochs-float", [*SET, "train.epochs=1.5"],
+     "train.epochs must be a positive integer, got 1.5"),
+    ("batch-bool", [*SET, "train.batch_size=true"],
+     "train.batch_size must be a positive integer, got true"),
+    ("max-new-tokens", [*SET, "sample.max_new_tokens=0"],
+     "sample.max_new_tokens must be"),
+    ("sample-n", [*SET, "sample.n=0"], "sample.n must be"),
+    ("sample-temp", [*SET, "sample.temperature=-0.5"],
+     "sample.temperature must be a number >= 0 (0 = greedy)"),
+    ("sample-temp-nan", [*SET, "sample.temperature=nan"],
+     "sample.temperature"),
+    ("top-p", [*SET, "sample.top_p=0"], "sample.top_p must be"),
+    ("top-k", [*SET, "sample.top_k=-1"], "sample.top_k must be"),
+    ("stop-int", [*SET, "sample.stop=[1]"], "sample.stop[0]"),
+    ("backend", [*SET, "sample.backend='tpu'"],
+     "sample.backend must be 'native' or 'vllm'"),
+    ("select-on", [*SET, "eval.select_on='accuracy'"],
+     "eval.select_on must name a metric"),
+    ("ks-zero", [*SET, "eval.ks=[0]"], "eval.ks[0] must be"),
+    ("ks-str", [*SET, "eval.ks='1,4'"], "eval.ks must be a list"),
+    ("max-per-problem", [*SET, "max_per_problem=-1"],
+     "max_per_problem must be"),
+    ("device", [*SET, "model.device='tpu'"],
+     "model.device must be auto, cpu, cuda, cuda:N or mps"),
+    ("lora-r", [*SET, "model.lora_r=0"], "model.lora_r must be"),
+    ("dropout", [*SET, "model.lora_dropout=2"], "model.lora_dropout"),
+    ("mode", [*SET, "model.mode='int4'"], "model.mode must be"),
+    ("dtype", [*SET, "model.dtype='fp8'"], "model.dtype must be"),
+    ("objective", [*SET, "train.objective='dpo_nll'"],
+     "ReST-EM trains with objective"),
+    ("schedule", [*SET, "train.lr_schedule='linear'"],
+     "train.lr_schedule must be"),
+    ("unknown-key", [*SET, "iteratons=2"], "did you mean 'iterations'"),
+    ("unknown-nested", [*SET, "train.lrr=2"], "'train.lrr'"),
+    ("set-no-equals", [*SET, "iterations"], "--set expects key=value"),
+    ("set-clash", [*SET, "train=1", "--set", "train.lr=1"],
+     "given both a value and a table"),
+    ("task-name", [*SET, "task='chess'"], "unknown task 'chess'"),
+    ("task-option", [*SET, "task_options={shots=-1}"], "shots"),
+    ("task-option-key", [*SET, "task_options={colour=1}"],
+     "bad options for task gsm8k"),
+    ("train-path", [*SET, "train_path='{t}/missing.jsonl'"],
+     "not found"),
+    ("gsm-list-answer", [*SET, "train_path='{t}/gsm_list.jsonl'"],
+     "gsm_list.jsonl:1: 'answer' must be a string"),
+    ("gsm-null-answer", [*SET, "train_path='{t}/gsm_null.jsonl'"],
+     "gsm_null.jsonl:1: 'answer' must be a string, got null"),
+    ("out-in-file", ["rest-em", "--config", REST, "--out", "{t}/afile/run"], "is a file"),
+    ("out-is-file", ["rest-em", "--config", REST, "--out", "{t}/afile"], "afile' is a file"),
+    ("rpo-pairs", ["rpo", "--config", RPO, "--out", "{t}/run", "--set", "pairs_per_problem=-1"], "pairs_per_problem"),
+    ("rpo-temps", ["rpo", "--config", RPO, "--out", "{t}/run", "--set", "temperatures=[0.8, -1]"], "temperatures[1]"),
+    ("rpo-beta", ["rpo", "--config", RPO, "--out", "{t}/run", "--set", "train.beta=0"], "train.beta must be"),
+    ("sr-prompts", ["self-reward", "--config", SR, "--out", "{t}/run", "--set", "new_prompts=0"], "new_prompts"),
+    ("sr-judge", ["self-reward", "--config", SR, "--out", "{t}/run", "--set", "judge.sample.n=0"], "judge.sample.n"),
+    ("cen-objective", ["centrality", "--config", CEN, "--out", "{t}/run", "--set", "objective='ppo'"], "objective"),
+    ("cen-threshold", ["centrality", "--config", CEN, "--out", "{t}/run", "--set", "selection.rank_threshold=2"],
+     "selection.rank_threshold must be a number in [0, 1]"),
+    ("cen-policy", ["centrality", "--config", CEN, "--out", "{t}/run", "--set", "selection.policy='best'"], "policy"),
+    ("demo-iterations", ["demo", "--out", "{t}/run", "--set", "iterations=-1"], "iterations must be"),
+    ("demo-lr", ["demo", "--out", "{t}/run", "--set", "warm_lr=0"], "warm_lr must be a positive number"),
+    ("demo-samples", ["demo", "--out", "{t}/run", "--set", "samples='8'"],
+     'samples must be a positive integer, got "8"'),
+    ("demo-out", ["demo", "--out", "{t}/afile/demo"], "is a file"),
+    # stage commands
+    ("sample-limit", ["sample", "--task", "arith", "--limit", "-1", "--out", "{t}/run/s.jsonl"], "--limit"),
+    ("sample-n", ["sample", "--task", "arith", "--n", "0", "--out", "{t}/run/s.jsonl"], "n must be"),
+    ("sample-n-str", ["sample", "--task", "arith", "--n", "two", "--out", "{t}/run/s.jsonl"], "--n"),
+    ("sample-temp", ["sample", "--task", "arith", "--temperature", "nan", "--out", "{t}/run/s.jsonl"], "temperature"),
+    ("sample-temp-neg", ["sample", "--task", "arith", "--temperature", "-1", "--out", "{t}/run/s.jsonl"],
+     "temperature"),
+    ("sample-top-p", ["sample", "--task", "arith", "--top-p", "1.5", "--out", "{t}/run/s.jsonl"], "top_p"),
+    ("sample-task", ["sample", "--task", "chess", "--out", "{t}/run/s.jsonl"], "unknown task"),
+    ("sample-shots", ["sample", "--task", "gsm8k", "--shots", "-2", "--out", "{t}/run/s.jsonl"], "shots"),
+    ("sample-out-dir", ["sample", "--task", "arith", "--out", "{t}/run"], "--out"),
+    ("sample-out-in-file", ["sample", "--task", "arith", "--out", "{t}/afile/s.jsonl"], "is a file"),
+    ("sample-mode", ["sample", "--task", "arith", "--mode", "int8", "--out", "{t}/run/s.jsonl"], "--mode"),
+    ("score-noidx", ["score", "--task", "arith", "--limit", "2", "--samples", "{t}/samples_noidx.jsonl",
+                     "--out", "{t}/run/x.jsonl"], "samples_noidx.jsonl:1: the record has no 'prompt_index'"),
+    ("score-stridx", ["score", "--task", "arith", "--limit", "2", "--samples", "{t}/samples_stridx.jsonl",
+                      "--out", "{t}/run/x.jsonl"], "samples_stridx.jsonl:1: 'prompt_index' must be an integer"),
+    ("score-range", ["score", "--task", "arith", "--limit", "2", "--samples", "{t}/samples_range.jsonl",
+                     "--out", "{t}/run/x.jsonl"], "samples_range.jsonl:2: prompt_index 7 is outside"),
+    ("score-notext", ["score", "--task", "arith", "--limit", "2", "--samples", "{t}/samples_notext.jsonl",
+                      "--out", "{t}/run/x.jsonl"], "samples_notext.jsonl:1: the record has no 'text'"),
+    ("score-torn", ["score", "--task", "arith", "--limit", "2", "--samples", "{t}/samples_torn.jsonl",
+                    "--out", "{t}/run/x.jsonl"], "samples_torn.jsonl:2: malformed JSON"),
+    ("score-list", ["score", "--task", "arith", "--limit", "2", "--samples", "{t}/samples_list.jsonl",
+                    "--out", "{t}/run/x.jsonl"], "expected a JSON object"),
+    ("score-missing", ["score", "--task", "arith", "--samples", "{t}/nope.jsonl", "--out", "{t}/run/x.jsonl"],
+     "--samples"),
+    ("score-out-in-file", ["score", "--task", "arith", "--limit", "2", "--samples", "{t}/samples_range.jsonl",
+                           "--out", "{t}/afile/x.jsonl"], "is a file"),
+    ("score-gsm", ["score", "--task", "gsm8k", "--data", "{t}/gsm_noanswer.jsonl", "--samples",
+                   "{t}/samples_range.jsonl", "--out", "{t}/run/x.jsonl"], "gsm_noanswer.jsonl:1: the record has no"),
+    ("build-noreward", ["build", "--recipe", "rest-em", "--task", "arith", "--limit", "2", "--scored",
+                        "{t}/scored_noreward.jsonl", "--out", "{t}/run/d.jsonl"], "has no 'reward'"),
+    ("build-strreward", ["build", "--recipe", "rpo", "--task", "arith", "--limit", "2", "--scored",
+                         "{t}/scored_strreward.jsonl", "--out", "{t}/run/d.jsonl"], "'reward' must be a number"),
+    ("build-nofinish", ["build", "--recipe", "rest-em", "--task", "arith", "--limit", "2", "--scored",
+                        "{t}/scored_nofinish.jsonl", "--out", "{t}/run/d.jsonl"], "has no 'finish_reason'"),
+    ("build-negidx", ["build", "--recipe", "rest-em", "--task", "arith", "--limit", "2", "--scored",
+                      "{t}/scored_negidx.jsonl", "--out", "{t}/run/d.jsonl"], "prompt_index -1 is outside"),
+    ("build-floatidx", ["build", "--recipe", "rest-em", "--task", "arith", "--limit", "2", "--scored",
+                        "{t}/scored_floatidx.jsonl", "--out", "{t}/run/d.jsonl"], "must be an integer index"),
+    ("build-cap", ["build", "--recipe", "rest-em", "--task", "arith", "--max-per-problem", "-1", "--scored",
+                   "{t}/scored_noreward.jsonl", "--out", "{t}/run/d.jsonl"], "--max-per-problem"),
+    ("build-pairs", ["build", "--recipe", "rpo", "--task", "arith", "--pairs-per-problem", "-1", "--scored",
+                     "{t}/scored_noreward.jsonl", "--out", "{t}/run/d.jsonl"], "--pairs-per-problem"),
+    ("build-recipe", ["build", "--recipe", "ppo", "--task", "arith", "--scored", "{t}/scored_noreward.jsonl",
+                      "--out", "{t}/run/d.jsonl"], "--recipe"),
+    ("train-noresp", ["train", "--data", "{t}/train_noresp.jsonl", "--out", "{t}/run"], "train_noresp.jsonl:1"),
+    ("train-intprompt", ["train", "--data", "{t}/train_intprompt.jsonl", "--out", "{t}/run"],
+     "'prompt' must be a string, got 3"),
+    ("train-strreward", ["train", "--data", "{t}/train_strreward.jsonl", "--set", "objective='rwnll'", "--out",
+                         "{t}/run"], "'reward' must be a number"),
+    ("train-nochosen", ["train", "--data", "{t}/train_nochosen.jsonl", "--set", "objective='dpo_nll'", "--out",
+                        "{t}/run"], "has no 'chosen'"),
+    ("train-empty", ["train", "--data", "{t}/train_empty.jsonl", "--out", "{t}/run"], "is empty"),
+    ("train-config", ["train", "--data", "{t}/train_noresp.jsonl", "--config", "{t}/train_bad.toml", "--out",
+                      "{t}/run"], "train_bad.toml: lr must be a positive number, got -1"),
+    ("train-typo", ["train", "--data", "{t}/train_noresp.jsonl", "--config", "{t}/train_typo.toml", "--out",
+                    "{t}/run"], "did you mean 'lr'"),
+    ("train-objective", ["train", "--data", "{t}/train_noresp.jsonl", "--set", "objective='ppo'", "--out", "{t}/run"],
+     "objective"),
+    ("train-out-in-file", ["train", "--data", "{t}/train_noresp.jsonl", "--out", "{t}/afile/t"], "is a file"),
+    ("eval-k", ["eval", "--task", "arith", "--k", "0", "--out", "{t}/run"], "ks[0] must be"),
+    ("eval-n", ["eval", "--task", "arith", "--n", "0", "--out", "{t}/run"], "n must be"),
+    ("eval-temp", ["eval", "--task", "arith", "--temperature", "nan", "--out", "{t}/run"], "temperature"),
+    ("eval-limit", ["eval", "--task", "arith", "--limit", "-3", "--out", "{t}/run"], "--limit"),
+    ("eval-out-in-file", ["eval", "--task", "arith", "--out", "{t}/afile/e"], "is a file"),
+    ("plot-norecipe", ["plot", "{t}/plotrun"], "metrics.jsonl:1: the record has no 'recipe'"),
+    ("plot-iteration", ["plot", "{t}/plotrun2"], "'iteration' must be an integer index"),
+    ("plot-missing", ["plot", "{t}/nowhere"], "nowhere"),
+    ("no-command", ["fly"], "No such command"),
+    ("no-option", ["sample", "--task", "arith", "--colour", "red", "--out", "{t}/run/s.jsonl"], "--colour"),
+]
+
+
+def _setup(tmp: Path) -> set[tuple[str, int]]:
+    for name, text in FILES.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text(text)
+    (tmp / "garbage.toml").write_bytes(b"\xff\xfe\x00\x81 lr = 1\n")
+    (tmp / "run").mkdir()
+    return _snapshot(tmp)
+
+
+def _snapshot(tmp: Path) -> set[tuple[str, int]]:
+    return {(str(p.relative_to(tmp)), p.stat().st_size if p.is_file() else -1) for p in tmp.rglob("*")}
+
+
+@pytest.mark.parametrize("args, expected", [pytest.param(a, e, id=i) for i, a, e in CLI_CASES])
+def test_cli_bad_input(tmp_path, capsys, args, expected):
+    before = _setup(tmp_path)
+    argv = [str(a).replace("{t}", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected.replace("{t}", str(tmp_path)) in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert _snapshot(tmp_path) == before  # nothing made, bound or half-written
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write a read-only folder")
+def test_cli_read_only_out(tmp_path, capsys):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as stop:
+        main(["rest-em", "--config", str(REST), "--out", str(tmp_path / "ro" / "run")])
+    assert stop.value.code == 2 and "is not writable" in capsys.readouterr().err
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_cli_a_rejected_config_leaves_the_run_usable(tmp_path, capsys):
+    """A fixed command runs after a rejected one: the rejected config was never bound to the folder."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('task = "arith"\ntrain_path = "nowhere.jsonl"\n')
+    with pytest.raises(SystemExit):
+        main(["rest-em", "--config", str(bad), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_real_processes_print_no_traceback(tmp_path):
+    (tmp_path / "c.toml").write_text("[train]\nlr = {x = 1}\n")
+    for args, expected in ((["rest-em", "--config", tmp_path / "c.toml", "--out", tmp_path / "r"],
+                            "c.toml: train.lr must be a positive number, got {x = 1}"),
+                           (["sample", "--task", "arith", "--limit", "-1", "--out", tmp_path / "s.jsonl"], "--limit")):
+        out = subprocess.run([sys.executable, "-m", "lite_selftrain", *map(str, args)], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()] and expected in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Python API: TypeError or ValueError, one line saying what was expected
+
+H, W, T = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
+
+
+def _gsm(tmp, text):
+    (tmp / "g.jsonl").write_text(text)
+    return lambda: get_task("gsm8k").load("test", str(tmp / "g.jsonl"))
+
+
+def _damaged_adapter(tmp):
+    (tmp / "adapter").mkdir()
+    (tmp / "adapter" / "adapter_config.json").write_text("{not json")
+    return lambda: load_model(ModelConfig(name="tiny", adapter=str(tmp / "adapter")))
+
+
+def _damaged_model(tmp):
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text("{not json")
+    return lambda: load_model(ModelConfig(name=str(tmp / "model"), mode="full"))
+
+
+API_CASES = [  # (id, callable or factory of tmp_path, exception type, text of the message)
+    ("logprob-float-targets", lambda: fused_logprob(H, W, T.float()), TypeError, "integer tensor"),
+    ("logprob-fraction-targets", lambda: fused_logprob(H, W, T + 0.5), TypeError, "integer tensor"),
+    ("logprob-int-hidden", lambda: fused_logprob(H.long(), W, T), TypeError, "hidden must be a floating-point"),
+    ("logprob-int-weight", lambda: fused_logprob(H, W.int(), T), TypeError, "weight must be a floating-point"),
+    ("logprob-bool-targets", lambda: fused_logprob(H, W, T > 3), TypeError, "targets"),
+    ("logprob-list", lambda: fused_logprob(H, W, [1, 2]), TypeError, "torch.Tensor"),
+    ("logprob-bias-length", lambda: fused_logprob(H, W, T, torch.randn(5)), ValueError, "bias (5,)"),
+    ("logprob-bias-int", lambda: fused_logprob(H, W, T, torch.zeros(11, dtype=torch.long)), TypeError, "bias"),
+    ("logprob-shapes", lambda: fused_logprob(H, W, T[:, :2]), ValueError, "shapes do not match"),
+    ("logprob-hidden-size", lambda: fused_logprob(H, torch.randn(11, 7), T), ValueError, "shapes do not match"),
+    ("logprob-nan-t", lambda: fused_logprob(H, W, T, temperature=math.nan), ValueError, "finite positive"),
+    ("logprob-zero-t", lambda: fused_logprob(H, W, T, temperature=0.0), ValueError, "finite positive"),
+    ("logprob-neg-t", lambda: fused_logprob(H, W, T, temperature=-1), ValueError, "finite positive"),
+    ("logprob-str-t", lambda: fused_logprob(H, W, T, temperature="1"), TypeError, "temperature must be a number"),
+    ("logprob-vocab", lambda: fused_logprob(H, W, T + 11), ValueError, "outside the vocabulary"),
+    ("logprob-impl", lambda: fused_logprob(H, W, T, impl="fast"), ValueError, "impl must be"),
+    ("sampling-n-str", lambda: SamplingConfig(n="2"), TypeError, 'n must be a positive integer, got "2"'),
+    ("sampling-n-zero", lambda: SamplingConfig(n=0), ValueError, "n must be a positive integer"),
+    ("sampling-temp-nan", lambda: SamplingConfig(temperature=math.nan), ValueError, "temperature"),
+    ("sampling-temp-inf", lambda: SamplingConfig(temperature=math.inf), ValueError, "temperature"),
+    ("sampling-temp-neg", lambda: SamplingConfig(temperature=-0.1), ValueError, "(0 = greedy)"),
+    ("sampling-top-p", lambda: SamplingConfig(top_p=0.0), ValueError, "top_p"),
+    ("sampling-top-k", lambda: SamplingConfig(top_k=-1), ValueError, "top_k"),
+    ("sampling-stop", lambda: SamplingConfig(stop=("",)), ValueError, "stop[0]"),
+    ("sampling-backend", lambda: SamplingConfig(backend="tpu"), ValueError, "backend"),
+    ("sampling-tokens", lambda: SamplingConfig(max_new_tokens=0), ValueError, "max_new_tokens"),
+    ("sampling-replace", lambda: SamplingConfig().replace(n=-1), ValueError, "n must be"),
+    ("generate-cfg", lambda: generate(None, None, ["a"], "greedy"), TypeError, "cfg must be a SamplingConfig"),
+    ("generate-str-prompts", lambda: generate(None, None, "a prompt"), TypeError, "prompts must be a list of strings"),
+    ("generate-int-prompt", lambda: generate(None, None, ["a", 3]), TypeError, "prompt 1 is a int"),
+    ("task-name-type", lambda: get_task(3), TypeError, "task name must be a string"),
+    ("task-unknown", lambda: get_task("chess"), ValueError, "unknown task"),
+    ("task-shots", lambda: get_task("gsm8k", shots=-1), ValueError, "shots"),
+    ("task-option", lambda: get_task("gsm8k", colour=1), ValueError, "bad options"),
+    ("sandbox-str-timeout", lambda: get_task("apps", sandbox={"timeout": "4"}), TypeError, "sandbox.timeout"),
+    ("sandbox-zero-timeout", lambda: get_task("apps", sandbox={"timeout": 0}), ValueError, "sandbox.timeout"),
+    ("sandbox-neg-memory", lambda: get_task("humaneval", sandbox={"memory_mb": -1}), ValueError, "sandbox.memory_mb"),
+    ("sandbox-zero-cpu", lambda: get_task("apps", sandbox={"cpu_seconds": 0}), ValueError, "sandbox.cpu_seconds"),
+    ("sandbox-workers", lambda: get_task("apps", sandbox={"workers": -2}), ValueError, "sandbox.workers"),
+    ("sandbox-key", lambda: get_task("apps", sandbox={"timout": 4}), ValueError, "did you mean 'timeout'"),
+    ("sandbox-type", lambda: get_task("apps", sandbox=5), TypeError, "sandbox must be"),
+    ("model-device", lambda: ModelConfig(device="tpu"), ValueError, "device"),
+    ("model-lora-r", lambda: ModelConfig(lora_r=0), ValueError, "lora_r"),
+    ("model-mode", lambda: ModelConfig(mode="8bit"), ValueError, "mode"),
+    ("model-dropout", lambda: ModelConfig(lora_dropout=1.5), ValueError, "lora_dropout"),
+    ("train-lr", lambda: TrainConfig(lr=0), ValueError, "lr must be a positive number"),
+    ("train-epochs", lambda: TrainConfig(epochs=0), ValueError, "epochs"),
+    ("train-warmup", lambda: TrainConfig(warmup_ratio=-0.1), ValueError, "warmup_ratio"),
+    ("eval-ks", lambda: EvalConfig(ks=[0]), ValueError, "ks[0]"),
+    ("eval-select-on", lambda: EvalConfig(select_on="accuracy"), ValueError, "select_on"),
+    ("from-dict-not-table", lambda: from_dict(TrainConfig, [1]), ValueError, "must be a table"),
+    ("gsm-list-answer", lambda tmp: _gsm(tmp, '{"question": "q", "answer": [1]}\n'), ValueError, "g.jsonl:1: 'answer'"),
+    ("gsm-null-answer", lambda tmp: _gsm(tmp, '{"question": "q", "answer": null}\n'), ValueError, "got null"),
+    ("damaged-adapter", _damaged_adapter, ValueError, "adapter: a damaged peft adapter folder"),
+    ("damaged-model", _damaged_model, ValueError, "model"),
+]
+
+
+@pytest.mark.parametrize("make, kind, expected", [pytest.param(m, k, e, id=i) for i, m, k, e in API_CASES])
+def test_api_bad_input(tmp_path, make, kind, expected):
+    call = make(tmp_path) if make.__code__.co_argcount == 1 else make
+    with pytest.raises(kind) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and expected in message, message
+    if "damaged" in str(make):
+        assert str(tmp_path) in message  # the folder is named
+
+
+def test_zero_problems_give_an_empty_result(tmp_path, capsys):
+    assert generate(None, None, [], SamplingConfig(n=4), out=tmp_path / "s.jsonl") == []
+    assert not (tmp_path / "s.jsonl").exists()
+    assert fused_logprob(torch.randn(0, 8), W, torch.zeros(0, dtype=torch.long)).shape == (0,)
+    assert SamplingConfig(temperature=0).temperature == 0  # greedy stays expressible
+
+
+def test_enough_cases():
+    assert len(CLI_CASES) + len(API_CASES) >= 80 and len(CLI_CASES) >= 40 and len(API_CASES) >= 40
