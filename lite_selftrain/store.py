@@ -273,10 +273,14 @@ class RunStore:
 
     # -- config ------------------------------------------------------------------------------------
     def check_config(self, config: dict, *, restart: bool = False) -> dict:
-        """The normalised `config`, after refusing one that differs from the run's own; writes nothing."""
+        """The normalised `config`, after refusing one that differs from the run's own; writes nothing.
+
+        A run that never finished a stage (it failed on its first one) holds nothing worth keeping: a new
+        config replaces it, as with `restart`.
+        """
         config = json.loads(json.dumps(config, default=str))  # normalise tuples etc. before comparing
         old = None if restart else read_json(self.root / "config.json")
-        if old is not None and old != config:
+        if old is not None and old != config and self.state().get("done"):
             keys = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             raise UserError(
                 f"run directory {self.root} was made by a different config (differs in: {', '.join(keys)}); "
@@ -294,6 +298,10 @@ class RunStore:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot make the run folder {self.root}: {e.strerror}") from None
+        old = read_json(self.root / "config.json")
+        if old is not None and old != config and not restart:
+            print(f"{self.root}: no stage of its old config finished; starting over with this one", file=sys.stderr)
+            restart = True
         if restart:
             for child in self.root.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
