@@ -72,19 +72,22 @@ def _described(tp: Any) -> str | None:
     return None
 
 
-def _annotation(cls: type, loc: tuple) -> Any:
-    """The annotation of the field at pydantic's error location `loc` inside dataclass `cls`."""
-    tp: Any = cls
+def _walk(root: Any, loc: tuple) -> tuple[Any, tuple]:
+    """(annotation, key path) of pydantic's error location `loc` inside `root`; a union member's tag in
+    `loc` ("constrained-int") ends the walk there, so the message speaks of the whole field."""
+    tp, kept = root, []
     for part in loc:
-        while typing.get_origin(tp) is Annotated or type(None) in typing.get_args(tp):
-            tp = typing.get_args(tp)[0]
-        if isinstance(part, str) and dataclasses.is_dataclass(tp):
-            tp = typing.get_type_hints(tp, include_extras=True).get(part)
-        elif isinstance(part, int) and typing.get_args(tp):
-            tp = typing.get_args(tp)[0]
+        base = tp
+        while typing.get_origin(base) is Annotated or type(None) in typing.get_args(base):
+            base = typing.get_args(base)[0]
+        if isinstance(part, str) and dataclasses.is_dataclass(base):
+            tp = typing.get_type_hints(base, include_extras=True).get(part)
+        elif isinstance(part, int) and typing.get_args(base):
+            tp = typing.get_args(base)[0]
         else:
-            return None
-    return tp
+            break
+        kept.append(part)
+    return tp, tuple(kept)
 
 
 def _key(head: str, loc: tuple) -> str:
@@ -96,7 +99,7 @@ def _key(head: str, loc: tuple) -> str:
 
 def _message(root: Any, error: dict, head: str) -> str:
     """One line for a pydantic error inside `root` (a dataclass or an annotation) at key `head`."""
-    loc = tuple(error["loc"])
+    tp, loc = _walk(root, tuple(error["loc"]))
     key = _key(head, loc)
     if error["type"] == "value_error":  # a __post_init__ check across fields: its own words
         text, parent = str(error["ctx"]["error"]), _key(head, loc[:-1])
@@ -105,7 +108,7 @@ def _message(root: Any, error: dict, head: str) -> str:
         return f"{key}: {text}" if key else text
     if error["type"] == "missing":
         return f"{key} is required"
-    wanted = _described(_annotation(root, loc)) or error["msg"].replace("Input should be ", "")
+    wanted = _described(tp) or error["msg"].replace("Input should be ", "")
     wanted = {"an object": "a table", "a valid number": "a number", "a valid integer": "an integer",
               "a valid string": "a string", "a valid boolean": "true or false", "a valid array": "a list",
               "a valid list": "a list", "a valid tuple": "a list", "a valid dictionary": "a table"}.get(wanted, wanted)
