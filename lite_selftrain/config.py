@@ -81,7 +81,7 @@ def _walk(root: Any, loc: tuple) -> tuple[Any, tuple]:
         while typing.get_origin(base) is Annotated or type(None) in typing.get_args(base):
             base = typing.get_args(base)[0]
         if isinstance(part, str) and dataclasses.is_dataclass(base):
-            tp = typing.get_type_hints(base, include_extras=True).get(part)
+            tp = _hints(base).get(part)
         elif isinstance(part, int) and typing.get_args(base):
             tp = typing.get_args(base)[0]
         else:
@@ -167,7 +167,7 @@ def check_fields(obj: Any) -> None:
 
     A wrong type raises `UserTypeError`, a value out of range `UserError`, saying what was expected.
     """
-    hints = typing.get_type_hints(type(obj), include_extras=True)
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         if not dataclasses.is_dataclass(hints[f.name]):  # nested configs checked themselves when built
             check_value(getattr(obj, f.name), hints[f.name], f"{type(obj).__name__}.{f.name}")
@@ -190,6 +190,11 @@ def check_value(value: Any, annotation: Any, key: str) -> None:
 @functools.cache
 def _value_adapter(annotation: Any) -> TypeAdapter:
     return TypeAdapter(annotation)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
