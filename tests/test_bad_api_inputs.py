@@ -10,7 +10,7 @@ from lite_selftrain.kernels import fused_logprob
 
 from lite_selftrain.config import from_dict
 from lite_selftrain.evaluate import EvalConfig
-from lite_selftrain.models import ModelConfig, load_model
+from lite_selftrain.models import ModelConfig, load_model, save_model, save_preset
 from lite_selftrain.sampling import SamplingConfig, generate
 from lite_selftrain.tasks import get_task
 from lite_selftrain.train import TrainConfig
@@ -33,6 +33,21 @@ def _damaged_model(tmp):
     (tmp / "model").mkdir()
     (tmp / "model" / "config.json").write_text("{not json")
     return lambda: load_model(ModelConfig(name=str(tmp / "model"), mode="full"))
+
+
+def _truncated_weights(tmp):
+    save_preset("tiny", tmp / "model")
+    weights = tmp / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return lambda: load_model(ModelConfig(name=str(tmp / "model"), mode="full"))
+
+
+def _truncated_adapter_weights(tmp):
+    model, tok = load_model(ModelConfig(name="tiny"))
+    save_model(model, tmp / "adapter", tok)
+    weights = tmp / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    return lambda: load_model(ModelConfig(name="tiny", adapter=str(tmp / "adapter")))
 
 
 API_CASES = [  # (id, callable or factory of tmp_path, exception type, text of the message)
@@ -91,6 +106,8 @@ API_CASES = [  # (id, callable or factory of tmp_path, exception type, text of t
     ("gsm-null-answer", lambda tmp: _gsm(tmp, '{"question": "q", "answer": null}\n'), ValueError, "got null"),
     ("damaged-adapter", _damaged_adapter, ValueError, "adapter: a damaged peft adapter folder"),
     ("damaged-model", _damaged_model, ValueError, "model"),
+    ("truncated-weights", _truncated_weights, ValueError, "could not load model"),
+    ("truncated-adapter", _truncated_adapter_weights, ValueError, "a damaged peft adapter folder"),
 ]
 
 
@@ -101,7 +118,7 @@ def test_api_bad_input(tmp_path, make, kind, expected):
         call()
     message = str(caught.value)
     assert "\n" not in message and expected in message, message
-    if "damaged" in str(make):
+    if "damaged" in str(make) or "truncated" in str(make):
         assert str(tmp_path) in message  # the folder is named
 
 
