@@ -135,7 +135,7 @@ CLI_CASES = [
     ("task-name", [*SET, "task='chess'"], "unknown task 'chess'"),
     ("task-option", [*SET, "task_options={shots=-1}"], "shots"),
     ("task-option-key", [*SET, "task_options={colour=1}"],
-     "bad options for task gsm8k"),
+     "task gsm8k has no option 'colour'"),
     ("arith-terms", [*SET, "task='arith'", "--set", "task_options={terms='x'}"],
      'terms must be a count or a [min, max] pair, got "x"'),
     ("arith-digits", [*SET, "task='arith'", "--set", "task_options={digits=0}"], "digits must be a positive integer"),

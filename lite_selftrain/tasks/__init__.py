@@ -8,6 +8,7 @@ Simplification: a fixed table of tasks; a new task is one module plus one line h
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from ..errors import UserError, UserTypeError
 from .base import CodeTask, Task
@@ -32,6 +33,10 @@ def get_task(name: str, **options) -> Task:
         raise UserError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
     module, cls = TASKS[name]
     task_class = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    params = inspect.signature(task_class).parameters
+    unknown = [k for k in options if k not in params]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise UserError(f"task {name} has no option '{unknown[0]}' (its options: {', '.join(params)})")
     try:
         return task_class(**options)
     except UserError:
