@@ -11,6 +11,7 @@ from lite_selftrain.kernels import fused_logprob
 from lite_selftrain.config import from_dict
 from lite_selftrain.evaluate import EvalConfig
 from lite_selftrain.models import ModelConfig, load_model, save_model, save_preset
+from lite_selftrain.recipes import self_rewarding
 from lite_selftrain.sampling import SamplingConfig, generate
 from lite_selftrain.tasks import get_task
 from lite_selftrain.train import TrainConfig
@@ -33,6 +34,11 @@ def _damaged_model(tmp):
     (tmp / "model").mkdir()
     (tmp / "model" / "config.json").write_text("{not json")
     return lambda: load_model(ModelConfig(name=str(tmp / "model"), mode="full"))
+
+
+def _eft(tmp):
+    (tmp / "e.jsonl").write_text('{"prompt": "p", "response": "r", "score": "good"}\n')
+    return lambda: self_rewarding.sft_records(self_rewarding.SelfRewardConfig(eft_path=str(tmp / "e.jsonl")), None, [])
 
 
 def _truncated_weights(tmp):
@@ -107,6 +113,7 @@ API_CASES = [  # (id, callable or factory of tmp_path, exception type, text of t
     ("gsm-null-answer", lambda tmp: _gsm(tmp, '{"question": "q", "answer": null}\n'), ValueError, "got null"),
     ("damaged-adapter", _damaged_adapter, ValueError, "adapter: a damaged peft adapter folder"),
     ("damaged-model", _damaged_model, ValueError, "model"),
+    ("eft-score", _eft, ValueError, "e.jsonl:1: 'score' must be a number, got \"good\""),
     ("truncated-weights", _truncated_weights, ValueError, "could not load model"),
     ("truncated-adapter", _truncated_adapter_weights, ValueError, "a damaged peft adapter folder"),
 ]

@@ -60,10 +60,13 @@ class SelfRewardConfig:
         check_fields(self)
 
 
+EFT_FIELDS = {"prompt": "string", "response": "string", "score": "number", "justification?": "string"}
+
+
 def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict]) -> tuple[list[dict], dict]:
     """M_0's data: IFT in the chat template, and EFT judge prompts as `judge()` will prompt them."""
     eft = [eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]))
-           for r in (read_jsonl(cfg.eft_path) if cfg.eft_path else [])]
+           for r in (read_jsonl(cfg.eft_path, EFT_FIELDS) if cfg.eft_path else [])]
     records = [{"prompt": format_prompt(tok, r["prompt"]), "response": r["response"]} for r in ift]
     records += [{"prompt": format_prompt(tok, r["prompt"]) if cfg.judge.chat else r["prompt"],
                  "response": r["response"]} for r in eft]
