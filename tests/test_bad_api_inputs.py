@@ -10,7 +10,7 @@ from lite_selftrain.kernels import fused_logprob
 
 from lite_selftrain.config import from_dict
 from lite_selftrain.evaluate import EvalConfig
-from lite_selftrain.models import ModelConfig, load_model, save_model, save_preset
+from lite_selftrain.models import ModelConfig, load_model, pick_device, save_model, save_preset
 from lite_selftrain.recipes import self_rewarding
 from lite_selftrain.sampling import SamplingConfig, generate
 from lite_selftrain.tasks import get_task
@@ -139,3 +139,9 @@ def test_zero_problems_give_an_empty_result(tmp_path, capsys):
 
 def test_enough_cases():
     assert len(API_CASES) >= 50
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_device_without_cuda_is_one_line():
+    with pytest.raises(ValueError, match="model.device is cuda:1, but torch sees no CUDA device"):
+        pick_device("cuda:1")
