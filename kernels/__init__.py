@@ -8,6 +8,10 @@ This package imports torch and triton only, and triton only when the triton path
 without it (macOS), everything but impl="triton" works.
 """
 
+import math
+
+import torch
+
 from .chunked import ChunkConfig, chunked_logprob
 from .reference import naive_logprob
 
@@ -35,11 +39,23 @@ def fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
-    if hidden.shape[:-1] != targets.shape or weight.shape[-1] != hidden.shape[-1]:
-        raise ValueError(f"shapes do not match: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
-                         f"targets {tuple(targets.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, not {temperature}")
+    # inputs: float hidden (..., H) and weight (V, H), integer targets (...), float bias (V,), a finite T > 0
+    named = {"hidden": hidden, "weight": weight, "targets": targets, **({"bias": bias} if bias is not None else {})}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
+        if (name == "targets") == (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            wanted = "an integer tensor of token ids" if name == "targets" else "a floating-point tensor"
+            raise TypeError(f"{name} must be {wanted}, not {t.dtype}")
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[:-1] != targets.shape \
+            or weight.shape[-1] != hidden.shape[-1] or (bias is not None and tuple(bias.shape) != weight.shape[:1]):
+        raise ValueError(f"shapes do not match: expected hidden (..., H), weight (V, H), targets (...), bias (V,); "
+                         f"got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets "
+                         f"{tuple(targets.shape)}" + (f", bias {tuple(bias.shape)}" if bias is not None else ""))
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, not {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite positive number, not {temperature}")
     _check_targets(targets, targets != ignore_index, weight.shape[0])
     if impl == "auto":
         impl = "triton" if hidden.is_cuda and _has_triton() else "chunked"

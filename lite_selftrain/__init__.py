@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "UserError": "errors",
+    "UserError": "errors", "UserTypeError": "errors",
     "maj_at_k": "evaluate", "pass_at_k": "evaluate",
     "parse_score": "judge",
     "fused_logprob": "kernels", "naive_logprob": "kernels",

@@ -7,7 +7,8 @@
 Recipe commands read a TOML file whose keys are the recipe's config fields, then apply `--set key=value`
 overrides (dotted keys reach nested tables, values are TOML: `--set train.lr=1e-5 --set iterations=2`).
 A run directory remembers its config and refuses a different one unless `--restart` is given.
-Every `UserError` becomes one line on stderr and exit code 2.
+Every `UserError` and command-line mistake becomes one line on stderr and exit code 2; inputs are checked
+before anything is written, so a rejected command leaves no file behind.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ config_option = click.option("--config", "config_path", type=click.Path(dir_okay
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a config field (dotted for nested tables); repeatable.")
 out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+limit_option = click.option("--limit", type=click.IntRange(min=0), default=None, help="Only the first N problems.")
 restart_option = click.option("--restart", is_flag=True, help="Delete the run directory's contents first.")
 
 
@@ -81,7 +83,7 @@ def _recipe_command(name: str, help: str):
         from .recipes import load_recipe
 
         module, config_class = load_recipe(name)
-        cfg = load_config(config_class, config_path, overrides)
+        cfg = load_config(config_class, config_path, overrides)  # every key checked before the run folder is made
         records, best = module.run(cfg, out, restart=restart, progress=True)
         _print_table(records)
         click.echo(f"best iteration: {best['iteration'] if best else 'none (no iteration has the selection metric)'}")
@@ -124,20 +126,23 @@ def _load(model_name, mode, adapter):
 @_model_options
 @_task_options
 @click.option("--n", default=4, show_default=True, help="Samples per problem.")
-@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--temperature", default=0.7, show_default=True, help="0 = greedy.")
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=1.0, show_default=True)
-@click.option("--limit", type=int, default=None, help="Only the first N problems.")
+@limit_option
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Samples JSONL (resumable).")
 def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperature, top_k, top_p, limit, seed, out):
     """Draw N completions per problem into a JSONL file; a killed run resumes."""
     from .sampling import SamplingConfig, generate, sampled
+    from .store import check_writable
     from .tasks import get_task
 
+    cfg = SamplingConfig(n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    check_writable(out, folder=False)
     task = get_task(task_name, shots=shots)
     examples = task.load(split, data)[:limit]
-    cfg = SamplingConfig(n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).for_task(task)
+    cfg = cfg.for_task(task)
     model, tok = _load(model_name, mode, adapter)
     groups = generate(model, tok, [task.prompt(ex) for ex in examples], cfg, out=Path(out), progress=True)
     click.echo(json.dumps(sampled(groups)))
@@ -145,16 +150,18 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
 
 @cli.command()
 @_task_options
-@click.option("--limit", type=int, default=None)
+@limit_option
 @click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 def score(task_name, split, data, shots, limit, samples, out):
     """Add a reward to every sample of a samples file."""
-    from .store import read_jsonl, write_jsonl
+    from .store import SAMPLE_FIELDS, check_writable, read_jsonl, write_jsonl
     from .tasks import get_task
 
+    check_writable(out, folder=False)
     task = get_task(task_name, shots=shots)
-    scored, info = task.score_samples(read_jsonl(samples), task.load(split, data)[:limit])
+    problems = task.load(split, data)[:limit]
+    scored, info = task.score_samples(read_jsonl(samples, SAMPLE_FIELDS, len(problems)), problems)
     write_jsonl(Path(out), scored)
     click.echo(json.dumps(info))
 
@@ -162,27 +169,35 @@ def score(task_name, split, data, shots, limit, samples, out):
 @cli.command()
 @click.option("--recipe", type=click.Choice(["rest-em", "rpo"]), required=True)
 @_task_options
-@click.option("--limit", type=int, default=None)
-@click.option("--max-per-problem", default=10, show_default=True, help="ReST-EM's cap of kept samples.")
-@click.option("--pairs-per-problem", default=10, show_default=True, help="RPO's K.")
+@limit_option
+@click.option("--max-per-problem", default=10, show_default=True, type=click.IntRange(min=1),
+              help="ReST-EM's cap of kept samples.")
+@click.option("--pairs-per-problem", default=10, show_default=True, type=click.IntRange(min=1), help="RPO's K.")
 @click.option("--scored", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_per_problem, scored, out):
     """Turn scored samples into a training set: ReST-EM's kept samples or RPO's pairs."""
     from .recipes import rest_em, rpo
-    from .store import read_jsonl, write_jsonl
+    from .store import SCORED_FIELDS, check_writable, read_jsonl, write_jsonl
     from .tasks import get_task
 
+    check_writable(out, folder=False)
     task = get_task(task_name, shots=shots)
     prompts = [task.prompt(p) for p in task.load(split, data)[:limit]]
+    records = read_jsonl(scored, SCORED_FIELDS, len(prompts))
     if recipe == "rest-em":
         cfg = rest_em.RestEMConfig(task=task_name, max_per_problem=max_per_problem)
-        records, info = rest_em.keep_correct(cfg, prompts, read_jsonl(scored), 1)
+        records, info = rest_em.keep_correct(cfg, prompts, records, 1)
     else:
         cfg = rpo.RPOConfig(task=task_name, pairs_per_problem=pairs_per_problem)
-        records, info = rpo.build_pairs(cfg, prompts, read_jsonl(scored), 1)
+        records, info = rpo.build_pairs(cfg, prompts, records, 1)
     write_jsonl(Path(out), records)
     click.echo(json.dumps(info))
+
+
+TRAIN_FIELDS = {"sft": {"prompt": "string", "response": "string"},  # what each objective reads of a record
+                "rwnll": {"prompt": "string", "response": "string", "reward?": "number"},
+                "dpo_nll": {"prompt": "string", "chosen": "string", "rejected": "string"}}
 
 
 @cli.command(name="train")
@@ -196,10 +211,12 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     from .config import load_config
     from .data import load_records
     from .models import save_model
+    from .store import check_writable
     from .train import TrainConfig, train
 
     cfg = load_config(TrainConfig, config_path, overrides)
-    records = load_records(data)  # bad data fails before the model is loaded
+    check_writable(out, folder=True)
+    records = load_records(data, need=TRAIN_FIELDS[cfg.objective])  # bad data fails before the model is loaded
     model, tok = _load(model_name, mode, adapter)
     summary = train(model, tok, records, cfg, Path(out), progress=True)
     save_model(model, Path(out) / "model", tok)
@@ -209,21 +226,26 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
 @cli.command(name="eval")
 @_model_options
 @_task_options
-@click.option("--limit", type=int, default=None)
+@limit_option
 @click.option("--n", default=8, show_default=True, help="Samples per problem for pass@k / maj@k.")
 @click.option("--k", "ks", multiple=True, type=int, default=(1, 4, 8), show_default=True)
-@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--temperature", default=0.7, show_default=True, help="Of the sampled part (pass@1 is greedy).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit, n, ks, temperature, out):
     """Greedy pass@1 and sampled pass@k / maj@k on a task split, with per-problem records."""
     from .evaluate import EvalConfig, heldout
+    from .store import check_writable
     from .tasks import get_task
 
+    default = EvalConfig()
+    cfg = EvalConfig(split=split, limit=limit or None, sample=default.sample.replace(n=n, temperature=temperature),
+                     ks=list(ks))
+    check_writable(out, folder=True)
     task = get_task(task_name, shots=shots)
     examples = task.load(split, data)
-    default = EvalConfig()
-    cfg = EvalConfig(split=split, limit=limit, sample=default.sample.replace(n=n, temperature=temperature),
-                     ks=list(ks))
+    if limit == 0:  # no problems: an empty result, not the whole split
+        click.echo(json.dumps({}))
+        return
     model, tok = _load(model_name, mode, adapter)
     click.echo(json.dumps(heldout(model, tok, task, examples, cfg, Path(out))))
 
@@ -250,16 +272,20 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def main():
+def main(argv: list[str] | None = None):
+    """The console entry: `argv` (default: the process's arguments); every input error is one line."""
     _quiet_libraries()
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="lite-selftrain", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # usage errors: one line, `--help` tells the rest
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # the file system refused (permissions, a full disk): the path and the reason
+        click.echo(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", err=True)
         sys.exit(2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
-from .store import read_jsonl
+from .store import check_record, read_jsonl
 
 
 def _load_saved_dataset(path: Path, split: str | None) -> list[dict]:
@@ -37,17 +37,27 @@ def _load_hub(name: str, split: str | None, config: str | None) -> list[dict]:
     return [dict(r) for r in ds]
 
 
-def load_records(source: str | Path, split: str | None = "train", *, config: str | None = None) -> list[dict]:
-    """Records from `source`: a JSONL file, a saved dataset folder, or (online) a hub dataset name."""
+def load_records(source: str | Path, split: str | None = "train", *, config: str | None = None,
+                 need: dict[str, str] | None = None) -> list[dict]:
+    """Records from `source`: a JSONL file, a saved dataset folder, or (online) a hub dataset name.
+
+    `need` (field → kind, see `store.check_record`) names the first record without them: file:line or index.
+    """
     path = Path(source)
     if path.suffix in (".jsonl", ".json") or path.is_file():
-        records = read_jsonl(path)
+        return _nonempty(read_jsonl(path, need), source)
     elif path.is_dir():
         records = _load_saved_dataset(path, split)
     elif str(source).startswith((".", "/", "~")):
         raise UserError(f"data path not found: {source}")
     else:
         records = _load_hub(str(source), split, config)
+    for i, record in enumerate(records if need else []):
+        check_record(record, need, f"{source} record {i}")
+    return _nonempty(records, source)
+
+
+def _nonempty(records: list[dict], source) -> list[dict]:
     if not records:
         raise UserError(f"dataset {source} is empty")
     return records

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import Name, PositiveInt, check_fields
 from .errors import UserError
 from .sampling import SamplingConfig, generate
 from .store import atomic_write_json, write_jsonl
@@ -33,12 +34,24 @@ from .store import atomic_write_json, write_jsonl
 class EvalConfig:
     """Held-out evaluation: greedy pass@1, plus pass@k / maj@k from `sample.n` samples per problem."""
 
-    split: str = "test"  # held-out problems, never trained on
-    limit: int | None = None  # evaluate on the first `limit` problems (None: all)
+    split: Name = "test"  # held-out problems, never trained on
+    limit: PositiveInt | None = None  # evaluate on the first `limit` problems (None: all)
     sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         n=8, temperature=0.7, top_k=40, batch_size=32))  # ReST-EM's sampling knobs; n = 1 skips this part
-    ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # the k of pass@k / maj@k to report
-    select_on: str = "test_pass@1"  # the metric that picks the best iteration
+    ks: list[PositiveInt] = field(default_factory=lambda: [1, 4, 8])  # the k of pass@k / maj@k to report
+    select_on: Name = "test_pass@1"  # the metric that picks the best iteration
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.select_on not in self.metric_names():
+            raise UserError(f"eval.select_on must name a metric this evaluation reports "
+                            f"({', '.join(self.metric_names())}), not '{self.select_on}'")
+
+    def metric_names(self) -> list[str]:
+        """The keys `heldout` reports with this config (plus the training-side ones a record carries)."""
+        ks = [k for k in self.ks if k <= self.sample.n] if self.sample.n > 1 else []
+        sampled = ["test_sampled_pass@1"] + [f"test_pass@{k}" for k in ks if k != 1] + [f"test_maj@{k}" for k in ks]
+        return ["test_pass@1", *sampled * (self.sample.n > 1), "train_accuracy", "train_coverage"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import Fraction, NonNegativeFloat, PositiveInt, check_fields
 from .errors import UserError
 from .models import padding_side, split_body_head, training_mode
 
@@ -41,19 +42,18 @@ POLICIES = ("original", "central", "central_or_drop", "central_or_original")
 @dataclass
 class SelectionConfig:
     policy: str = "central"  # method (2): the poster's only policy at or above baseline quality
-    rank_threshold: float = 0.5  # the original ranks low when over half the samples are more central
+    rank_threshold: Fraction = 0.5  # the original ranks low when over half the samples are more central
     layer: int = -1  # hidden_states index: -1 = final (normed) layer, 0 = token embeddings
     pooling: str = "mean"  # mask-aware mean: a decoder's last token alone depends on where the text stops
-    batch_size: int = 32  # texts per forward pass
-    tie_tol: float = 1e-6  # centrality gaps this small are ties: the DPO pair is skipped
+    batch_size: PositiveInt = 32  # texts per forward pass
+    tie_tol: NonNegativeFloat = 1e-6  # centrality gaps this small are ties: the DPO pair is skipped
 
     def __post_init__(self):
+        check_fields(self)
         if self.policy not in POLICIES:
             raise UserError(f"selection policy must be one of {', '.join(POLICIES)}, not '{self.policy}'")
         if self.pooling not in ("mean", "last"):
             raise UserError(f"pooling must be mean or last, not '{self.pooling}'")
-        if not 0 <= self.rank_threshold <= 1:
-            raise UserError(f"rank_threshold must be in [0, 1], not {self.rank_threshold}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,9 +19,12 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
+from .config import Fraction, Name, PositiveInt, check_fields
 from .errors import UserError
 from .store import atomic_dir
 
@@ -100,30 +103,34 @@ def save_preset(preset: str, path: str | Path, *, seed: int = 0) -> Path:
 # configuration
 
 
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N or mps")]
+
+
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # preset name, local folder, or hub id
-    mode: str = "lora"  # "full", "lora" or "qlora": LoRA is the cheapest thing that trains well
-    adapter: str | None = None  # an existing peft adapter folder to load on top of the base
-    lora_r: int = 16  # QLoRA paper's setting for small models
-    lora_alpha: int = 32  # alpha = 2r keeps the update scale of the paper
-    lora_dropout: float = 0.05  # QLoRA paper's value for models under 13B
-    lora_targets: str = "all-linear"  # all projections: QLoRA found this needed to match full tuning
-    dtype: str = "auto"  # auto: bf16 on CUDA (fast, no loss scaling), fp32 on CPU (no bf16 matmul speed-up)
+    name: Name = "tiny"  # preset name, local folder, or hub id
+    mode: Literal["full", "lora", "qlora"] = "lora"  # LoRA is the cheapest thing that trains well
+    adapter: Name | None = None  # an existing peft adapter folder to load on top of the base
+    lora_r: PositiveInt = 16  # QLoRA paper's setting for small models
+    lora_alpha: PositiveInt = 32  # alpha = 2r keeps the update scale of the paper
+    lora_dropout: Fraction = 0.05  # QLoRA paper's value for models under 13B
+    lora_targets: Name = "all-linear"  # all projections: QLoRA found this needed to match full tuning
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False  # trades ~30% compute for activation memory on long sequences
     seed: int = 0  # random weights of presets and of a fresh adapter: a rerun builds the same model
-    device: str = "auto"  # auto: CUDA when present
+    device: Device = "auto"  # auto: CUDA when present
 
     def __post_init__(self):
-        if self.mode not in ("full", "lora", "qlora"):
-            raise UserError(f"model.mode must be full, lora or qlora, not '{self.mode}'")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, not '{self.dtype}'")
+        check_fields(self)
 
 
 def pick_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"model.device is {spec}, but torch sees no CUDA device here (use auto or cpu)")
+    if spec == "mps" and not torch.backends.mps.is_available():
+        raise UserError("model.device is mps, but torch sees no MPS device here (use auto or cpu)")
     return torch.device(spec)
 
 
@@ -135,6 +142,17 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 # ----------------------------------------------------------------------------------------------------
 # loading
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a damaged folder raises: a bad JSON file, a truncated or mismatched weights file."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, KeyError, RuntimeError, SafetensorError
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def _resolve_source(name: str) -> tuple[str, bool]:
@@ -162,9 +180,9 @@ def load_tokenizer(name: str):
         source, local = _resolve_source(name)
         try:
             tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        except (OSError, ValueError) as e:
+        except _load_errors() as e:
             where = "" if local else " (offline? pass a local model folder instead)"
-            raise UserError(f"could not load the tokenizer of '{name}'{where}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"could not load the tokenizer of '{name}'{where}: {_first_line(e)}") from None
     if tok.pad_token is None:  # a pad id is needed for batching; it never reaches a loss
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
@@ -187,9 +205,9 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+    except _load_errors() as e:
         where = "" if local else " (offline? pass a local model folder instead)"
-        raise UserError(f"could not load model '{cfg.name}'{where}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"could not load model '{cfg.name}'{where}: {_first_line(e)}") from None
     return model if cfg.mode == "qlora" else model.to(device)
 
 
@@ -213,7 +231,10 @@ def load_model(cfg: ModelConfig):
     if cfg.adapter:
         if not Path(cfg.adapter, "adapter_config.json").exists():
             raise UserError(f"not a peft adapter folder: {cfg.adapter}")
-        model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
+        try:
+            model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
+        except _load_errors() as e:
+            raise UserError(f"{cfg.adapter}: a damaged peft adapter folder ({_first_line(e)})") from None
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_targets, task_type="CAUSAL_LM")

@@ -21,14 +21,14 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys=("test_pas
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    records = JsonlLog(metrics_path).read()
+    records = JsonlLog(metrics_path).read(need={"recipe": "string", "iteration": "index"})
     if not records:
         raise UserError(f"no metrics to plot in {metrics_path}")
     fig, ax = plt.subplots(figsize=(6, 4))
     for recipe in dict.fromkeys(r["recipe"] for r in records):
         rows = sorted((r for r in records if r["recipe"] == recipe and "iteration" in r), key=lambda r: r["iteration"])
         for key, style in zip(keys, ("-o", "--s", ":^")):
-            points = [(r["iteration"], 100 * r[key]) for r in rows if r.get(key) is not None]
+            points = [(r["iteration"], 100 * r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), style, label=f"{recipe} {key}" if len(keys) > 1 else recipe)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

@@ -34,46 +34,39 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
-from .errors import UserError
+from pydantic import Field
+
+from .config import Count, Name, PositiveInt, check_fields
+from .errors import UserError, UserTypeError
 from .store import JsonlLog, write_jsonl
 
 FREE_TEXT_TOKENS = 256  # max_new_tokens when neither the config nor a task sets one: a few paragraphs
-BACKENDS = ("native", "vllm")
+# 0 is kept as the spelling of greedy decoding (as in vLLM and transformers); NaN, inf and negatives are errors
+Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False, description="a number >= 0 (0 = greedy)")]
+TopP = Annotated[float, Field(gt=0, le=1, description="a number in (0, 1]")]
 
 
 @dataclass
 class SamplingConfig:
     """How to sample: every `generate` call takes one. Recipes nest it with their papers' values."""
 
-    n: int = 1  # samples per prompt; they share one prefill, so n is cheap
-    temperature: float = 1.0  # the model's own distribution; 0 means greedy
-    top_k: int = 0  # 0 = off; ReST-EM's recipe sets 40
-    top_p: float = 1.0  # 1 = off; Self-Rewarding's recipe sets 0.9
-    max_new_tokens: int | None = None  # None: the task's own (its longest solution), else FREE_TEXT_TOKENS
-    stop: tuple[str, ...] | None = ()  # strings that end a completion (not in its text); a task adds its own
+    n: PositiveInt = 1  # samples per prompt; they share one prefill, so n is cheap
+    temperature: Temperature = 1.0  # the model's own distribution; exactly 0 is greedy decoding (argmax)
+    top_k: Count = 0  # 0 = off; ReST-EM's recipe sets 40
+    top_p: TopP = 1.0  # 1 = off; Self-Rewarding's recipe sets 0.9
+    max_new_tokens: PositiveInt | None = None  # None: the task's own (its longest solution), else FREE_TEXT_TOKENS
+    stop: tuple[Name, ...] | None = ()  # strings that end a completion (not in its text); a task adds its own
     seed: int = 0  # with the prompt index, fixes every sample; recipes add the iteration
-    batch_size: int = 16  # prompts prefilled together; the decode batch holds batch_size × n rows
-    check_every: int = 4  # decode steps between looks for finished rows: each look is one host sync
-    backend: str = "native"  # "native" (engine.py) or "vllm" (needs vllm and a GPU)
+    batch_size: PositiveInt = 16  # prompts prefilled together; the decode batch holds batch_size × n rows
+    check_every: PositiveInt = 4  # decode steps between looks for finished rows: each look is one host sync
+    backend: Literal["native", "vllm"] = "native"  # "native" (engine.py) or "vllm" (needs vllm and a GPU)
 
     def __post_init__(self):
-        self.stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        checks = [
-            (self.n >= 1, f"n must be at least 1, not {self.n}"),
-            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), not {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), not {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
-            (self.max_new_tokens is None or self.max_new_tokens >= 1,
-             f"max_new_tokens must be at least 1 (or unset), not {self.max_new_tokens}"),
-            (self.batch_size >= 1, f"batch_size must be at least 1, not {self.batch_size}"),
-            (self.check_every >= 1, f"check_every must be at least 1, not {self.check_every}"),
-            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty: {self.stop}"),
-            (self.backend in BACKENDS, f"backend must be {' or '.join(BACKENDS)}, not {self.backend!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        if isinstance(self.stop, (str, list)) or self.stop is None:  # one string, or a list from a TOML file
+            self.stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        check_fields(self)
 
     def for_task(self, task) -> SamplingConfig:
         """This config with the task's stop strings added and, when unset, the task's answer length."""
@@ -229,12 +222,17 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | Non
     log-probs of each completion. `model` is a causal LM (any peft wrapping), or for backend "vllm" also a
     vllm.LLM or a model folder.
     """
-    cfg = cfg or SamplingConfig()
+    cfg = SamplingConfig() if cfg is None else cfg
     if not isinstance(cfg, SamplingConfig):
-        raise TypeError(f"cfg must be a SamplingConfig, not {type(cfg).__name__}")
+        raise UserTypeError(f"cfg must be a SamplingConfig (e.g. SamplingConfig(n=2)), not {type(cfg).__name__}")
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise UserTypeError(f"prompts must be a list of strings, not {type(prompts).__name__}")
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise UserTypeError(f"prompts must be a list of strings; prompt {bad} is a {type(prompts[bad]).__name__}")
     cfg = cfg.replace(max_new_tokens=cfg.max_new_tokens or FREE_TEXT_TOKENS)
     prompts = list(prompts)
-    if not prompts:
+    if not prompts:  # N = 0: nothing to sample, and no file touched
         return []
     log = out if isinstance(out, JsonlLog) or out is None else JsonlLog(out)
     done = _resume(log, len(prompts), cfg.n) if log is not None else {}

@@ -134,8 +134,33 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Every record of a whole JSONL file; a malformed line is reported with its file and line number."""
+# what a record field must hold, by kind: (accepted types, words for the message)
+KINDS = {"any": ((object,), "any value"), "string": ((str,), "a string"), "number": ((int, float), "a number"),
+         "index": ((int,), "an integer index"), "table": ((dict,), "a table"), "list": ((list,), "a list")}
+SAMPLE_FIELDS = {"prompt_index": "index", "text": "string"}  # what scoring reads of a samples file
+SCORED_FIELDS = {**SAMPLE_FIELDS, "reward": "number", "finish_reason": "string"}  # what building reads
+
+
+def check_record(record: dict, need: dict[str, str], where: str, prompts: int | None = None) -> None:
+    """`need` maps field → kind (a `?` after the name: optional); `prompts` bounds `prompt_index`."""
+    for name, kind in need.items():
+        field, optional = name.rstrip("?"), name.endswith("?")
+        if field not in record:
+            if optional:
+                continue
+            raise UserError(f"{where}: the record has no '{field}' (needs: {', '.join(need)})")
+        types, words = KINDS[kind]
+        value = record[field]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise UserError(f"{where}: '{field}' must be {words}, got {json.dumps(value, default=str)[:60]}")
+    index = record.get("prompt_index")
+    if prompts is not None and "prompt_index" in need and not 0 <= index < prompts:
+        raise UserError(f"{where}: prompt_index {index} is outside the {prompts} problems (0..{prompts - 1})")
+
+
+def read_jsonl(path: str | Path, need: dict[str, str] | None = None, prompts: int | None = None) -> list[dict]:
+    """Every record of a whole JSONL file; a malformed line, or one without the fields in `need`
+    (see `check_record`), is reported with its file and line number."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -145,10 +170,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
         raise UserError(f"{path} is a folder, not a JSONL file") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
-    return list(iter_jsonl_lines(path, text))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    return list(iter_jsonl_lines(path, text, need, prompts))
 
 
-def iter_jsonl_lines(path: Path, text: str) -> Iterator[dict]:
+def iter_jsonl_lines(path: Path, text: str, need: dict[str, str] | None = None,
+                     prompts: int | None = None) -> Iterator[dict]:
     """Parse complete JSONL lines, naming the file and line of the first bad one."""
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -159,6 +187,8 @@ def iter_jsonl_lines(path: Path, text: str) -> Iterator[dict]:
             raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        if need:
+            check_record(record, need, f"{path}:{lineno}", prompts)
         yield record
 
 
@@ -181,12 +211,16 @@ class JsonlLog:
                 os.fsync(f.fileno())
         return list(iter_jsonl_lines(self.path, data[:end].decode("utf-8", errors="strict")))
 
-    def read(self) -> list[dict]:
-        """Complete records only, without modifying the file."""
+    def read(self, need: dict[str, str] | None = None) -> list[dict]:
+        """Complete records only, without modifying the file; `need` as in `check_record`."""
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
-        return list(iter_jsonl_lines(self.path, data[: data.rfind(b"\n") + 1].decode()))
+        try:
+            text = data[: data.rfind(b"\n") + 1].decode()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{self.path}: not UTF-8 text ({e.reason})") from None
+        return list(iter_jsonl_lines(self.path, text, need))
 
     def append(self, records: Iterable[dict]) -> None:
         """Append complete lines in one write, then fsync."""
@@ -200,12 +234,27 @@ class JsonlLog:
             os.fsync(f.fileno())
 
 
+def check_writable(path: str | Path, *, folder: bool, what: str = "--out") -> Path:
+    """`path` (a file or folder to be written) if it can be made; else one `UserError` naming it. Writes nothing."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kinds = ("a file", "a folder") if folder else ("a folder", "a file")
+        raise UserError(f"{what} {path}: exists and is {kinds[0]}, not {kinds[1]}")
+    up = path if path.exists() else path.parent
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir():
+        raise UserError(f"{what} {path}: {up} is a file, so nothing can be made inside it")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {up} is not writable")
+    return path
+
+
 class RunStore:
-    """One experiment's directory: config, state, metrics and per-iteration artefacts."""
+    """One experiment's directory: config, state, metrics and per-iteration artefacts; made on first write."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = check_writable(root, folder=True, what="run folder")
 
     # -- layout ------------------------------------------------------------------------------------
     def path(self, *parts: str | int) -> Path:
@@ -223,25 +272,41 @@ class RunStore:
         return JsonlLog(self.path(*parts))
 
     # -- config ------------------------------------------------------------------------------------
-    def bind_config(self, config: dict, *, restart: bool = False) -> None:
-        """Record the run's config, refusing to mix runs made by a different one.
+    def check_config(self, config: dict, *, restart: bool = False) -> dict:
+        """The normalised `config`, after refusing one that differs from the run's own; writes nothing.
 
-        With `restart`, everything already in the directory is deleted first.
+        A run that never finished a stage (it failed on its first one) holds nothing worth keeping: a new
+        config replaces it, as with `restart`.
         """
-        path = self.root / "config.json"
         config = json.loads(json.dumps(config, default=str))  # normalise tuples etc. before comparing
-        if restart and self.root.exists():
-            for child in self.root.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        old = read_json(path)
-        if old is not None and old != config:
+        old = None if restart else read_json(self.root / "config.json")
+        if old is not None and old != config and self.state().get("done"):
             keys = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             raise UserError(
                 f"run directory {self.root} was made by a different config (differs in: {', '.join(keys)}); "
                 "use another directory, or pass --restart to delete it and start over"
             )
-        if old is None:
-            atomic_write_json(path, config)
+        return config
+
+    def bind_config(self, config: dict, *, restart: bool = False) -> None:
+        """Record the run's config, refusing to mix runs made by a different one.
+
+        With `restart`, everything already in the directory is deleted first.
+        """
+        config = self.check_config(config, restart=restart)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot make the run folder {self.root}: {e.strerror}") from None
+        old = read_json(self.root / "config.json")
+        if old is not None and old != config and not restart:
+            print(f"{self.root}: no stage of its old config finished; starting over with this one", file=sys.stderr)
+            restart = True
+        if restart:
+            for child in self.root.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if read_json(self.root / "config.json") is None:
+            atomic_write_json(self.root / "config.json", config)
 
     def config(self) -> dict | None:
         return read_json(self.root / "config.json")

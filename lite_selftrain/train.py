@@ -33,10 +33,12 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from .batching import OBJECTIVES, collate, data_fingerprint, encode_records, plan_epoch
+from .config import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, check_fields
 from .errors import UserError
 from .logprobs import sequence_logprobs
 from .losses import NLL_NORMS, dpo_nll_loss, reward_weighted_nll
@@ -50,43 +52,37 @@ PAIR_METRICS = ("reward_chosen", "reward_rejected", "reward_acc", "margin", "log
 @dataclass
 class TrainConfig:
     objective: str = "sft"  # "sft", "rwnll" (ReST-EM) or "dpo_nll" (Iterative RPO; alpha=0 is plain DPO)
-    lr: float = 1e-4  # QLoRA's rate for LoRA on 7B+ models; full fine-tuning wants ~1e-5 or less
-    epochs: int = 1  # one pass: the next iteration brings fresh self-generated data anyway
-    max_steps: int | None = None  # None: epochs × steps per epoch; counts optimiser steps
-    batch_size: int = 4  # examples (pairs for DPO) per forward; a pair is two rows
-    grad_accum: int = 4  # 4 × 4 = QLoRA's effective batch of 16
-    warmup_ratio: float = 0.03  # QLoRA's warm-up share
-    lr_schedule: str = "cosine"  # cosine decay to 0 after warm-up; "constant" keeps the peak
-    weight_decay: float = 0.0  # QLoRA's value; applied to matrices only, never to norms or biases
-    max_grad_norm: float = 1.0  # clips only rare spikes (HF Trainer's default); 0 disables clipping
-    beta: float = 0.1  # Iterative RPO / Self-Rewarding DPO strength
-    alpha: float = 1.0  # Iterative RPO NLL weight; 0 gives plain DPO
+    lr: PositiveFloat = 1e-4  # QLoRA's rate for LoRA on 7B+ models; full fine-tuning wants ~1e-5 or less
+    epochs: PositiveInt = 1  # one pass: the next iteration brings fresh self-generated data anyway
+    max_steps: PositiveInt | None = None  # None: epochs × steps per epoch; counts optimiser steps
+    batch_size: PositiveInt = 4  # examples (pairs for DPO) per forward; a pair is two rows
+    grad_accum: PositiveInt = 4  # 4 × 4 = QLoRA's effective batch of 16
+    warmup_ratio: Fraction = 0.03  # QLoRA's warm-up share
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine decay to 0 after warm-up; "constant" keeps the peak
+    weight_decay: NonNegativeFloat = 0.0  # QLoRA's value; applied to matrices only, never to norms or biases
+    max_grad_norm: NonNegativeFloat = 1.0  # clips only rare spikes (HF Trainer's default); 0 disables clipping
+    beta: PositiveFloat = 0.1  # Iterative RPO / Self-Rewarding DPO strength
+    alpha: NonNegativeFloat = 1.0  # Iterative RPO NLL weight; 0 gives plain DPO
     nll_norm: str = "sequence"  # RPO paper: per-sequence length-normalised; "token" is TRL/Liger's form
-    max_length: int = 1024  # prompt + response tokens; covers GSM8K/MATH chain-of-thought solutions
+    max_length: PositiveInt = 1024  # prompt + response tokens; covers GSM8K/MATH chain-of-thought solutions
     reference: str = "adapter_off"  # DPO reference: base without adapter, or "current" (previous adapter)
-    reference_batch_size: int | None = None  # None: 2 × batch_size — no activations are kept without grad
-    group_window: int = 50  # step batches sorted together by length: little padding, order still random
-    checkpoint_every: int = 100  # steps between checkpoints: bounds lost work, costs little I/O
-    log_every: int = 10  # steps per metrics line; each line is one fsynced append
+    reference_batch_size: PositiveInt | None = None  # None: 2 × batch_size — no activations are kept without grad
+    group_window: PositiveInt = 50  # step batches sorted together by length: little padding, order still random
+    checkpoint_every: PositiveInt = 100  # steps between checkpoints: bounds lost work, costs little I/O
+    log_every: PositiveInt = 10  # steps per metrics line; each line is one fsynced append
     seed: int = 0  # data order and dropout
-    nan_patience: int = 5  # consecutive NaN/inf steps tolerated; isolated ones are skipped and counted
-    optimizer: str = "auto"  # auto: bitsandbytes paged AdamW 8-bit on CUDA, torch AdamW on CPU
+    nan_patience: PositiveInt = 5  # consecutive NaN/inf steps tolerated; isolated ones are skipped and counted
+    optimizer: Literal["auto", "adamw", "paged_adamw_8bit"] = "auto"  # auto: paged AdamW 8-bit on CUDA, AdamW on CPU
     autocast: bool = True  # bf16 autocast on CUDA (no loss scaling needed); CPU always computes in fp32
     disable_dropout: bool = True  # policy and cached reference must agree at step 0 (TRL does the same)
 
     def __post_init__(self):
+        check_fields(self)
         for name, value, allowed in (("objective", self.objective, OBJECTIVES),
                                      ("nll_norm", self.nll_norm, NLL_NORMS),
-                                     ("reference", self.reference, REFERENCES),
-                                     ("lr_schedule", self.lr_schedule, ("cosine", "constant")),
-                                     ("optimizer", self.optimizer, ("auto", "adamw", "paged_adamw_8bit"))):
+                                     ("reference", self.reference, REFERENCES)):
             if value not in allowed:
                 raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
-        for name in ("batch_size", "grad_accum", "max_length", "checkpoint_every", "log_every", "nan_patience"):
-            if getattr(self, name) < 1:
-                raise UserError(f"train.{name} must be at least 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError("train.max_steps must be at least 1 (or unset)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_from_dict_rejects_mistyped_key_with_suggestion():
         from_dict(Outer, {"lrr": 1e-4})
     with pytest.raises(UserError, match=r"inner.rr"):
         from_dict(Outer, {"inner": {"rr": 1}})
-    with pytest.raises(UserError, match="expected str"):
+    with pytest.raises(UserError, match="name must be a string, got 3"):
         from_dict(Outer, {"name": 3})
 
 

@@ -79,9 +79,12 @@ def test_run_store_binds_config_and_refuses_a_different_one(tmp_path):
     store = RunStore(tmp_path / "run")
     store.bind_config({"lr": 1e-4, "steps": [1, 2]})
     store.bind_config({"lr": 1e-4, "steps": (1, 2)})  # same config: fine
+    (tmp_path / "run" / "partial.jsonl").write_text("{}\n")
+    store.bind_config({"lr": 3e-4, "steps": [1, 2]})  # no stage finished yet: the new config replaces it
+    assert store.config() == {"lr": 3e-4, "steps": [1, 2]} and not (tmp_path / "run" / "partial.jsonl").exists()
+    store.mark_done("sample/0", {"n": 3})
     with pytest.raises(UserError, match="different config.*lr"):
         store.bind_config({"lr": 2e-4, "steps": [1, 2]})
-    store.mark_done("sample/0", {"n": 3})
     store.bind_config({"lr": 2e-4}, restart=True)
     assert store.config() == {"lr": 2e-4}
     assert not store.is_done("sample/0")

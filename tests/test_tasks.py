@@ -35,7 +35,7 @@ def test_registry_builds_every_task_with_the_interface():
 def test_registry_errors():
     with pytest.raises(UserError, match="known: arith, gsm8k, math, arc, humaneval, apps, instruct"):
         get_task("gsm8k8")
-    with pytest.raises(UserError, match="bad options for task gsm8k"):
+    with pytest.raises(UserError, match=r"task gsm8k has no option .difficulty. \(its options: shots\)"):
         get_task("gsm8k", difficulty=3)
     with pytest.raises(UserError, match="did you mean 'timeout'"):
         get_task("apps", sandbox={"timeot": 3})
@@ -47,7 +47,7 @@ def test_load_errors_name_the_problem(tmp_path):
         task.load("test", str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "solution": "s"}\n')
-    with pytest.raises(UserError, match="record 0 .* lacks answer"):
+    with pytest.raises(UserError, match=r"bad.jsonl:1: the record has no .answer."):
         task.load("test", str(bad))
     with pytest.raises(UserError, match="pass a local file"):  # the tests run offline
         task.load("test")

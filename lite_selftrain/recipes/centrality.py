@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
+from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..judge import JudgeConfig, judged_eval
 from ..mbr import SelectionConfig, dpo_pairs, select
@@ -34,19 +36,20 @@ from .common import Iterates, Run, write_stage
 
 @dataclass
 class CentralityConfig:
-    data_path: str | None = None  # instruction data with original responses (the `instruct` task's layouts)
-    test_path: str | None = None  # held-out instructions; None: the last `eval_size` records
-    eval_size: int = 64  # held-out instructions judged per iteration
-    limit: int | None = None  # use only the first `limit` training prompts
+    data_path: Name | None = None  # instruction data with original responses (the `instruct` task's layouts)
+    test_path: Name | None = None  # held-out instructions; None: the last `eval_size` records
+    eval_size: PositiveInt = 64  # held-out instructions judged per iteration
+    limit: PositiveInt | None = None  # use only the first `limit` training prompts
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
-    iterations: int = 1  # the study retrained once
+    iterations: Count = 1  # the study retrained once
     sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         n=8, temperature=0.7, top_p=0.9, max_new_tokens=256))  # n candidates per prompt
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # policy, rank threshold, layer, pooling
-    objective: str = "sft"  # "sft" on the selected responses, or "dpo" on (most, least) central pairs
+    objective: Literal["sft", "dpo"] = "sft"  # "sft" on the selected responses, or "dpo" on (most, least) central pairs
     train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="sft"))
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # for evaluation
     def __post_init__(self):
+        check_fields(self)
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be 'sft' or 'dpo', not '{self.objective}'")
         wanted = "sft" if self.objective == "sft" else "dpo_nll"

@@ -1,11 +1,13 @@
 """What every recipe loop stands on: a run directory whose stages run once, and the model of each iteration.
 
-    run = Run(out, "rest_em", cfg)               # binds the config; a different one is refused
+    run = Run(out, "rest_em", cfg)               # a different config is refused; nothing is written yet
     models = Iterates(run, cfg.model)            # models.get(t), models.fresh_base(), models.fit(t, ...)
     run.once(t, "sample", lambda: ...)           # runs unless it finished before; returns its summary
     run.log(t, "eval", "build")                  # iteration t's metrics record, written once
     records, best = run.finish("test_pass@1")
 
+The config is bound (config.json written, `--restart` applied) at the first write, so a run that fails
+while it reads its task and data leaves no trace; a different config is refused at once.
 A stage runs at most once: when it finishes, its summary is written to the run's state file, and a re-run
 of the same command skips it. Stages write their outputs atomically (or, for sampling, as a resumable
 stream), so a kill at any moment loses at most the stage in progress, and the sampler and trainer resume
@@ -44,16 +46,25 @@ class Run:
     def __init__(self, out: str | Path, recipe: str, config: Any, *, restart: bool = False):
         self.store = RunStore(out)
         self.recipe = recipe
-        self.store.bind_config({"recipe": recipe, **to_dict(config)}, restart=restart)
+        self.config = self.store.check_config({"recipe": recipe, **to_dict(config)}, restart=restart)
+        self.restart, self.bound = restart, False
         self.summaries: dict[int, dict[str, dict]] = {}  # iteration -> stage -> summary, as logged
-        sweep_temporaries(self.store.root)
+
+    def bind(self) -> None:
+        """Write the config (deleting the folder's contents first with `restart`), once, before any output."""
+        if not self.bound:
+            self.store.bind_config(self.config, restart=self.restart)
+            sweep_temporaries(self.store.root)
+            self.bound = True
 
     def dir(self, iteration: int) -> Path:
+        self.bind()
         return self.store.iteration_dir(self.recipe, iteration)
 
     def once(self, iteration: int, name: str, fn: Callable[[], dict]) -> dict:
         """Run `fn` unless this stage already finished; its summary (with its time) is kept and returned."""
         key = f"{self.recipe}/{iteration:02d}/{name}"
+        self.bind()
         if not self.store.is_done(key):
             sweep_temporaries(self.store.root)  # what a kill inside this stage's writes left
             start = time.perf_counter()
@@ -66,6 +77,7 @@ class Run:
 
     def log(self, iteration: int, *merge: str, **extra) -> dict:
         """Iteration's metrics record, appended once: the `merge` stages' summaries, `extra`, stage times."""
+        self.bind()
         stages = self.summaries.get(iteration, {})
         record = {"recipe": self.recipe, "iteration": iteration}
         for name in merge:

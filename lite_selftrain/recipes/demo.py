@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import to_dict
+from ..config import Count, Name, PositiveFloat, PositiveInt, check_fields, to_dict
 from ..evaluate import EvalConfig
 from ..models import ModelConfig, build_model, build_tokenizer, save_model
 from ..plot import plot_metrics
-from ..sampling import SamplingConfig, group_by_prompt
+from ..sampling import SamplingConfig, Temperature, group_by_prompt
 from ..store import RunStore, sweep_temporaries
 from ..tasks import get_task
 from ..train import TrainConfig, train
@@ -39,29 +39,32 @@ from . import rest_em, rpo
 
 @dataclass
 class DemoConfig:
-    preset: str = "demo"  # 2 layers, hidden 64: big enough to add, small enough to train in a minute
-    warm_terms: list[int] = field(default_factory=lambda: [2, 3])  # warm start on short sums (min, max)
-    warm_examples: int = 4000  # gold worked solutions of the short sums
-    warm_long_examples: int = 80  # 2% gold at the target length: without any, a model this small never adds
+    preset: Name = "demo"  # 2 layers, hidden 64: big enough to add, small enough to train in a minute
+    warm_terms: list[PositiveInt] = field(default_factory=lambda: [2, 3])  # warm start on short sums (min, max)
+    warm_examples: PositiveInt = 4000  # gold worked solutions of the short sums
+    warm_long_examples: Count = 80  # 2% gold at the target length: without any, a model this small never adds
     # four numbers (pass@8 0.3%); with 80, pass@1 starts at 9-18% and pass@8 at 45-49%: the headroom
-    warm_steps: int = 800  # ~13 epochs at batch 64: fits the short sums, not the long ones
-    warm_lr: float = 3e-3  # a from-scratch model this small tolerates a high rate
-    terms: int = 4  # the length self-training works on and the test measures
-    test_problems: int = 300  # held-out pass@1 within about ±3 points
-    iterations: int = 4  # gains flatten after 3-4 iterations
-    problems_per_iteration: int = 1000  # fresh problems each iteration: no over-fitting to a fixed set
-    samples: int = 8  # pass@8 of the warm start is several times its pass@1: the headroom
-    temperature: float = 0.7  # ReST-EM's temperature
-    top_k: int = 40  # ReST-EM's top-k
-    rest_steps: int = 200  # M-step length for ReST-EM and the control (the same, by design)
-    rest_lr: float = 3e-3
-    rpo_steps: int = 100  # DPO + NLL learns faster per step (it also uses the incorrect samples)
-    rpo_lr: float = 1e-3  # lower than SFT's: the DPO term is sharp
-    pairs_per_problem: int = 4  # K: 8 samples rarely give more distinct (correct, incorrect) pairs
-    batch_size: int = 64  # examples (pairs for RPO) per step
-    eval_samples: int = 8  # for pass@8 / maj@8
-    threads: int = 0  # torch threads; 0 leaves torch's default
+    warm_steps: PositiveInt = 800  # ~13 epochs at batch 64: fits the short sums, not the long ones
+    warm_lr: PositiveFloat = 3e-3  # a from-scratch model this small tolerates a high rate
+    terms: PositiveInt = 4  # the length self-training works on and the test measures
+    test_problems: PositiveInt = 300  # held-out pass@1 within about ±3 points
+    iterations: Count = 4  # gains flatten after 3-4 iterations
+    problems_per_iteration: PositiveInt = 1000  # fresh problems each iteration: no over-fitting to a fixed set
+    samples: PositiveInt = 8  # pass@8 of the warm start is several times its pass@1: the headroom
+    temperature: Temperature = 0.7  # ReST-EM's temperature
+    top_k: Count = 40  # ReST-EM's top-k
+    rest_steps: PositiveInt = 200  # M-step length for ReST-EM and the control (the same, by design)
+    rest_lr: PositiveFloat = 3e-3
+    rpo_steps: PositiveInt = 100  # DPO + NLL learns faster per step (it also uses the incorrect samples)
+    rpo_lr: PositiveFloat = 1e-3  # lower than SFT's: the DPO term is sharp
+    pairs_per_problem: PositiveInt = 4  # K: 8 samples rarely give more distinct (correct, incorrect) pairs
+    batch_size: PositiveInt = 64  # examples (pairs for RPO) per step
+    eval_samples: PositiveInt = 8  # for pass@8 / maj@8
+    threads: Count = 0  # torch threads; 0 leaves torch's default
     seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def quick_config() -> DemoConfig:

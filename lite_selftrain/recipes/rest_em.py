@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
@@ -29,21 +30,22 @@ from .common import Iterates, Run, problems_for, write_stage
 
 @dataclass
 class RestEMConfig:
-    task: str = "gsm8k"
+    task: Name = "gsm8k"
     task_options: dict = field(default_factory=dict)  # passed to get_task: shots (reasoning tasks: 4), terms, ...
-    train_path: str | None = None  # local data file; None: the task's own source
-    test_path: str | None = None
-    problems_per_iteration: int | None = None  # None: every training problem each iteration
-    iterations: int = 3  # the paper's MATH gains came in 3 iterations; APPS peaked after 1
+    train_path: Name | None = None  # local data file; None: the task's own source
+    test_path: Name | None = None
+    problems_per_iteration: PositiveInt | None = None  # None: every training problem each iteration
+    iterations: Count = 3  # the paper's MATH gains came in 3 iterations; APPS peaked after 1
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
     sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         n=32, temperature=0.7, top_k=40))  # the paper's E-step: N 32, T 0.7, top-k 40; iteration t adds t to seed
-    max_per_problem: int = 10  # the paper's cap per problem
+    max_per_problem: PositiveInt = 10  # the paper's cap per problem
     train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="rwnll"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # which problems each iteration draws, which correct samples the cap keeps
 
     def __post_init__(self):
+        check_fields(self)
         if self.train.objective not in ("rwnll", "sft"):
             raise UserError("ReST-EM trains with objective 'rwnll' (or 'sft')")
 

@@ -20,10 +20,11 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
+from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
-from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
+from ..sampling import SamplingConfig, Temperature, generate, group_by_prompt, sampled
 from ..store import read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
@@ -32,22 +33,23 @@ from .common import Iterates, Run, problems_for, write_stage
 
 @dataclass
 class RPOConfig:
-    task: str = "gsm8k"
+    task: Name = "gsm8k"
     task_options: dict = field(default_factory=dict)  # passed to get_task: shots (reasoning tasks: 4), ...
-    train_path: str | None = None  # local data file; None: the task's own source
-    test_path: str | None = None
-    problems_per_iteration: int | None = None  # None: every training question each iteration
-    iterations: int = 4  # the paper ran 4 on GSM8K (gains flattened at the 4th)
-    temperatures: list[float] = field(default_factory=lambda: [0.8, 0.8, 1.3, 1.3])  # GSM8K's; [] keeps sample's
+    train_path: Name | None = None  # local data file; None: the task's own source
+    test_path: Name | None = None
+    problems_per_iteration: PositiveInt | None = None  # None: every training question each iteration
+    iterations: Count = 4  # the paper ran 4 on GSM8K (gains flattened at the 4th)
+    temperatures: list[Temperature] = field(default_factory=lambda: [0.8, 0.8, 1.3, 1.3])  # GSM8K's; [] keeps sample's
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
     sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         n=30, temperature=0.8))  # N 30, no top-k; temperatures (when set) replace its temperature
-    pairs_per_problem: int = 10  # K for GSM8K
+    pairs_per_problem: PositiveInt = 10  # K for GSM8K
     train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="dpo_nll", beta=0.1, alpha=1.0))
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # which problems each iteration draws, which pairs are kept
 
     def __post_init__(self):
+        check_fields(self)
         if self.train.objective != "dpo_nll":
             raise UserError("Iterative RPO trains with objective 'dpo_nll' (alpha = 0 gives plain DPO)")
 

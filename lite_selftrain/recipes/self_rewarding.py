@@ -22,6 +22,7 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
+from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..judge import JudgeConfig, eft_example, judge, judged_eval
 from ..models import ModelConfig, format_prompt
@@ -36,16 +37,16 @@ PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one 
 
 @dataclass
 class SelfRewardConfig:
-    ift_path: str | None = None  # instruction → response seed data (the `instruct` task's layouts)
-    eft_path: str | None = None  # judge seed data: prompt, response, justification, score (optional)
-    test_path: str | None = None  # held-out instructions; None: the last `eval_size` IFT records
-    eval_size: int = 64  # held-out instructions judged per iteration
+    ift_path: Name | None = None  # instruction → response seed data (the `instruct` task's layouts)
+    eft_path: Name | None = None  # judge seed data: prompt, response, justification, score (optional)
+    test_path: Name | None = None  # held-out instructions; None: the last `eval_size` IFT records
+    eval_size: PositiveInt = 64  # held-out instructions judged per iteration
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(objective="sft", epochs=1))  # M_0
     skip_sft: bool = False  # start from a model that already follows instructions and judges
-    iterations: int = 2  # M1 → M2 → M3 in the paper
-    new_prompts: int = 512  # prompts written per iteration
-    prompt_shots: int = 8  # the paper's 8 IFT prompts per few-shot list
+    iterations: Count = 2  # M1 → M2 → M3 in the paper
+    new_prompts: PositiveInt = 512  # prompts written per iteration
+    prompt_shots: PositiveInt = 8  # the paper's 8 IFT prompts per few-shot list
     write: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         temperature=0.7, top_p=0.9, max_new_tokens=96, stop=("\n",)))  # one instruction line per list
     respond: SamplingConfig = field(default_factory=lambda: SamplingConfig(
@@ -55,11 +56,17 @@ class SelfRewardConfig:
         objective="dpo_nll", alpha=0.0, beta=0.1))  # plain DPO, β 0.1
     seed: int = 0  # which seed prompts each few-shot list shows
 
+    def __post_init__(self):
+        check_fields(self)
+
+
+EFT_FIELDS = {"prompt": "string", "response": "string", "score": "number", "justification?": "string"}
+
 
 def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict]) -> tuple[list[dict], dict]:
     """M_0's data: IFT in the chat template, and EFT judge prompts as `judge()` will prompt them."""
     eft = [eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]))
-           for r in (read_jsonl(cfg.eft_path) if cfg.eft_path else [])]
+           for r in (read_jsonl(cfg.eft_path, EFT_FIELDS) if cfg.eft_path else [])]
     records = [{"prompt": format_prompt(tok, r["prompt"]), "response": r["response"]} for r in ift]
     records += [{"prompt": format_prompt(tok, r["prompt"]) if cfg.judge.chat else r["prompt"],
                  "response": r["response"]} for r in eft]

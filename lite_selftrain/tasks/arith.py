@@ -26,7 +26,11 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Annotated
 
+from pydantic import Field
+
+from ..config import PositiveInt, check_fields
 from ..errors import UserError
 from ..store import read_jsonl
 from .base import Task
@@ -35,17 +39,22 @@ _ANSWER = re.compile(r"#\s*(-?\d+)")  # the number right after the answer marker
 _SPLIT_SALT = {"train": 1, "validation": 2, "test": 3}  # each split draws from its own stream
 
 
+Terms = Annotated[PositiveInt | tuple[PositiveInt, PositiveInt], Field(description="a count or a [min, max] pair")]
+
+
 @dataclass
 class ArithConfig:
-    terms: int | tuple[int, int] = 3  # numbers per problem, or an inclusive (min, max) range
-    digits: int = 1  # one-digit terms: each step is a single-digit carry, learnable by a tiny model
+    terms: Terms = 3  # numbers per problem, or an inclusive (min, max) range
+    digits: PositiveInt = 1  # one-digit terms: each step is a single-digit carry, learnable by a tiny model
     style: str = "sums"  # "sums" is the shortest worked solution; "steps" spells out each addition
-    n_train: int = 2000  # problems per call of load("train") when n is not given
-    n_test: int = 300  # enough held-out problems for a pass@1 within about ±3 points
+    n_train: PositiveInt = 2000  # problems per call of load("train") when n is not given
+    n_test: PositiveInt = 300  # enough held-out problems for a pass@1 within about ±3 points
     test_every: int = 5  # one problem in `test_every` (by hash of its text) belongs to the test split
     seed: int = 0  # fixed seed: the same problems every run
 
     def __post_init__(self):
+        self.terms = tuple(self.terms) if isinstance(self.terms, list) else self.terms  # a TOML list is a pair
+        check_fields(self)
         lo, hi = (self.terms, self.terms) if isinstance(self.terms, int) else tuple(self.terms)
         if not 2 <= lo <= hi:
             raise UserError(f"arith terms must be at least 2 (and min <= max), not {self.terms}")

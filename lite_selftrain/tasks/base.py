@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import re
 
-from ..config import from_dict
+from ..config import Count, PositiveFloat, PositiveInt, check_value, from_dict
 from ..data import load_records
-from ..errors import UserError
+from ..errors import UserError, UserTypeError
 from .sandbox import Sandbox, SandboxConfig
+
+FIELD_KINDS = {"choices": "table", "input_output": "any"}  # the task fields that are not plain text
 
 
 class Task:
@@ -45,15 +47,12 @@ class Task:
         if path is None and self.hub is None:
             raise UserError(f"task {self.name} has no public source: pass a local file")
         records: list[dict] = []
+        need = {f: FIELD_KINDS.get(f, "string") for f in self.fields}
         for config in ([None] if path is not None else self.hub_configs):
             try:
-                records += load_records(path if path is not None else self.hub, split, config=config)
+                records += load_records(path if path is not None else self.hub, split, config=config, need=need)
             except UserError as e:
-                raise UserError(f"{e} (task {self.name} reads the fields: {', '.join(self.fields)})") from None
-        for i, record in enumerate(records):
-            missing = [f for f in self.fields if f not in record]
-            if missing:
-                raise UserError(f"task {self.name}: record {i} of {path or self.hub} lacks {', '.join(missing)}")
+                raise UserError(f"task {self.name}: {e}") from None
         return [self.prepare(r) for r in records]
 
     def prepare(self, record: dict) -> dict:
@@ -142,12 +141,23 @@ def normalize_code(code: str) -> str:
     return "\n".join(line.rstrip() for line in code.strip("\n").splitlines())
 
 
+# the ranges of the sandbox's limits: each must allow something to run
+SANDBOX_LIMITS = {"timeout": PositiveFloat, "cpu_seconds": PositiveInt, "memory_mb": PositiveInt,
+                  "file_size_mb": PositiveInt, "max_processes": PositiveInt, "open_files": PositiveInt,
+                  "max_output_bytes": PositiveInt, "workers": Count}
+
+
 class CodeTask(Task):
     """A task whose reward runs the program against tests in the sandbox: 1.0 iff every test passes."""
 
     def __init__(self, sandbox: SandboxConfig | dict | None = None, shots: int | None = None):
         super().__init__(shots)  # accepted for a uniform interface; the code tasks prompt zero-shot
         cfg = from_dict(SandboxConfig, sandbox, where="sandbox") if isinstance(sandbox, dict) else sandbox
+        if not isinstance(cfg, (SandboxConfig, type(None))):
+            raise UserTypeError(f"sandbox must be a SandboxConfig or a dict of its fields, not {type(cfg).__name__}")
+        for name, limit in SANDBOX_LIMITS.items():  # a zero or negative limit would let nothing (or all) run
+            if cfg is not None and hasattr(cfg, name):
+                check_value(getattr(cfg, name), limit, f"sandbox.{name}")
         self.sandbox = Sandbox(cfg)  # limits, user and parallelism of the program runs
 
     def outcomes(self, completion: str, example: dict) -> list[str]:
