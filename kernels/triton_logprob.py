@@ -23,7 +23,8 @@ Precision: tiles accumulate in fp32 for fp32, bf16 and fp16 inputs; fp32 inputs 
 (`tf32x3`, about fp32 accuracy on tensor cores). The frozen head's exp(z − m) is rounded to the input
 dtype for its `tl.dot`, as flash attention rounds P. For fp16 inputs d is stored in fp32 (g · p underflows
 fp16 for small upstream gradients) and its GEMMs run on fp32 operands, the head upcast a slice at a time;
-bf16 has fp32's range and keeps d in bf16. grad_W is accumulated over token blocks in the weight's dtype.
+bf16 has fp32's range and keeps d in bf16. grad_W is accumulated over token blocks in the weight's dtype
+(fp32 for fp16, whose small gradients would round to subnormals block after block).
 Gradient filtering (`TritonConfig.filter_eps`, off by default): a frozen-head tile whose every
 exp(z − running max) is below the threshold skips its Σ p W update, as Cut Cross-Entropy skips backward
 tiles; every skipped p_v is below the threshold, which bounds the error. Simplifications: launch
@@ -257,7 +258,7 @@ def _grads_fp32(d, h, weight, grad_h, grad_w, cols):
         if gh is not None:
             gh.addmm_(d[:, v0:v1], w_c)
         if grad_w is not None:
-            grad_w[v0:v1] += (d[:, v0:v1].t() @ h32).to(grad_w.dtype)  # [Vc, H]
+            grad_w[v0:v1].addmm_(d[:, v0:v1].t(), h32)  # [Vc, H]
     if gh is not None:
         grad_h.copy_(gh)
 
@@ -274,7 +275,7 @@ def backward(g, h, weight, bias, targets, keep, lse, inv_tau, needs, cfg: Triton
     gs = torch.where(keep, g.float() * inv_tau, 0.0)  # [N]
     d_buf = torch.empty(min(rows, n) * v, dtype=d_dtype, device=h.device)
     grad_h = torch.empty_like(h) if need_h else None
-    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_w = torch.zeros_like(weight, dtype=d_dtype) if need_w else None  # fp32 over token blocks for fp16
     grad_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_b else None
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
@@ -290,6 +291,7 @@ def backward(g, h, weight, bias, targets, keep, lse, inv_tau, needs, cfg: Triton
                 grad_w.addmm_(d.t(), h[r0:r1])  # [V, H] fp32 inside the GEMM, one rounding per token block
         if grad_b is not None:
             grad_b += d.sum(0, dtype=torch.float32)
+    grad_w = None if grad_w is None else grad_w.to(weight.dtype)
     grad_b = None if grad_b is None else grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
 

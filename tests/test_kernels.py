@@ -216,11 +216,14 @@ def test_triton_masked_vocabulary():
 
 @needs_interpreter
 def test_triton_fp16_small_upstream_gradient():
-    """g = 1e-5: g · p underflows fp16 (relative error 2e-2 with d in fp16); d is kept in fp32."""
+    """g = 1e-5: g · p underflows fp16 (relative error 2e-2 with d in fp16); d is kept in fp32. A small
+    budget walks two token blocks and 46 head slices of the fp32 GEMMs."""
+    from lite_selftrain.kernels.triton_logprob import TritonConfig, triton_logprob
+
     hidden, weight, b, targets, upstream = _inputs(ODD, torch.float16, True, True)
     ref, ref_grads = _run(naive_logprob, hidden, weight, b, targets, upstream * 1e-5, 1.0)
-    out, grads = _run(lambda *a, **k: fused_logprob(*a, impl="triton", **k), hidden, weight, b, targets,
-                      upstream * 1e-5, 1.0)
+    out, grads = _run(lambda *a, **k: triton_logprob(*a, cfg=TritonConfig(backward_elems=1 << 12), **k),
+                      hidden, weight, b, targets, upstream * 1e-5, 1.0)
     for name, r in ref_grads.items():
         assert (grads[name].float() - r.float()).abs().max() <= 1e-4 * r.float().abs().max(), name
 
