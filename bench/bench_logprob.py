@@ -1,14 +1,22 @@
 """Token log-prob providers side by side: forward+backward time and peak memory, swept over tokens.
 
-    python bench/bench_logprob.py                                  # CPU: naive vs chunked
+    python bench/bench_logprob.py                                  # CPU: naive, chunked (+ CCE, TRL)
     python bench/bench_logprob.py --tokens 4096 --hidden 2048      # the CPU target point alone
-    python bench/bench_logprob.py --device cuda                    # naive, chunked, triton (+ Liger)
+    python bench/bench_logprob.py --device cuda --dtype bfloat16   # + triton, Liger, CCE, TRL
+    python bench/bench_logprob.py --device cuda --dtype bfloat16 --tokens 8192 --hidden 3072  # llm-jp-3-3.7b
     python bench/bench_logprob.py --trainable-head                 # lm_head requires grad as well
 
 Shapes are llm-jp-3's (H = 512, 2048, 3072; V = 99,584), fp32 by default (--dtype bfloat16 on GPU).
-Each call is `fused_logprob(h, W, t)` then backward of Σ_n g_n ℓ_n with a random g; the lm_head is
-frozen unless --trainable-head (the QLoRA / LoRA case). Liger-Kernel's fused linear cross entropy
-(summed, the same GEMMs) is added on CUDA when it is installed.
+Each call is a provider's forward, then backward of Σ_n g_n ℓ_n with a random g; the lm_head is frozen
+unless --trainable-head (the QLoRA / LoRA case). Outside providers, each when it is importable:
+- liger (CUDA): Liger-Kernel's fused linear cross entropy, summed (one scalar, so g is not applied);
+- cce: Apple's Cut Cross-Entropy with reduction="none" (minus our log-prob), its Triton kernel with its
+  default gradient filtering on CUDA, its `torch_compile` path (compiled naive) on CPU;
+- trl: TRL's log-prob autograd function (`_ChunkedLogProbFunction`, what its DPO trainer runs: cuBLAS tiles
+  folded by a Triton kernel on CUDA, torch ops elsewhere), which always forms the lm_head gradient.
+On CUDA the table adds achieved TFLOP/s (the useful 4·N·H·V flops with a frozen head, 6·N·H·V with a
+trainable one, over the time) against the card's dense tensor-core peak (bf16/fp16, or TF32 for fp32;
+--peak-tflops overrides the table).
 
 How it measures:
 - CPU: every (provider, shape) runs in a fresh child process. The child creates and touches its inputs,
@@ -28,6 +36,7 @@ prints ratios to naive measured in the same run.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import resource
@@ -71,15 +80,60 @@ def _liger_step():
     return step
 
 
+def _cce_step(impl):
+    from cut_cross_entropy import linear_cross_entropy
+
+    def step(h, w, t, g):
+        loss = linear_cross_entropy(h, w, t, reduction="none", impl=impl)  # (N,) = −ℓ
+        (-loss.float() * g).sum().backward()
+
+    return step
+
+
+def _trl_step(chunk_size=4096):
+    try:
+        from trl.trainer.utils import _ChunkedLogProbFunction
+    except ImportError:
+        from trl.experimental.async_grpo.chunk_lm_head import _ChunkedLogProbFunction
+
+    with_bias = "bias" in inspect.signature(_ChunkedLogProbFunction.forward).parameters  # trl ≥ 1.16
+
+    def step(h, w, t, g):
+        if with_bias:  # (hidden, weight, bias, targets, τ, chunk, softcap, logit scale, optional outputs)
+            logp = _ChunkedLogProbFunction.apply(h, w, None, t, 1.0, chunk_size, None, 1.0, ())[0]  # (N,)
+        else:
+            logp = _ChunkedLogProbFunction.apply(h, w, t, 1.0, chunk_size)[0]  # (N,)
+        (logp * g).sum().backward()
+
+    return step
+
+
 def providers(device: str) -> dict:
     found = {"naive": _logprob_step("naive"), "chunked": _logprob_step("chunked")}
+    outside = {"cce": lambda: _cce_step("cce" if device == "cuda" else "torch_compile"), "trl": _trl_step}
     if device == "cuda":
         found["triton"] = _logprob_step("triton")
+        outside = {"liger": _liger_step, **outside}
+    for name, make in outside.items():
         try:
-            found["liger"] = _liger_step()
+            found[name] = make()
         except ImportError:
-            print("liger-kernel not installed: skipping it")
+            print(f"{name} not importable: skipping it", file=sys.stderr)
     return found
+
+
+# dense tensor-core peak in TFLOP/s, (16-bit, TF32), from the vendors' data sheets (SXM parts)
+PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "A100": (312, 156), "L40S": (362, 183),
+               "L4": (121, 60), "A10": (125, 62), "RTX 4090": (165, 83), "RTX 3090": (71, 36)}
+
+
+def peak_tflops(name: str, dtype: torch.dtype, override: float | None) -> float | None:
+    if override:
+        return override
+    for key, (half, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return tf32 if dtype == torch.float32 else half
+    return None
 
 
 def make_inputs(n, hd, v, dtype, device, trainable):
@@ -185,22 +239,28 @@ def run(args) -> list[dict]:
                     results[name]["peak"] = max(results[name]["peak"], r["peak"])
             grad_h = n * hd * dtype.itemsize
             naive = results.get("naive")
+            flops = (6 if args.trainable_head else 4) * n * hd * VOCAB  # the useful GEMMs, not recomputes
+            peak = peak_tflops(device_name(device), dtype, args.peak_tflops) if device == "cuda" else None
             print(f"\nN={n} H={hd} V={VOCAB} {args.dtype} {'trainable' if args.trainable_head else 'frozen'} head, "
-                  f"{device_name(device)}")
-            print(f"{'provider':>9} {'time s':>9} {'x naive':>8} {'peak MB':>9} {'-grad_h MB':>11} {'x naive':>8}")
+                  f"{device_name(device)}" + (f", peak {peak} TFLOP/s" if peak else ""))
+            print(f"{'provider':>9} {'time s':>9} {'x naive':>8} {'peak MB':>9} {'-grad_h MB':>11} {'x naive':>8} "
+                  f"{'TFLOP/s':>8} {'% peak':>7}")
             for name, r in results.items():
                 best, extra = min(r["times"]), r["peak"] - grad_h
                 t_ratio = best / min(naive["times"]) if naive else float("nan")
                 m_ratio = extra / max(naive["peak"] - grad_h, 1) if naive else float("nan")
+                tflops = flops / best / 1e12
+                pct = 100 * tflops / peak if peak else float("nan")
                 print(f"{name:>9} {best:9.3f} {t_ratio:8.3f} {r['peak'] / 2**20:9.1f} {extra / 2**20:11.1f} "
-                      f"{m_ratio:8.4f}")
+                      f"{m_ratio:8.4f} {tflops:8.2f} {pct:7.1f}")
                 rows.append(dict(
                     time=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device_name(device),
                     versions=versions(), provider=name, dtype=args.dtype, tokens=n, hidden=hd, vocab=VOCAB,
                     head="trainable" if args.trainable_head else "frozen", time_min_s=f"{best:.4f}",
                     time_median_s=f"{statistics.median(r['times']):.4f}", calls=len(r["times"]),
                     peak_mb=f"{r['peak'] / 2**20:.1f}", peak_minus_grad_h_mb=f"{extra / 2**20:.1f}",
-                    time_vs_naive=f"{t_ratio:.4f}", peak_minus_grad_h_vs_naive=f"{m_ratio:.4f}"))
+                    time_vs_naive=f"{t_ratio:.4f}", peak_minus_grad_h_vs_naive=f"{m_ratio:.4f}",
+                    tflops=f"{tflops:.3f}", pct_of_peak=f"{pct:.1f}" if peak else ""))
     return rows
 
 
@@ -217,7 +277,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="*", help="token counts N to sweep")
     ap.add_argument("--hidden", type=int, nargs="*", help="hidden sizes H to sweep")
     ap.add_argument("--trainable-head", action="store_true", help="the lm_head weight requires grad too")
-    ap.add_argument("--providers", nargs="*", default=["naive", "chunked", "triton", "liger"])
+    ap.add_argument("--providers", nargs="*", default=["naive", "chunked", "triton", "liger", "cce", "trl"])
+    ap.add_argument("--peak-tflops", type=float, help="the card's dense peak, when the table does not know it")
     ap.add_argument("--calls", type=int, default=None, help="calls per child (CPU) or per provider (CUDA)")
     ap.add_argument("--rounds", type=int, default=2, help="CPU: alternating rounds of fresh children")
     ap.add_argument("--child", help=argparse.SUPPRESS)

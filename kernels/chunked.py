@@ -5,7 +5,8 @@
 The vocabulary is streamed in chunks; per chunk one GEMM gives a [rows, Vc] logit tile, and an online
 max / sum-exp per token folds it into the logsumexp (Milakov & Gimelshein 2018). The running reference
 is moved lazily — only when a tile's max exceeds it by `slack` — so the accumulators are rarely rescaled.
-Only that one tile, O(N) statistics and one [N, H] buffer are ever alive, never the [N, V] logits.
+Only that one tile, O(N) statistics and one [N, H] buffer are ever alive, never the [N, V] logits; the
+tile is N·V/64 elements (capped at 64 MB), so its share of naive's memory stays the same at every N.
 
 Two gradient strategies, chosen from which inputs require grad:
 
@@ -14,7 +15,9 @@ Two gradient strategies, chosen from which inputs require grad:
   which does not depend on the upstream gradient g except as a per-token scale. So the forward pass
   accumulates Σ_v p_nv W_v (one more GEMM per tile, `p @ W_c`, rescaled online like the sum-exp) while
   each tile's probabilities are at hand, and the backward is one multiply: grad_h = g · direction.
-  Two GEMMs in all (the naive path also runs two, plus several full passes over [N, V] tensors).
+  Two GEMMs in all (the naive path also runs two, plus several full passes over [N, V] tensors). The
+  target's own term is left out of the GEMM and added as W[t] · Σ_{v≠t} p_v, so a confident token
+  (p_t ≈ 1) keeps its small gradient instead of losing it to the cancellation W_t − p_t W_t.
 - **trainable head** (W or the bias requires grad): dℓ/dW = Σ_n g_n (onehot − p_n)ᵀ h_n / τ mixes the
   tokens' upstream gradients, so it cannot be formed before g is known. The forward keeps only the
   logsumexp; the backward recomputes each tile from it (one GEMM) and forms grad_h and grad_W from it
@@ -34,7 +37,8 @@ import torch
 
 @dataclass
 class ChunkConfig:
-    tile_elems: int = 1 << 24  # 64 MB fp32 logit tile: GEMMs at full speed, ~1-2 % of naive's memory at N=4096
+    tile_fraction: float = 1 / 64  # logit tile = N·V/64 elements: it scales with N, as naive's [N, V] tensors do
+    tile_elems: int = 1 << 24  # but never above 64 MB of fp32, however many tokens
     min_cols: int = 512  # narrower vocab chunks make the GEMMs too thin to run at full speed
     gather_rows: int = 1024  # rows of W[t] gathered at a time when forming the direction (4 MB at H=1024)
     slack: float = 40.0  # the running reference may trail the max by this much: exp(40)·V stays far below fp32's max
@@ -52,7 +56,8 @@ def _blocks(n: int, size: int):
 def _tile_shape(n_rows: int, n_vocab: int, cfg: ChunkConfig) -> tuple[int, int]:
     """(rows per block, vocab columns per chunk) so that one logit tile stays within the budget."""
     rows = max(1, min(n_rows, cfg.tile_elems // cfg.min_cols))
-    cols = max(1, min(n_vocab, cfg.tile_elems // rows))
+    budget = min(cfg.tile_elems, max(cfg.min_cols * rows, int(n_rows * n_vocab * cfg.tile_fraction)))
+    cols = max(1, min(n_vocab, budget // rows))
     return rows, cols
 
 
@@ -87,12 +92,13 @@ def _forward(h, weight, bias, t, keep, inv_tau, want_direction, cfg):
     lse = torch.empty(n, dtype=torch.float32, device=h.device)
     zt = torch.zeros(n, dtype=torch.float32, device=h.device)
     acc = torch.zeros(n, hd, dtype=torch.float32, device=h.device) if want_direction else None  # (N, H)
+    other = torch.empty(n, dtype=torch.float32, device=h.device)
     for r0, r1 in _blocks(n, rows):
         h_r = h[r0:r1].float()  # (R, H)
         t_r, keep_r = t[r0:r1], keep[r0:r1]
         m = torch.full((r1 - r0,), -1e30, dtype=torch.float32, device=h.device)  # running reference (R,);
         # finite, so a tile of −inf logits (a masked vocabulary) gives exp(−inf) = 0, not NaN
-        s = torch.zeros(r1 - r0, dtype=torch.float32, device=h.device)  # running sum of exp (R,)
+        so = torch.zeros(r1 - r0, dtype=torch.float32, device=h.device)  # running Σ_{v≠t} exp(z_v − m) (R,)
         for v0, v1 in _blocks(v, cols):
             w_c = weight[v0:v1].float()  # (Vc, H)
             b_c = None if bias is None else bias[v0:v1].float()
@@ -103,23 +109,27 @@ def _forward(h, weight, bias, t, keep, inv_tau, want_direction, cfg):
             m_new = torch.where(z_max > m + cfg.slack, z_max, m)  # lazy: the reference moves only when it must
             if v0 > 0 and bool((m_new != m).any()):  # rescale what was summed against the old reference
                 scale = torch.exp(m - m_new)  # (R,)
-                s.mul_(scale)
+                so.mul_(scale)
                 if acc is not None:
                     acc[r0:r1].mul_(scale.unsqueeze(1))
             m = m_new
             z.sub_(m.unsqueeze(1)).exp_()  # (R, Vc) exp(z − m), in place: no second tile
-            s.add_(z.sum(1))
+            z.scatter_(1, local.unsqueeze(1), torch.where(inside, 0.0, z.gather(1, local.unsqueeze(1)).squeeze(1))
+                       .unsqueeze(1))  # the target's own term is added back exactly below
+            so.add_(z.sum(1))
             if acc is not None:
-                acc[r0:r1].addmm_(z, w_c)  # Σ_v exp(z_v − m) W_v  (R, H)
+                acc[r0:r1].addmm_(z, w_c)  # Σ_{v≠t} exp(z_v − m) W_v  (R, H)
+        s = so + torch.where(keep_r, torch.exp(zt[r0:r1] - m), 0.0)  # Σ_v exp(z_v − m)  (R,)
         lse[r0:r1] = m + torch.log(s)
         if acc is not None:
-            acc[r0:r1].div_(s.unsqueeze(1))  # Σ_v p_v W_v  (R, H)
+            acc[r0:r1].div_(s.unsqueeze(1))  # Σ_{v≠t} p_v W_v  (R, H)
+            other[r0:r1] = so / s  # Σ_{v≠t} p_v = 1 − p_t without the cancellation when p_t ≈ 1
     out = torch.where(keep, zt - lse, 0.0)
-    if acc is not None:  # direction = (W[t] − Σ_v p_v W_v) / τ, zero on ignored tokens
+    if acc is not None:  # direction = (W[t] Σ_{v≠t} p_v − Σ_{v≠t} p_v W_v) / τ, zero on ignored tokens
         tc = torch.where(keep, t, 0)
         row_scale = keep.float() * inv_tau
         for r0, r1 in _blocks(n, cfg.gather_rows):
-            w_t = weight.index_select(0, tc[r0:r1]).float()  # (R, H)
+            w_t = weight.index_select(0, tc[r0:r1]).float().mul_(other[r0:r1].unsqueeze(1))  # (R, H)
             acc[r0:r1].sub_(w_t).mul_(-row_scale[r0:r1].unsqueeze(1))
     return out, lse, acc
 

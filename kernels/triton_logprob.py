@@ -1,62 +1,109 @@
-"""The fused token log-prob in Triton: logit tiles with `tl.dot`, online logsumexp, recompute in backward.
+"""The fused token log-prob in Triton: logit tiles with `tl.dot`, online logsumexp, no [N, V] anything.
 
     logp = triton_logprob(hidden, weight, targets, bias, temperature=1.0, ignore_index=-100)
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before this module is imported).
+Every kernel walks [BLOCK_N, BLOCK_V] logit tiles (`triton_tiles.logit_tile`: a K-loop of `tl.dot` over H,
+fp32 accumulation) and folds them into a running max and sum-exp per token. One program per (token block,
+vocabulary split); splitting the vocabulary keeps every SM busy when N is small, and the splits' partials
+are merged on the host. Two strategies, chosen from which inputs require grad:
 
-Forward (`_lse_fwd_kernel`): one program per (token block, vocabulary split). It walks its split's vocab
-tiles; each [BLOCK_N, BLOCK_V] logit tile is a K-loop of `tl.dot` over H with fp32 accumulation, folded
-into a running max and sum-exp per token, and the target's logit is picked when its tile passes by. The
-splits' partials (max, sum, target logit) are O(N · splits); merging them gives the logsumexp [N], the
-only thing saved for backward. Splitting the vocabulary keeps every SM busy when N is small.
-
-Backward (`_dlogits_kernel`): token blocks of `rows` at a time, it recomputes the logit tiles from the
-saved logsumexp and writes d = g · (onehot − p) / τ for that block ([rows, V], in the input dtype, a few
-tens of MB); two cuBLAS GEMMs then give grad_h = d · W and, only when W requires grad, grad_W += dᵀ · h
-(the bias gradient is d's column sum). The GEMMs are plain GEMMs, where cuBLAS is at its best; what no
-library does — recomputing logits and the softmax gradient without writing [N, V] — is the kernel's job.
-This avoids the alternative of atomics into grad_h / grad_W from every (token, vocab) tile, whose
-traffic grows with V / BLOCK_V. With the head frozen (QLoRA) the backward is the kernel plus one GEMM.
+- **frozen head** (`_direction_fwd_kernel`, the QLoRA case): dℓ_n/dh_n = (W[t_n] − Σ_v p_nv W_v) / τ
+  does not depend on the upstream gradient except as a per-token scale, so the forward also accumulates
+  Σ_{v≠t} exp(z_v − m) W_v into an fp32 [N, H] buffer, rescaled online like the sum-exp, while each
+  tile's probabilities are in registers. The backward is one multiply, O(N·H): 4·N·H·V flops in all.
+  The target's own term is added on the host from a separately kept Σ_{v≠t} exp(z_v − m), so a confident
+  token (p_t ≈ 1) does not lose its gradient to the cancellation W_t − p_t W_t.
+- **trainable head** (`_lse_fwd_kernel`, `_dlogits_kernel`): the forward keeps the logsumexp only; the
+  backward recomputes each tile, writes d = g · (onehot − p) / τ for a block of tokens ([rows, V], a few
+  tens of MB), and two cuBLAS GEMMs give grad_h = d · W and grad_W += dᵀ · h (the bias gradient is d's
+  column sum): 8·N·H·V flops, where cuBLAS runs the plain GEMMs at its best and no atomics are needed.
 
 Precision: tiles accumulate in fp32 for fp32, bf16 and fp16 inputs; fp32 inputs use 3-pass TF32
-(`tf32x3`, about fp32 accuracy on tensor cores). grad_W is accumulated over token blocks in the weight's
-dtype, like Liger's: each block's GEMM sums in fp32 and rounds once; blocks are as large as the budget allows.
-Simplifications: no gradient filtering of tiles whose probabilities underflow; launch configurations
-are fixed per architecture (below), not autotuned.
+(`tf32x3`, about fp32 accuracy on tensor cores). The frozen head's exp(z − m) is rounded to the input
+dtype for its `tl.dot`, as flash attention rounds P. For fp16 inputs d is stored in fp32 (g · p underflows
+fp16 for small upstream gradients) and its GEMMs run on fp32 operands, the head upcast a slice at a time;
+bf16 has fp32's range and keeps d in bf16. grad_W is accumulated over token blocks in the weight's dtype
+(fp32 for fp16, whose small gradients would round to subnormals block after block).
+Gradient filtering (`TritonConfig.filter_eps`, off by default): a frozen-head tile whose every
+exp(z − running max) is below the threshold skips its Σ p W update, as Cut Cross-Entropy skips backward
+tiles; every skipped p_v is below the threshold, which bounds the error. Simplifications: launch
+configurations are fixed per architecture, not autotuned; the trainable-head path does not filter.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .triton_tiles import DIRECTION_LAUNCH, dot_precision, interpreting, launch_config, logit_tile, sm_count, upcast
+
 # ----------------------------------------------------------------------------------------------------
 # kernels
 
 
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_tau,
-                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """z = (h[rows] · W[cols]ᵀ + b[cols]) / τ as a [BLOCK_N, BLOCK_V] fp32 tile; −inf past the vocabulary."""
+def _direction_fwd_kernel(h_ptr,  # [N, H]
+                          w_ptr,  # [V, H]
+                          b_ptr,  # [V] (unused without HAS_BIAS)
+                          t_ptr,  # [N] int64 targets; ignore_index never matches a column
+                          part_ptr,  # [4, S, N] fp32 out: max, Σ exp, Σ exp without the target, target logit
+                          acc_ptr,  # [S, N, H] fp32 out, zero-filled: Σ_{v≠t} exp(z_v − max) W_v
+                          N, H, V, stride_h, stride_w, inv_tau, tiles_per_split, filter_eps,
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                          BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          FILTER: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    S = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
     ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + ks
-        a = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :],
-                    mask=row_ok[:, None] & (k[None, :] < H), other=0.0)  # [BLOCK_N, BLOCK_K]
-        b = tl.load(w_ptr + cols[None, :] * stride_w + k[:, None],
-                    mask=col_ok[None, :] & (k[:, None] < H), other=0.0)  # [BLOCK_K, BLOCK_V]
-        if UPCAST:  # exact: a product of two bf16 values fits in fp32
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_tau, float("-inf"))  # [BLOCK_N, BLOCK_V]
+    tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+    m = tl.full([BLOCK_N], -1e30, dtype=tl.float32)  # running max; finite, so −inf logits give 0, not NaN
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)  # running Σ_v exp(z_v − m)
+    so = tl.zeros([BLOCK_N], dtype=tl.float32)  # the same without the target's term
+    zt = tl.zeros([BLOCK_N], dtype=tl.float32)  # the target's logit, once its tile passes
+    acc_base = acc_ptr + split * N * H
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for tile in range(first, last):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_tau,
+                       HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V]
+        is_t = cols[None, :] == tgt[:, None]
+        zt += tl.sum(tl.where(is_t, z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        scale = tl.exp(m - m_new)  # [BLOCK_N] 1 where the max did not move
+        e = tl.exp(z - m_new[:, None])  # [BLOCK_N, BLOCK_V] ≥ p, since the logsumexp ≥ the running max
+        s = s * scale + tl.sum(e, axis=1)
+        skip = False
+        if FILTER:  # a tile that moved the max holds an e of 1, so a skipped tile never needs a rescale
+            skip = tl.max(tl.max(e, axis=1), axis=0) < filter_eps
+        e = tl.where(is_t, 0.0, e)  # the target's term is added exactly on the host
+        so = so * scale + tl.sum(e, axis=1)
+        m = m_new
+        if not skip:
+            for k0 in range(0, H, BLOCK_K):  # acc[rows, k] ← acc · scale + e · W[cols, k]
+                k = k0 + ks
+                w = tl.load(w_ptr + cols[:, None] * stride_w + k[None, :],
+                            mask=col_ok[:, None] & (k[None, :] < H), other=0.0)  # [BLOCK_V, BLOCK_K]
+                if UPCAST:
+                    w = w.to(tl.float32)
+                ptrs = acc_base + rows[:, None] * H + k[None, :]
+                ok = row_ok[:, None] & (k[None, :] < H)
+                a = tl.load(ptrs, mask=ok, other=0.0)  # [BLOCK_N, BLOCK_K] fp32
+                a = a * scale[:, None] + tl.dot(e.to(w.dtype), w, input_precision=DOT_PRECISION)
+                tl.store(ptrs, a, mask=ok)
+    out = part_ptr + split * N + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + S * N, s, mask=row_ok)
+    tl.store(out + 2 * S * N, so, mask=row_ok)
+    tl.store(out + 3 * S * N, zt, mask=row_ok)
 
 
 @triton.jit
@@ -81,8 +128,8 @@ def _lse_fwd_kernel(h_ptr,  # [N, H]
     for tile in range(first, last):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_tau,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V]
+        z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_tau,
+                       HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V]
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -99,7 +146,7 @@ def _dlogits_kernel(h_ptr,  # [R, H] one block of tokens
                     t_ptr,  # [R] int64 targets
                     lse_ptr,  # [R] fp32 logsumexp saved by the forward
                     gs_ptr,  # [R] fp32 upstream gradient / τ, 0 on ignored tokens
-                    d_ptr,  # [R, V] out: g (onehot − p) / τ in the input dtype
+                    d_ptr,  # [R, V] out: g (onehot − p) / τ, fp32 for fp16 inputs
                     R, H, V, stride_h, stride_w, stride_d, inv_tau,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -107,8 +154,8 @@ def _dlogits_kernel(h_ptr,  # [R, H] one block of tokens
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < R
     col_ok = cols < V
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_tau,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V]
+    z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_tau,
+                   HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V]
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     gs = tl.load(gs_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
@@ -122,65 +169,26 @@ def _dlogits_kernel(h_ptr,  # [R, H] one block of tokens
 # launchers
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    block_n: int = 64  # tokens per tile: rows of the tl.dot
-    block_v: int = 128  # vocabulary columns per tile
-    block_k: int = 64  # hidden-size step of the K-loop
-    num_warps: int = 4  # 4 warps fill a 64 × 128 tile's MMAs without spilling the fp32 accumulator
-    num_stages: int = 3  # software-pipelined loads: hides global-memory latency behind the MMAs
-
-
-# (compute capability) → (config for bf16 / fp16, config for fp32). fp32 tiles halve block_k (4-byte
-# loads, same shared memory per stage); before Hopper they also halve block_v, because mma.sync keeps
-# tf32x3's split operands in registers (wgmma reads them from shared memory). Checked for spills by
-# tests/test_kernels_aot.py.
-LAUNCH: dict[tuple[int, int], tuple[LaunchConfig, LaunchConfig]] = {
-    # A100: 164 KB shared memory per SM, big tiles amortise the loads
-    (8, 0): (LaunchConfig(128, 128, 64, num_warps=8, num_stages=3), LaunchConfig(128, 64, 32, num_warps=8)),
-    # RTX 30xx (sm_86), RTX 40xx / L4 (sm_89): 100 KB shared memory, two CTAs of 4 warps per SM
-    (8, 6): (LaunchConfig(64, 128, 64, num_warps=4, num_stages=3), LaunchConfig(64, 64, 32, num_warps=4)),
-    (8, 9): (LaunchConfig(64, 128, 64, num_warps=4, num_stages=3), LaunchConfig(64, 64, 32, num_warps=4)),
-    # H100 / H200: 228 KB shared memory, a deeper pipeline for faster tensor cores
-    (9, 0): (LaunchConfig(128, 128, 64, num_warps=8, num_stages=4),
-             LaunchConfig(128, 128, 32, num_warps=8, num_stages=4)),
-}
-# the interpreter runs each program in numpy: few, mid-sized tiles keep the tests quick
-INTERPRETER = LaunchConfig(block_n=32, block_v=128, block_k=32, num_warps=1, num_stages=1)
-
-
 @dataclass
 class TritonConfig:
-    backward_elems: int = 1 << 25  # d block [rows, V] in the input dtype: 64 MB bf16, like Liger's chunk
+    backward_elems: int = 1 << 25  # d block [rows, V] in bf16: 64 MB, like Liger's chunk (fp32 d: half the rows)
     programs_per_sm: int = 2  # vocabulary splits until the forward grid covers each SM twice
+    direction_elems: int = 1 << 25  # frozen head: splits' fp32 [S, N, H] accumulators stay under 128 MB
+    filter_eps: float = 0.0  # frozen head: skip Σ p W tiles whose every p is below this; 0 keeps it exact
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _splits(n, n_tiles, block_n, device, cfg, cap=None) -> tuple[int, int]:
+    """(vocabulary splits, tiles per split): enough programs to fill the SMs, no split without a tile."""
+    splits = triton.cdiv(cfg.programs_per_sm * sm_count(device), triton.cdiv(n, block_n))
+    splits = max(1, min(splits, n_tiles, cap or n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
-def arch_config(cap: tuple[int, int], dtype: torch.dtype) -> LaunchConfig:
-    """The tile sizes for compute capability `cap` and input `dtype`; unknown archs get the nearest."""
-    known = LAUNCH.get(cap) or (LAUNCH[(9, 0)] if cap >= (9, 0) else LAUNCH[(8, 0)] if cap == (8, 0)
-                                else LAUNCH[(8, 6)])
-    return known[1] if dtype == torch.float32 else known[0]
-
-
-def launch_config(device: torch.device, dtype: torch.dtype) -> LaunchConfig:
-    return arch_config(torch.cuda.get_device_capability(device), dtype) if device.type == "cuda" else INTERPRETER
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"  # 16-bit inputs ignore it
-
-
-def upcast(h) -> bool:
-    """The interpreter multiplies bf16 bit patterns as integers (triton 3.x): feed it fp32 there."""
-    return h.device.type != "cuda" and h.dtype == torch.bfloat16
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+def _common(h, weight, bias, lc):
+    return dict(HAS_BIAS=bias is not None, BLOCK_N=lc.block_n, BLOCK_V=lc.block_v, BLOCK_K=lc.block_k,
+                DOT_PRECISION=dot_precision(h.dtype), UPCAST=upcast(h), num_warps=lc.num_warps,
+                num_stages=lc.num_stages)
 
 
 def lse_forward(h, weight, bias, targets, inv_tau, *, splits=None, cfg: TritonConfig | None = None):
@@ -189,23 +197,43 @@ def lse_forward(h, weight, bias, targets, inv_tau, *, splits=None, cfg: TritonCo
     n, hd = h.shape
     v = weight.shape[0]
     lc = launch_config(h.device, h.dtype)
-    row_blocks = triton.cdiv(n, lc.block_n)
     n_tiles = triton.cdiv(v, lc.block_v)
-    if splits is None:
-        splits = triton.cdiv(cfg.programs_per_sm * _sm_count(h.device), row_blocks)
-    splits = max(1, min(splits, n_tiles))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)  # no split left without a tile
+    splits, tiles_per_split = _splits(n, n_tiles, lc.block_n, h.device, cfg, cap=splits)
     part = torch.empty(3, splits, n, dtype=torch.float32, device=h.device)  # max, sum, target logit
-    _lse_fwd_kernel[(row_blocks, splits)](
+    _lse_fwd_kernel[(triton.cdiv(n, lc.block_n), splits)](
         h, weight, bias if bias is not None else h, targets, part[0], part[1], part[2],
-        n, hd, v, h.stride(0), weight.stride(0), inv_tau, tiles_per_split,
-        HAS_BIAS=bias is not None, BLOCK_N=lc.block_n, BLOCK_V=lc.block_v, BLOCK_K=lc.block_k,
-        DOT_PRECISION=dot_precision(h.dtype), UPCAST=upcast(h), num_warps=lc.num_warps,
-        num_stages=lc.num_stages)
+        n, hd, v, h.stride(0), weight.stride(0), inv_tau, tiles_per_split, **_common(h, weight, bias, lc))
     m = part[0].amax(0)  # [N] merge the splits: logsumexp of logsumexps
     lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(0))
     return lse, part[2].sum(0)
+
+
+def direction_forward(h, weight, bias, targets, keep, inv_tau, *, splits=None, cfg: TritonConfig | None = None):
+    """(log-probs [N], dℓ/dh [N, H]) in fp32, the head frozen; ignored tokens get 0 in both."""
+    cfg = cfg or TritonConfig()
+    n, hd = h.shape
+    v = weight.shape[0]
+    lc = launch_config(h.device, h.dtype, DIRECTION_LAUNCH)
+    n_tiles = triton.cdiv(v, lc.block_v)
+    cap = min(splits or n_tiles, max(1, cfg.direction_elems // max(n * hd, 1)))
+    splits, tiles_per_split = _splits(n, n_tiles, lc.block_n, h.device, cfg, cap=cap)
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=h.device)  # max, Σ exp, Σ exp w/o target, z_t
+    acc = torch.zeros(splits, n, hd, dtype=torch.float32, device=h.device)  # [S, N, H]
+    _direction_fwd_kernel[(triton.cdiv(n, lc.block_n), splits)](
+        h, weight, bias if bias is not None else h, targets, part, acc,
+        n, hd, v, h.stride(0), weight.stride(0), inv_tau, tiles_per_split, cfg.filter_eps,
+        FILTER=cfg.filter_eps > 0, **_common(h, weight, bias, lc))
+    m = part[0].amax(0)  # [N] merge the splits, each weighted by exp(its max − the max)
+    wgt = torch.exp(part[0] - m)  # [S, N]
+    s, so = (part[1] * wgt).sum(0), (part[2] * wgt).sum(0)  # [N]
+    direction = acc[0].mul_(wgt[0].unsqueeze(1))  # [N, H]
+    for i in range(1, splits):
+        direction.add_(acc[i].mul_(wgt[i].unsqueeze(1)))
+    w_t = weight.index_select(0, torch.where(keep, targets, 0)).float()  # [N, H]
+    # dℓ/dh = (W_t · Σ_{v≠t} p_v − Σ_{v≠t} p_v W_v) / τ, the target's (1 − p_t) kept without cancellation
+    direction.sub_(w_t.mul_(so.unsqueeze(1))).mul_((-keep.float() * inv_tau / s).unsqueeze(1))
+    lse = m + torch.log(s)
+    return torch.where(keep, part[3].sum(0) - lse, 0.0), direction
 
 
 def dlogits(h, weight, bias, targets, lse, gs, inv_tau, out):
@@ -216,11 +244,23 @@ def dlogits(h, weight, bias, targets, lse, gs, inv_tau, out):
     grid = (triton.cdiv(r, lc.block_n), triton.cdiv(v, lc.block_v))
     _dlogits_kernel[grid](
         h, weight, bias if bias is not None else h, targets, lse, gs, out,
-        r, hd, v, h.stride(0), weight.stride(0), out.stride(0), inv_tau,
-        HAS_BIAS=bias is not None, BLOCK_N=lc.block_n, BLOCK_V=lc.block_v, BLOCK_K=lc.block_k,
-        DOT_PRECISION=dot_precision(h.dtype), UPCAST=upcast(h), num_warps=lc.num_warps,
-        num_stages=lc.num_stages)
+        r, hd, v, h.stride(0), weight.stride(0), out.stride(0), inv_tau, **_common(h, weight, bias, lc))
     return out
+
+
+def _grads_fp32(d, h, weight, grad_h, grad_w, cols):
+    """grad_h ← d · W and grad_W += dᵀ · h on fp32 operands, the head upcast `cols` rows at a time."""
+    gh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if grad_h is not None else None  # [R, H]
+    h32 = h.float() if grad_w is not None else None
+    for v0 in range(0, weight.shape[0], cols):
+        v1 = min(v0 + cols, weight.shape[0])
+        w_c = weight[v0:v1].float()  # [Vc, H]
+        if gh is not None:
+            gh.addmm_(d[:, v0:v1], w_c)
+        if grad_w is not None:
+            grad_w[v0:v1].addmm_(d[:, v0:v1].t(), h32)  # [Vc, H]
+    if gh is not None:
+        grad_h.copy_(gh)
 
 
 def backward(g, h, weight, bias, targets, keep, lse, inv_tau, needs, cfg: TritonConfig):
@@ -228,23 +268,30 @@ def backward(g, h, weight, bias, targets, keep, lse, inv_tau, needs, cfg: Triton
     need_h, need_w, need_b = needs
     n, hd = h.shape
     v = weight.shape[0]
+    d_dtype = torch.float32 if h.dtype == torch.float16 else h.dtype  # g · p underflows fp16
     block = launch_config(h.device, h.dtype).block_n
-    rows = max(block, cfg.backward_elems // max(v, 1) // block * block)
+    elems = cfg.backward_elems * 2 // d_dtype.itemsize
+    rows = max(block, elems // max(v, 1) // block * block)
     gs = torch.where(keep, g.float() * inv_tau, 0.0)  # [N]
-    d_buf = torch.empty(min(rows, n) * v, dtype=h.dtype, device=h.device)
+    d_buf = torch.empty(min(rows, n) * v, dtype=d_dtype, device=h.device)
     grad_h = torch.empty_like(h) if need_h else None
-    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_w = torch.zeros_like(weight, dtype=d_dtype) if need_w else None  # fp32 over token blocks for fp16
     grad_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_b else None
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         d = dlogits(h[r0:r1], weight, bias, targets[r0:r1], lse[r0:r1], gs[r0:r1], inv_tau,
                     d_buf[: (r1 - r0) * v].view(r1 - r0, v))  # [R, V]
-        if grad_h is not None:
-            torch.mm(d, weight, out=grad_h[r0:r1])  # [R, H]
-        if grad_w is not None:
-            grad_w.addmm_(d.t(), h[r0:r1])  # [V, H] fp32 inside the GEMM, one rounding per token block
+        if d.dtype != h.dtype:
+            _grads_fp32(d, h[r0:r1], weight, None if grad_h is None else grad_h[r0:r1], grad_w,
+                        max(1, elems // max(hd, 1)))
+        else:
+            if grad_h is not None:
+                torch.mm(d, weight, out=grad_h[r0:r1])  # [R, H]
+            if grad_w is not None:
+                grad_w.addmm_(d.t(), h[r0:r1])  # [V, H] fp32 inside the GEMM, one rounding per token block
         if grad_b is not None:
             grad_b += d.sum(0, dtype=torch.float32)
+    grad_w = None if grad_w is None else grad_w.to(weight.dtype)
     grad_b = None if grad_b is None else grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
 
@@ -256,14 +303,24 @@ def backward(g, h, weight, bias, targets, keep, lse, inv_tau, needs, cfg: Triton
 class TritonLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_tau, ignore_index, cfg):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.frozen_head = need_h and not (need_w or need_b)
         keep = targets != ignore_index  # [N]
+        ctx.inv_tau, ctx.cfg, ctx.hidden_dtype = inv_tau, cfg, hidden.dtype
+        if ctx.frozen_head:  # the whole gradient is formed here; backward only scales it
+            out, direction = direction_forward(hidden, weight, bias, targets, keep, inv_tau, cfg=cfg)
+            ctx.save_for_backward(direction)
+            return out
         lse, zt = lse_forward(hidden, weight, bias, targets, inv_tau, cfg=cfg)
-        ctx.inv_tau, ctx.cfg = inv_tau, cfg
         ctx.save_for_backward(hidden, weight, bias, targets, keep, lse)
         return torch.where(keep, zt - lse, 0.0)
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.frozen_head:
+            (direction,) = ctx.saved_tensors
+            grad_h = direction * grad_out.float().unsqueeze(1)  # [N, H]: O(N·H), no logits
+            return grad_h.to(ctx.hidden_dtype), None, None, None, None, None, None
         hidden, weight, bias, targets, keep, lse = ctx.saved_tensors
         grads = backward(grad_out, hidden, weight, bias, targets, keep, lse, ctx.inv_tau,
                          ctx.needs_input_grad[:3], ctx.cfg)
@@ -284,4 +341,4 @@ def triton_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignor
     return out.reshape(shape)
 
 
-__all__ = ["LAUNCH", "LaunchConfig", "TritonConfig", "arch_config", "launch_config", "triton_logprob"]
+__all__ = ["TritonConfig", "direction_forward", "lse_forward", "triton_logprob"]

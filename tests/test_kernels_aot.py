@@ -29,22 +29,25 @@ def _arg_type(name: str, dtype: str) -> str:
     """Triton type of a runtime argument: pointers to the inputs (and d) have the input dtype."""
     if name == "t_ptr":
         return "*i64"
-    if name in ("max_ptr", "sum_ptr", "tgt_ptr", "lse_ptr", "gs_ptr"):
+    if name in ("max_ptr", "sum_ptr", "tgt_ptr", "lse_ptr", "gs_ptr", "part_ptr", "acc_ptr"):
         return "*fp32"
     if name.endswith("_ptr"):
         return f"*{dtype}"
-    return "fp32" if name == "inv_tau" else "i32"
+    return "fp32" if name in ("inv_tau", "filter_eps") else "i32"
 
 
-def _compile(kernel, cap, dtype_name, tmp_path, monkeypatch):
+def _compile(kernel, cap, dtype_name, tmp_path, monkeypatch, filtering=False):
     """(compiled kernel, ptxas log) for one kernel, architecture and dtype."""
-    from lite_selftrain.kernels import triton_logprob as tk
+    from lite_selftrain.kernels import triton_tiles as tt
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    lc = tk.arch_config(cap, DTYPES[dtype_name])
+    table = tt.DIRECTION_LAUNCH if kernel.__name__ == "_direction_fwd_kernel" else tt.LAUNCH
+    lc = tt.arch_config(cap, DTYPES[dtype_name], table)
     consts = dict(HAS_BIAS=True, BLOCK_N=lc.block_n, BLOCK_V=lc.block_v, BLOCK_K=lc.block_k,
-                  DOT_PRECISION=tk.dot_precision(DTYPES[dtype_name]), UPCAST=False)
+                  DOT_PRECISION=tt.dot_precision(DTYPES[dtype_name]), UPCAST=False)
+    if "FILTER" in kernel.arg_names:
+        consts["FILTER"] = filtering
     sig = {name: "constexpr" if name in consts else _arg_type(name, dtype_name) for name in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                if sig[name].startswith("*") or (name in SHAPE and SHAPE[name] % 16 == 0)}
@@ -60,14 +63,15 @@ def _compile(kernel, cap, dtype_name, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("cap", ARCHS, ids=[f"sm_{a}{b}" for a, b in ARCHS])
-@pytest.mark.parametrize("kernel_name", ["_lse_fwd_kernel", "_dlogits_kernel"])
+@pytest.mark.parametrize("kernel_name", ["_lse_fwd_kernel", "_dlogits_kernel", "_direction_fwd_kernel",
+                                         "_direction_fwd_kernel+filter"])
 def test_compiles_to_cubin(kernel_name, cap, dtype_name, tmp_path, monkeypatch, record_property):
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("ahead-of-time compilation needs TRITON_INTERPRET unset")
     from lite_selftrain.kernels import triton_logprob as tk
 
-    kernel = getattr(tk, kernel_name)
-    compiled, log, lc = _compile(kernel, cap, dtype_name, tmp_path, monkeypatch)
+    kernel = getattr(tk, kernel_name.split("+")[0])
+    compiled, log, lc = _compile(kernel, cap, dtype_name, tmp_path, monkeypatch, "+filter" in kernel_name)
     assert compiled.asm["cubin"][:4] == b"\x7fELF"
     assert ".entry" in compiled.asm["ptx"]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
