@@ -40,6 +40,8 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
                           help="Override a config field (dotted for nested tables); repeatable.")
 out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 restart_option = click.option("--restart", is_flag=True, help="Delete the run directory's contents first.")
+unsafe_option = click.option("--unsafe-sandbox", is_flag=True,
+                             help="Code tasks: where no OS isolation works, run programs with limits only.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,11 +77,13 @@ def _recipe_command(name: str, help: str):
     @set_option
     @out_option
     @restart_option
-    def command(config_path, overrides, out, restart):
+    @unsafe_option
+    def command(config_path, overrides, out, restart, unsafe_sandbox):
         from .config import load_config
         from .plot import plot_metrics
         from .recipes import load_recipe
 
+        overrides = (*overrides, "task_options.sandbox.unsafe=true") if unsafe_sandbox else overrides
         module, config_class = load_recipe(name)
         cfg = load_config(config_class, config_path, overrides)
         records, best = module.run(cfg, out, restart=restart, progress=True)
@@ -148,12 +152,13 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
 @click.option("--limit", type=int, default=None)
 @click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-def score(task_name, split, data, shots, limit, samples, out):
+@unsafe_option
+def score(task_name, split, data, shots, limit, samples, out, unsafe_sandbox):
     """Add a reward to every sample of a samples file."""
     from .store import read_jsonl, write_jsonl
     from .tasks import get_task
 
-    task = get_task(task_name, shots=shots)
+    task = get_task(task_name, shots=shots, **({"sandbox": {"unsafe": True}} if unsafe_sandbox else {}))
     scored, info = task.score_samples(read_jsonl(samples), task.load(split, data)[:limit])
     write_jsonl(Path(out), scored)
     click.echo(json.dumps(info))
@@ -214,12 +219,14 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
 @click.option("--k", "ks", multiple=True, type=int, default=(1, 4, 8), show_default=True)
 @click.option("--temperature", default=0.7, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit, n, ks, temperature, out):
+@unsafe_option
+def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit, n, ks, temperature, out,
+                 unsafe_sandbox):
     """Greedy pass@1 and sampled pass@k / maj@k on a task split, with per-problem records."""
     from .evaluate import EvalConfig, heldout
     from .tasks import get_task
 
-    task = get_task(task_name, shots=shots)
+    task = get_task(task_name, shots=shots, **({"sandbox": {"unsafe": True}} if unsafe_sandbox else {}))
     examples = task.load(split, data)
     default = EvalConfig()
     cfg = EvalConfig(split=split, limit=limit, sample=default.sample.replace(n=n, temperature=temperature),
