@@ -71,6 +71,14 @@ time.sleep(0.2)
 subprocess.Popen(["setsid"] + SLEEPER, start_new_session=True)
 time.sleep(0.2)
 """,
+    "outlive_the_deadline": """import ctypes, os, sys
+ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)  # no parent-death signal
+try:
+    os.setsid()
+except OSError:
+    pass
+os.execv(sys.executable, SLEEPER)
+""",
     "sysv_ipc": """import ctypes
 libc = ctypes.CDLL(None)
 print(libc.msgget(KEY, 0o1666) >= 0, libc.semget(KEY + 1, 1, 0o1666) >= 0, libc.shmget(KEY + 2, 4096, 0o1666) >= 0)
@@ -272,7 +280,8 @@ def test_contained_when_run_by_an_ordinary_user(tmp_path, monkeypatch):
     home = tempfile.mkdtemp(prefix="sandbox-user-")
     os.chown(home, user.pw_uid, user.pw_gid)
     secret = f"needle-{uuid.uuid4().hex}"
-    attacks = [fill(ATTACKS[n], tag, key, 9) for n in ("fork_bomb", "double_fork_setsid", "files_outside", "sysv_ipc")]
+    names = ("fork_bomb", "double_fork_setsid", "files_outside", "sysv_ipc", "outlive_the_deadline")
+    attacks = [fill(ATTACKS[n], tag, key, 9) for n in names]
     attacks += [f"open({home + '/mine.txt'!r}, 'w')", "import os\nprint(os.getuid(), sorted(os.environ))",
                 "import os\nprint(open('/proc/self/status').read().split('CapEff:')[1].split()[0])"]
     try:
@@ -284,7 +293,7 @@ def test_contained_when_run_by_an_ordinary_user(tmp_path, monkeypatch):
     assert run.returncode == 0, run.stderr  # the helper, parent of every program, survived
     out = json.loads(run.stdout)
     assert out["isolation"] == "isolated (user namespaces)" and out["uid"] == user.pw_uid and not out["mine"]
-    bomb, _, _, ipc, write, env, caps = out["runs"]
+    bomb, _, _, ipc, _, write, env, caps = out["runs"]
     assert "BlockingIOError" in bomb[1]  # RLIMIT_NPROC holds inside the user namespace
     assert ipc[0] == "True True True\n"  # it made its IPC objects, in its own namespace
     assert "No such file" in write[1] and secret not in env[0] and caps[0] == "0000000000000000\n"

@@ -149,6 +149,18 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def _stop(pid: int) -> None:
+    """End a run: SIGTERM asks the launcher to kill its namespace's PID 1 (and so all the rest), then the
+    launcher's process group is killed. Nothing is reaped before, so the group id cannot have been reused."""
+    if not _has_exited(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2.0
+        while not _has_exited(pid) and time.monotonic() < deadline:
+            time.sleep(0.002)
+    _kill_group(pid)
+
+
 def _has_exited(pid: int) -> bool:
     """Whether `pid` has ended, without reaping it (its group id stays reserved until we kill the group)."""
     try:
@@ -263,7 +275,7 @@ class Sandbox:
             with os.fdopen(values_read, "rb") as values_pipe:
                 (out, err, vals), timed_out, exceeded = self._collect(
                     proc, [proc.stdout, proc.stderr, values_pipe], start + timeout)
-            _kill_group(proc.pid)
+            _stop(proc.pid)
             returncode = proc.wait()
             proc.stdout.close()
             proc.stderr.close()

@@ -6,8 +6,9 @@ read-only, whom to run as, and optionally a function to call. When isolating:
 
 1. unshare(2): new mount, PID, network, IPC and UTS namespaces, plus a user namespace when not root;
 2. fork: the child is PID 1 of the new PID namespace, so when it ends the kernel kills whatever is left
-   there, setsid or not; it dies with this process too (PR_SET_PDEATHSIG), which only waits for it and
-   passes its exit status on (a signal by raising the same one);
+   there, setsid or not. It starts its own session, so nothing it signals reaches this process, which
+   waits for it, passes its exit status on (a signal by raising the same one), and kills it on SIGTERM
+   (the parent's way to end a run); it also dies with this process (PR_SET_PDEATHSIG);
 3. the child builds a root on a small tmpfs: read-only binds of the interpreter and the system's
    libraries, /dev/null and its kin, its own /proc, and private tmpfs for /tmp, /dev/shm and the work
    dir /work; then it chroots there. The network namespace has only a loopback, and it is down;
@@ -109,6 +110,12 @@ def _bind_read_only(libc, source: str, target: str) -> None:
 
 
 # -- steps 1 to 3 ----------------------------------------------------------------------------------------
+def _end(pidfd: int) -> None:
+    """SIGKILL to PID 1 of the namespace, from outside it (so it cannot refuse): the kernel ends the rest."""
+    with contextlib.suppress(OSError):  # it has already ended
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
 def enter_namespaces(libc) -> None:
     """Steps 1-2. Returns in the child, PID 1 of the new namespaces; this process waits and relays."""
     uid, gid, user_ns = os.getuid(), os.getgid(), os.geteuid() != 0
@@ -121,9 +128,12 @@ def enter_namespaces(libc) -> None:
     pid = os.fork()
     if pid == 0:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        os.setsid()  # its own session and group: nothing it signals by group reaches this process
         return
     for fd in (0, 1, 2):  # only the program holds the pipes, so they close when it ends
         os.close(fd)
+    handle = os.pidfd_open(pid)  # names this child even after it ends: a SIGTERM can never hit a reused pid
+    signal.signal(signal.SIGTERM, lambda *_: _end(handle))  # the parent's way to end the run
     status = os.waitpid(pid, 0)[1]
     if os.WIFSIGNALED(status):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -177,6 +187,7 @@ def drop_privileges(libc, job: dict) -> None:
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # again: a change of user id cleared it
     _call(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
     _call(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")  # effective, permitted, inheritable: none
