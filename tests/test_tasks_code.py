@@ -10,18 +10,8 @@ from lite_selftrain.tasks.apps import AppsTask, same_output, same_result
 from lite_selftrain.tasks.humaneval import HumanEvalTask, same_value
 
 DATA = Path(__file__).parent / "data"
-LIMITS = dict(timeout=3.0, cpu_seconds=1, memory_mb=256, max_processes=8, workers=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _isolated():
-    from lite_selftrain.errors import UserError
-    from lite_selftrain.tasks.sandbox import Sandbox, SandboxConfig
-
-    try:
-        assert Sandbox(SandboxConfig(**LIMITS)).isolation
-    except UserError as e:
-        pytest.skip(f"no OS isolation on this machine: {e}")
+# unsafe: where the machine offers no isolation these trusted fixtures still run (with a warning line)
+LIMITS = dict(timeout=3.0, cpu_seconds=1, memory_mb=256, max_processes=8, workers=2, unsafe=True)
 
 
 @pytest.fixture(scope="module")
