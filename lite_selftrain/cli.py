@@ -83,9 +83,12 @@ def _recipe_command(name: str, help: str):
         from .plot import plot_metrics
         from .recipes import load_recipe
 
-        overrides = (*overrides, "task_options.sandbox.unsafe=true") if unsafe_sandbox else overrides
         module, config_class = load_recipe(name)
         cfg = load_config(config_class, config_path, overrides)
+        if unsafe_sandbox:  # recorded in the run's config like any other task option
+            if not hasattr(cfg, "task_options"):
+                raise UserError(f"--unsafe-sandbox: {name} runs no model-written code")
+            cfg.task_options = {**cfg.task_options, "sandbox": {**cfg.task_options.get("sandbox", {}), "unsafe": True}}
         records, best = module.run(cfg, out, restart=restart, progress=True)
         _print_table(records)
         click.echo(f"best iteration: {best['iteration'] if best else 'none (no iteration has the selection metric)'}")

@@ -175,3 +175,19 @@ def test_humaneval_canonical_solutions_all_pass():
     rewards = task.rewards([ex["canonical_solution"] for ex in examples], examples)
     assert [ex["task_id"] for ex, r in zip(examples, rewards) if r != 1.0] == []
     assert task.reward("    return None\n", examples[0]) == 0.0
+
+
+def test_score_command_records_the_isolation(tmp_path, apps):
+    import subprocess
+    import sys
+
+    task, examples = apps
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt_index": 0, "text": task.reference(examples[0])}) + "\n")
+    args = ["score", "--task", "apps", "--data", str(DATA / "apps.jsonl"), "--limit", "1", "--samples",
+            str(samples), "--out", str(tmp_path / "scored.jsonl"), "--unsafe-sandbox"]
+    run = subprocess.run([sys.executable, "-m", "lite_selftrain", *args], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    assert info["train_accuracy"] == 1.0 and info["sandbox"].startswith(("isolated", "not isolated"))
