@@ -254,7 +254,7 @@ class Sandbox:
     def _run(self, plan: _Plan, source: str, stdin: str, calls, timeout: float) -> RunResult:
         values_read, values_write = os.pipe()
         job = {"source": source, "limits": self._limits(plan), "isolate": plan.isolate, "readable": plan.readable,
-               "drop": plan.drop, "scratch_mb": self.cfg.scratch_mb, "values_fd": values_write,
+               "drop": plan.drop, "scratch_mb": self.cfg.scratch_mb, "values_fd": values_write, "parent": os.getpid(),
                "calls": {"fn": calls[0], "args": [encode(list(a)) for a in calls[1]]} if calls else None}
         workdir = None if plan.isolate else tempfile.mkdtemp(prefix="sandbox-")
         start = time.monotonic()

@@ -225,6 +225,9 @@ def main() -> None:
         job = json.loads(f.read())
     if job["isolate"]:
         libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # if the parent dies, end the run as it would
+        if os.getppid() != job["parent"]:  # it died before that
+            sys.exit(1)
         enter_namespaces(libc)
         build_root(libc, job)
         drop_privileges(libc, job)
