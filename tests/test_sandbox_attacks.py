@@ -79,6 +79,16 @@ except OSError:
     pass
 os.execv(sys.executable, SLEEPER)
 """,
+    "chroot_escape": """import ctypes, os
+ctypes.CDLL(None).unshare(0x10000000 | 0x00020000)  # a user and mount namespace of its own, for CAP_SYS_CHROOT
+os.makedirs("/tmp/x", exist_ok=True)
+os.chroot("/tmp/x")
+for _ in range(30):
+    os.chdir("..")
+os.chroot(".")
+open("/var/tmp/TAG-escaped", "w")
+print(5)
+""",
     "sysv_ipc": """import ctypes
 libc = ctypes.CDLL(None)
 print(libc.msgget(KEY, 0o1666) >= 0, libc.semget(KEY + 1, 1, 0o1666) >= 0, libc.shmget(KEY + 2, 4096, 0o1666) >= 0)

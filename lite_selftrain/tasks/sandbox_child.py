@@ -11,7 +11,8 @@ read-only, whom to run as, and optionally a function to call. When isolating:
    (the parent's way to end a run); it also dies with this process (PR_SET_PDEATHSIG);
 3. the child builds a root on a small tmpfs: read-only binds of the interpreter and the system's
    libraries, /dev/null and its kin, its own /proc, and private tmpfs for /tmp, /dev/shm and the work
-   dir /work; then it chroots there. The network namespace has only a loopback, and it is down;
+   dir /work; then it chroots there (the kernel lets no chrooted process make a user namespace, the one
+   way it could regain CAP_SYS_CHROOT and climb out). The network namespace's loopback is down;
 4. it gives up root (to the job's user) and every capability, sets no_new_privs and the limits, and
    runs the program in this same interpreter as PID 1 (no second start-up to pay for).
 
