@@ -1,12 +1,14 @@
 """The sandbox runs programs faithfully, ends runaway ones, returns call results as data, and refuses to
 run code without isolation unless told to. The attacks themselves are in test_sandbox_attacks.py."""
 
+import json
 import os
 
 import pytest
 
 from lite_selftrain.errors import UserError
 from lite_selftrain.tasks.sandbox import RunResult, Sandbox, SandboxConfig, decode, encode
+from lite_selftrain.tasks.sandbox_child import dumps
 
 LIMITS = dict(timeout=3.0, cpu_seconds=1, memory_mb=256, max_processes=8, max_output_bytes=1 << 16, workers=2)
 
@@ -64,8 +66,12 @@ def test_call_results_are_typed_data(box):
 
 
 def test_typed_json_round_trip():
-    value = [1, 2.5, "s", None, True, (1, "a"), {1: [2]}, {3}, frozenset({4}), b"\xff"]
+    value = [1, 2.5, "s", None, True, (1, "a"), {1: [2]}, {3}, frozenset({4}), b"\xff", 10**30, -0.0, 5e-324]
     assert decode(encode(value)) == value and type(decode(encode((1,)))) is tuple
+    text = dumps(encode(value + ["\x00\n\"\\é😀\ud800", float("inf"), float("-inf"), {"tuple": []}]))
+    assert "\n" not in text and json.loads(text) == json.loads(json.dumps(encode(value + [
+        "\x00\n\"\\é😀\ud800", float("inf"), float("-inf"), {"tuple": []}])))  # the json module's own reading
+    assert decode(json.loads(text))[:len(value)] == value and dumps(float("nan")) == "NaN"
     for bad in ({"tuple": 1}, {"a": [], "b": []}, {"code": []}):
         with pytest.raises(ValueError):
             decode(bad)

@@ -35,7 +35,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import marshal
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -150,15 +152,18 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _stop(pid: int) -> None:
-    """End a run: SIGTERM asks the launcher to kill its namespace's PID 1 (and so all the rest), then the
-    launcher's process group is killed. Nothing is reaped before, so the group id cannot have been reused."""
-    if not _has_exited(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 2.0
-        while not _has_exited(pid) and time.monotonic() < deadline:
-            time.sleep(0.002)
+def _stop(pid: int, ended: bool) -> None:
+    """End a run. The launcher exits by itself once its program has `ended` (after the kernel tears down
+    the namespaces); otherwise SIGTERM asks it to kill its namespace's PID 1, and with it all the rest.
+    Then its process group is killed. Nothing is reaped before, so no id can have been reused."""
+    handle = os.pidfd_open(pid)  # readable once the launcher has exited: a wait with a timeout, not reaping
+    try:
+        if not select.select([handle], [], [], 1.0 if ended else 0)[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            select.select([handle], [], [], 2.0)
+    finally:
+        os.close(handle)
     _kill_group(pid)
 
 
@@ -272,11 +277,11 @@ class Sandbox:
                 finally:
                     os.close(job_read)
                     os.close(values_write)
-                _send(job_write, json.dumps(job).encode())
+                _send(job_write, marshal.dumps(job))
             with os.fdopen(values_read, "rb") as values_pipe:
                 (out, err, vals), timed_out, exceeded = self._collect(
                     proc, [proc.stdout, proc.stderr, values_pipe], start + timeout)
-            _stop(proc.pid)
+            _stop(proc.pid, ended=not (timed_out or exceeded))
             returncode = proc.wait()
             proc.stdout.close()
             proc.stderr.close()

@@ -1,8 +1,9 @@
 """One program run in its own namespaces, under limits: the child side of `sandbox.py`.
 
 The parent runs `python -s -S -c <this file's text> JOB_FD` with the program's stdin, stdout and stderr
-in place, and writes a JSON job to JOB_FD: the source, the resource limits, the host paths to show
-read-only, whom to run as, and optionally a function to call. When isolating:
+in place, and writes a job to JOB_FD (in marshal's format: both ends are the same interpreter): the
+source, the resource limits, the host paths to show read-only, whom to run as, and optionally a function
+to call. When isolating:
 
 1. unshare(2): new mount, PID, network, IPC and UTS namespaces, plus a user namespace when not root;
 2. fork: the child is PID 1 of the new PID namespace, so when it ends the kernel kills whatever is left
@@ -18,20 +19,18 @@ read-only, whom to run as, and optionally a function to call. When isolating:
 
 Without isolation (the parent's `unsafe` fallback) only step 4's limits apply, in the current folder.
 With `calls`, the named function (or `Solution().name`, LeetCode style) is called on each argument list
-once the program has run, and each result goes to VALUES_FD as one line of typed JSON (`encode`): data
-for the parent to judge, never a verdict. A value that is not plain builtin data (say an object whose
+once the program has run, and each result goes to VALUES_FD as one line of typed JSON (`encode`, `dumps`):
+data for the parent to judge, never a verdict. A value that is not plain builtin data (say an object whose
 `__eq__` always says yes) cannot be encoded and ends the run with a TypeError.
-Only the standard library: inside, the interpreter has nothing but its own files.
+Only the standard library, and as little of it as will do: each import is paid again by every run
+(json, contextlib and signal would add about a third to a run's start-up, so they are left out or late).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import json
+import marshal
 import os
 import resource
-import signal
 import sys
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
@@ -39,6 +38,7 @@ CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_STRICTATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 24
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+SIGKILL, SIGTERM = 9, 15
 NEW_ROOT = "/tmp"  # any existing folder serves as the mount point: the new mount namespace is private
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
@@ -82,9 +82,31 @@ def decode(tree):
     raise ValueError(f"unknown typed value {kind!r}")
 
 
+_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x20), *range(0xD800, 0xE000))}  # control chars, lone surrogates
+_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
+
+
+def dumps(tree) -> str:
+    """JSON text of `encode`'s output (NaN and Infinity as Python's json writes them), one line."""
+    kind = type(tree)
+    if tree is None or kind is bool:
+        return {None: "null", True: "true", False: "false"}[tree]
+    if kind is int:
+        return str(tree)
+    if kind is float:
+        return repr(tree) if tree - tree == 0 else "NaN" if tree != tree else "Infinity" if tree > 0 else "-Infinity"
+    if kind is str:
+        return '"' + tree.translate(_ESCAPES) + '"'
+    if kind is list:
+        return "[" + ",".join(map(dumps, tree)) + "]"
+    return "{" + ",".join(dumps(k) + ":" + dumps(v) for k, v in tree.items()) + "}"
+
+
 # -- the system calls, through ctypes ------------------------------------------------------------------
 def _call(result: int, what: str) -> None:
     if result != 0:
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
@@ -111,12 +133,6 @@ def _bind_read_only(libc, source: str, target: str) -> None:
 
 
 # -- steps 1 to 3 ----------------------------------------------------------------------------------------
-def _end(pidfd: int) -> None:
-    """SIGKILL to PID 1 of the namespace, from outside it (so it cannot refuse): the kernel ends the rest."""
-    with contextlib.suppress(OSError):  # it has already ended
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-
-
 def enter_namespaces(libc) -> None:
     """Steps 1-2. Returns in the child, PID 1 of the new namespaces; this process waits and relays."""
     uid, gid, user_ns = os.getuid(), os.getgid(), os.geteuid() != 0
@@ -128,17 +144,21 @@ def enter_namespaces(libc) -> None:
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
     pid = os.fork()
     if pid == 0:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
         os.setsid()  # its own session and group: nothing it signals by group reaches this process
         return
     for fd in (0, 1, 2):  # only the program holds the pipes, so they close when it ends
         os.close(fd)
-    handle = os.pidfd_open(pid)  # names this child even after it ends: a SIGTERM can never hit a reused pid
-    signal.signal(signal.SIGTERM, lambda *_: _end(handle))  # the parent's way to end the run
+    import signal  # here, while the child sets up: its import is not on the run's path
+
+    alive = [True]  # until it is reaped, its pid cannot name another process
+    signal.signal(SIGTERM, lambda *_: alive[0] and os.kill(pid, SIGKILL))  # the parent's way to end the run
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    alive[0] = False
     status = os.waitpid(pid, 0)[1]
     if os.WIFSIGNALED(status):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if os.WTERMSIG(status) not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+        if os.WTERMSIG(status) not in (SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
             signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
@@ -172,8 +192,10 @@ def build_root(libc, job: dict) -> None:
     owner = f"uid={job['drop'][0]},gid={job['drop'][1]}" if job["drop"] else f"uid={os.getuid()},gid={os.getgid()}"
     for name, mode in (("tmp", "1777"), ("dev/shm", "1777"), ("work", "0700," + owner)):
         _mount(libc, "tmpfs", f"{root}/{name}", "tmpfs", MS_NOSUID | MS_NODEV, f"{scratch},mode={mode}")
-    with contextlib.suppress(OSError):  # a /proc of this PID namespace; some containers refuse it in a user ns
+    try:  # a /proc of this PID namespace; some containers refuse it in a user namespace  # noqa: SIM105
         _mount(libc, "proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError:
+        pass
     _mount(libc, None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     libc.sethostname(b"sandbox", 7)
     os.chdir(root)
@@ -188,8 +210,10 @@ def drop_privileges(libc, job: dict) -> None:
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # again: a change of user id cleared it
+    libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # again: a change of user id cleared it
     _call(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
+    import ctypes
+
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
     _call(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")  # effective, permitted, inheritable: none
 
@@ -213,7 +237,7 @@ def run_program(job: dict) -> None:
         name = calls["fn"]
         fn = scope[name] if callable(scope.get(name)) else getattr(scope["Solution"](), name)
         for args in calls["args"]:
-            values.write(json.dumps(encode(fn(*decode(args)))) + "\n")
+            values.write(dumps(encode(fn(*decode(args)))) + "\n")
             values.flush()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -223,10 +247,12 @@ def run_program(job: dict) -> None:
 def main() -> None:
     sys.path = [p for p in sys.path if p]
     with os.fdopen(int(sys.argv[1]), "rb") as f:
-        job = json.loads(f.read())
+        job = marshal.loads(f.read())
     if job["isolate"]:
+        import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # if the parent dies, end the run as it would
+        libc.prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)  # if the parent dies, end the run as it would
         if os.getppid() != job["parent"]:  # it died before that
             sys.exit(1)
         enter_namespaces(libc)
