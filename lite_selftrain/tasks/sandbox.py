@@ -24,7 +24,7 @@ Usage:
     box.run("print(int(input()) * 2)", stdin="21\\n").stdout  # "42\\n"
     box.run("def f(x):\\n    return [x, x]", calls=("f", [[1], ["a"]])).values  # [[1, 1], ["a", "a"]]
 
-Simplifications: one program per set of namespaces, built afresh each run (about 2 ms); programs see
+Simplifications: one program per set of namespaces, built and torn down each run (a few ms); programs see
 the host's kernel (no seccomp filter) and its /usr; the new root is a chroot, not a pivot_root, so the
 host's mount table is still listed in /proc/self/mountinfo though none of it can be reached; under root
 programs share one user id, so their process counts share one RLIMIT_NPROC budget.
