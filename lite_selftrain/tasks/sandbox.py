@@ -1,7 +1,7 @@
 """Running model-written Python programs in isolation, under limits: the sandbox behind the code rewards.
 
 Each program runs in a fresh interpreter (`python -s -S`: no site-packages, no user site, an empty
-environment but a fixed hash seed) that `sandbox_child.py` walls in with the kernel's own mechanisms:
+environment but for a fixed hash seed and UTF-8 mode) that `sandbox_child.py` walls in with the kernel's own mechanisms:
 new mount, PID, network, IPC and UTS namespaces (and a user namespace when we are not root). Inside it
 sees a read-only view of the interpreter and the system's libraries and nothing else of the file
 system, an empty private tmpfs for /tmp, /dev/shm and its work dir, no network, and no process but its
@@ -54,6 +54,7 @@ from ..errors import UserError
 from .sandbox_child import decode, encode
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
+ENV = {"PYTHONHASHSEED": "0", "PYTHONUTF8": "1"}  # the same set order and text encoding on every machine
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
 
 
@@ -272,7 +273,7 @@ class Sandbox:
                 try:
                     proc = subprocess.Popen([plan.python, "-s", "-S", "-c", CHILD.read_text(), str(job_read)],
                                             stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            cwd=workdir or "/", env={"PYTHONHASHSEED": "0"}, start_new_session=True,
+                                            cwd=workdir or "/", env=ENV, start_new_session=True,
                                             pass_fds=(job_read, values_write), umask=0o077)
                 finally:
                     os.close(job_read)

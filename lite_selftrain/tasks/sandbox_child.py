@@ -227,7 +227,7 @@ def run_program(job: dict) -> None:
     builtins.exit = builtins.quit = sys.exit  # what `site` would add (-S leaves it out); programs call exit()
     sys.argv, sys.path = ["program.py"], [p for p in sys.path if p]  # nothing importable from /work
     calls, scope = job["calls"], {"__name__": "__main__", "__builtins__": builtins}
-    values = os.fdopen(job["values_fd"], "w") if calls else None
+    values = os.fdopen(job["values_fd"], "w", encoding="utf-8") if calls else None
     if not calls:
         os.close(job["values_fd"])
     code = compile(job["source"], "program.py", "exec")
