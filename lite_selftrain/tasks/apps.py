@@ -1,8 +1,8 @@
 """`apps`: programming problems (Hendrycks et al. 2021, APPS), rewarded by passing every test case.
 
-Records have `question`, `input_output` (a JSON string on the hub, or a dict; `reward` takes either) = {"inputs": [...],
-"outputs": [...]} plus `fn_name` for call-based problems, `solutions` (a JSON list of programs) and
-`starter_code`. Two kinds of tests, as in the APPS harness:
+Records have `question`, `input_output` = {"inputs": [...], "outputs": [...]} plus `fn_name` for
+call-based problems (a JSON string on the hub, or a dict: `reward` takes either), `solutions` (a JSON list
+of programs) and `starter_code`. Two kinds of tests, as in the APPS harness:
 
 - standard input: each input is fed to the program's stdin; its stdout must equal the output up to
   whitespace (tokens compared in order), numeric tokens within numpy.allclose's default tolerance;
