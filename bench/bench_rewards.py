@@ -12,10 +12,13 @@ fast path), a third equivalent but written differently (a math-verify check), a 
 Code: `--items` completions of the APPS and HumanEval fixtures (tests/data), their reference programs,
 so every test runs. Providers:
 - `bare`: each test's program run with `python -c`, no limits, one at a time: the cost of a process;
-- `workers=W`: `AppsTask` / `HumanEvalTask` rewards through the sandbox (limits, launcher, guard, and a
-  drop to `nobody` under root), W programs at a time.
+- `unsafe,workers=W`: the sandbox's launcher and limits without namespaces (`isolate=False`);
+- `workers=W`: `AppsTask` / `HumanEvalTask` rewards through the sandbox, each program in its own
+  namespaces (and as `nobody` under root), W programs at a time.
+The difference between the first two sandboxed rows, per run, is what isolation costs.
 
-Worker start-up (sympy imports, the sandbox's interpreter probe) is timed apart and left out of the rates.
+Worker start-up (sympy imports, the sandbox's probe, recording HumanEval's reference calls once per
+problem) is timed apart and left out of the rates.
 Rows are appended to bench/results/bench_rewards.csv with the device and versions; ratios are to the
 first provider of the same run. Simplification: one repetition per provider (the machine is shared), so
 compare ratios, not absolute rates.
@@ -28,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -106,35 +110,56 @@ def run_math(provider: str, completions: list[str], examples: list[dict]) -> tup
     return rewards, seconds, startup
 
 
-def run_code(provider: str, items: list) -> tuple[list[float], float, float]:
-    from lite_selftrain.tasks.apps import _CALL, _HEADER, _as_text, same_output, same_result
+def bare_program(task, program: str, ex: dict, given=None) -> str:
+    """What a test runs without the sandbox: HumanEval's original harness (the tests and `check`), or the
+    APPS program with a call of its function that prints the result's JSON."""
+    if task.name == "humaneval":
+        return f"{ex['prompt']}{program}\n\n{ex['test']}\n\ncheck({ex['entry_point']})\n"
+    code, fn = task.program(program, ex), ex["input_output"].get("fn_name")
+    if given is None or not fn:
+        return code
+    call = f"Solution().{fn}" if "class Solution" in code else fn
+    return f"{code}\nimport json\nprint(json.dumps({call}(*json.loads({json.dumps(given)!r})), default=list))\n"
 
+
+def run_bare(items: list) -> list[float]:
+    """Each test's program run with `python -c`, no limits, no isolation, one at a time."""
+    from lite_selftrain.tasks.apps import same_call_result, same_output, stdin_text
+
+    rewards = []
+    for task, program, ex in items:
+        if task.name == "humaneval":
+            proc = subprocess.run([sys.executable, "-c", bare_program(task, program, ex)], capture_output=True)
+            rewards.append(float(proc.returncode == 0))
+            continue
+        tests, ok, fn = ex["input_output"], True, ex["input_output"].get("fn_name")
+        for given, want in zip(tests["inputs"], tests["outputs"]):
+            code = bare_program(task, program, ex, given)
+            stdin = "" if fn else stdin_text(given)
+            out = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, text=True).stdout
+            ok = ok and (same_call_result(json.loads(out.splitlines()[-1]), want) if fn
+                         else same_output(out, stdin_text(want)))
+        rewards.append(float(ok))
+    return rewards
+
+
+def run_code(provider: str, items: list) -> tuple[list[float], float, float]:
+    """(rewards, seconds, start-up seconds) of one provider: `bare`, `unsafe,workers=W` (the sandbox's
+    limits without namespaces) or `workers=W` (isolated)."""
     if provider == "bare":
-        start, rewards = time.perf_counter(), []
-        for task, program, ex in items:
-            if task.name == "humaneval":
-                proc = subprocess.run([sys.executable, "-c", task.program(program, ex)], capture_output=True)
-                rewards.append(float(proc.returncode == 0))
-                continue
-            tests, ok, fn = ex["input_output"], True, ex["input_output"].get("fn_name")
-            for given, want in zip(tests["inputs"], tests["outputs"]):
-                if fn:  # call-based: the same driver the task appends
-                    code = _HEADER + program + _CALL.format(fn=fn, marker="@@", args=json.dumps(given))
-                    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
-                    ok = ok and same_result(json.loads(out.splitlines()[-1][2:]), want)
-                else:
-                    proc = subprocess.run([sys.executable, "-c", _HEADER + program], input=_as_text(given),
-                                          capture_output=True, text=True)
-                    ok = ok and same_output(proc.stdout, _as_text(want))
-            rewards.append(float(ok))
+        start = time.perf_counter()
+        rewards = run_bare(items)
         return rewards, time.perf_counter() - start, 0.0
-    workers = int(provider.split("=")[1])
+    unsafe, workers = provider.startswith("unsafe"), int(provider.split("=")[1])
+    sandbox = {"workers": workers, "isolate": not unsafe, "unsafe": unsafe}
     tasks = {}
     for task, _, _ in items:
-        tasks.setdefault(task.name, type(task)(sandbox={"workers": workers}))
+        tasks.setdefault(task.name, type(task)(sandbox=sandbox))
     start = time.perf_counter()
     for task in tasks.values():
-        task.sandbox.run("pass")  # find the interpreter the sandbox user can run
+        task.sandbox.run("pass")  # the probe that finds the isolation
+        if task.name == "humaneval":  # each problem's reference calls are recorded once, ahead of training
+            task.sandbox.map(task.expected, [ex for t, _, ex in items if t.name == "humaneval"])
     startup = time.perf_counter() - start
     start = time.perf_counter()
     by_task: dict[str, list[int]] = {}
@@ -146,6 +171,18 @@ def run_code(provider: str, items: list) -> tuple[list[float], float, float]:
         for i, r in zip(idx, got):
             rewards[i] = r
     return rewards, time.perf_counter() - start, startup
+
+
+def isolation_cost(n: int = 40) -> tuple[float, str]:
+    """Median extra milliseconds of an isolated run of `pass` over the same run with the limits only,
+    the two taken in turns so that both see the same load."""
+    from lite_selftrain.tasks.sandbox import Sandbox, SandboxConfig
+
+    boxes = [Sandbox(SandboxConfig(isolate=isolate, unsafe=not isolate)) for isolate in (True, False)]
+    for box in boxes:
+        box.run("pass")
+    cost = statistics.median(boxes[0].run("pass").seconds - boxes[1].run("pass").seconds for _ in range(n))
+    return 1000 * cost, boxes[0].isolation
 
 
 def count_tests(items: list) -> int:
@@ -178,7 +215,8 @@ def main():
     for kind in ("math", "code"):
         if args.only not in (None, kind):
             continue
-        providers = (["inprocess"] if kind == "math" else ["bare"]) + [f"workers={w}" for w in workers]
+        providers = (["inprocess"] if kind == "math" else ["bare", f"unsafe,workers={workers[0]}"])
+        providers += [f"workers={w}" for w in workers]
         n = args.items or (210 if kind == "math" else 24)
         if kind == "math":
             completions, examples = math_items(n)
@@ -191,17 +229,23 @@ def main():
         base = n / results[providers[0]][1]
         reference = results[providers[-1]][0]
         print(f"\n{kind}: {n} completions ({units} {'checks' if kind == 'math' else 'tests'})")
-        print(f"{'provider':<12} {'seconds':>8} {'rewards/s':>10} {'ratio':>7} {'start-up s':>11}  agrees")
+        print(f"{'provider':<17} {'seconds':>8} {'rewards/s':>10} {'ratio':>7} {'start-up s':>11}  agrees")
         for p in providers:
             rewards, seconds, startup = results[p]
             rate = n / seconds
             agrees = rewards == reference
-            print(f"{p:<12} {seconds:8.2f} {rate:10.1f} {rate / base:7.2f} {startup:11.2f}  {agrees}")
+            print(f"{p:<17} {seconds:8.2f} {rate:10.1f} {rate / base:7.2f} {startup:11.2f}  {agrees}")
             rows.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kind": kind,
                          "provider": p, "items": n, "units": units, "seconds": round(seconds, 4),
                          "rewards_per_s": round(rate, 2), "ratio_to_first": round(rate / base, 3),
                          "startup_s": round(startup, 3), "mean_reward": round(sum(rewards) / n, 4),
                          "agrees_with_last": agrees, **env})
+    if args.only in (None, "code"):
+        cost, how = isolation_cost()
+        print(f"\nisolation costs {cost:.1f} ms a run ({how}; the median of 40 pairs)")
+        rows.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kind": "isolation",
+                     "provider": f"{how} - limits only", "items": 40, "units": 40, "seconds": round(cost / 1000, 5),
+                     **env})
     children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"\nlargest child process: {children_mb:.0f} MB resident")
     from results_csv import append_rows  # bench/ is on sys.path when this script runs

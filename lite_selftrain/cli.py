@@ -42,6 +42,8 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 limit_option = click.option("--limit", type=click.IntRange(min=0), default=None, help="Only the first N problems.")
 restart_option = click.option("--restart", is_flag=True, help="Delete the run directory's contents first.")
+unsafe_option = click.option("--unsafe-sandbox", is_flag=True,
+                             help="Code tasks: where no OS isolation works, run programs with limits only.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,13 +79,18 @@ def _recipe_command(name: str, help: str):
     @set_option
     @out_option
     @restart_option
-    def command(config_path, overrides, out, restart):
+    @unsafe_option
+    def command(config_path, overrides, out, restart, unsafe_sandbox):
         from .config import load_config
         from .plot import plot_metrics
         from .recipes import load_recipe
 
         module, config_class = load_recipe(name)
         cfg = load_config(config_class, config_path, overrides)  # every key checked before the run folder is made
+        if unsafe_sandbox:  # recorded in the run's config like any other task option
+            if not hasattr(cfg, "task_options"):
+                raise UserError(f"--unsafe-sandbox: {name} runs no model-written code")
+            cfg.task_options = {**cfg.task_options, "sandbox": {**cfg.task_options.get("sandbox", {}), "unsafe": True}}
         records, best = module.run(cfg, out, restart=restart, progress=True)
         _print_table(records)
         click.echo(f"best iteration: {best['iteration'] if best else 'none (no iteration has the selection metric)'}")
@@ -153,13 +160,14 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
 @limit_option
 @click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-def score(task_name, split, data, shots, limit, samples, out):
+@unsafe_option
+def score(task_name, split, data, shots, limit, samples, out, unsafe_sandbox):
     """Add a reward to every sample of a samples file."""
     from .store import SAMPLE_FIELDS, check_writable, read_jsonl, write_jsonl
     from .tasks import get_task
 
     check_writable(out, folder=False)
-    task = get_task(task_name, shots=shots)
+    task = get_task(task_name, shots=shots, **({"sandbox": {"unsafe": True}} if unsafe_sandbox else {}))
     problems = task.load(split, data)[:limit]
     scored, info = task.score_samples(read_jsonl(samples, SAMPLE_FIELDS, len(problems)), problems)
     write_jsonl(Path(out), scored)
@@ -231,7 +239,9 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
 @click.option("--k", "ks", multiple=True, type=int, default=(1, 4, 8), show_default=True)
 @click.option("--temperature", default=0.7, show_default=True, help="Of the sampled part (pass@1 is greedy).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit, n, ks, temperature, out):
+@unsafe_option
+def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit, n, ks, temperature, out,
+                 unsafe_sandbox):
     """Greedy pass@1 and sampled pass@k / maj@k on a task split, with per-problem records."""
     from .evaluate import EvalConfig, heldout
     from .store import check_writable
@@ -241,7 +251,7 @@ def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit
     cfg = EvalConfig(split=split, limit=limit or None, sample=default.sample.replace(n=n, temperature=temperature),
                      ks=list(ks))
     check_writable(out, folder=True)
-    task = get_task(task_name, shots=shots)
+    task = get_task(task_name, shots=shots, **({"sandbox": {"unsafe": True}} if unsafe_sandbox else {}))
     examples = task.load(split, data)
     if limit == 0:  # no problems: an empty result, not the whole split
         click.echo(json.dumps({}))

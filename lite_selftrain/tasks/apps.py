@@ -1,14 +1,15 @@
 """`apps`: programming problems (Hendrycks et al. 2021, APPS), rewarded by passing every test case.
 
-Records have `question`, `input_output` (a JSON string on the hub, or a dict) = {"inputs": [...],
-"outputs": [...]} plus `fn_name` for call-based problems, `solutions` (a JSON list of programs) and
-`starter_code`. Two kinds of tests, as in the APPS harness:
+Records have `question`, `input_output` = {"inputs": [...], "outputs": [...]} plus `fn_name` for
+call-based problems (a JSON string on the hub, or a dict: `reward` takes either), `solutions` (a JSON list
+of programs) and `starter_code`. Two kinds of tests, as in the APPS harness:
 
 - standard input: each input is fed to the program's stdin; its stdout must equal the output up to
   whitespace (tokens compared in order), numeric tokens within numpy.allclose's default tolerance;
 - call-based: `fn_name` (a method of `Solution` when the starter code is LeetCode style) is called
-  with each input's argument list; the JSON of its result must equal the output, or the output's only
-  element (APPS wraps many outputs in a list).
+  in the sandbox with each input's argument list; its result comes back as data (`Sandbox.run(calls=)`)
+  and, as JSON, must equal the output, or the output's only element (APPS wraps many outputs in a list).
+  The expected outputs never enter the sandbox, and nothing the program prints counts.
 
 Programs run after the harness's standard imports (typing's List, collections, math, heapq...). Each
 test runs in its own sandboxed process with the per-test limits (the APPS harness gives each test
@@ -25,27 +26,19 @@ looser fallbacks (comparing lines as unordered sets) are left out, so order matt
 from __future__ import annotations
 
 import json
-import secrets
 
 from .base import CodeTask, code_block, normalize_code
 
-# the APPS harness runs every program after these imports (numpy left out: the sandbox's Python may lack it)
+# the APPS harness runs every program after these imports (numpy left out: programs see the standard library only)
 _HEADER = ("import sys\nimport time\nimport itertools\nfrom itertools import accumulate, product, permutations, "
            "combinations\nimport collections\nfrom collections import Counter, OrderedDict, deque, defaultdict, "
            "ChainMap\nfrom functools import lru_cache\nimport math\nfrom math import sqrt, sin, cos, tan, ceil, "
            "fabs, floor, gcd, exp, log, log2\nimport fractions\nfrom typing import List, Tuple\nimport random\n"
            "import heapq\nfrom heapq import *\n")
 
-# runs after the program: calls the function on one test's arguments and prints the JSON of the result
-_CALL = """
 
-import json as _json
-_fn = Solution().{fn} if "Solution" in globals() else {fn}  # LeetCode-style starter code wraps a class
-print({marker!r} + _json.dumps(_fn(*_json.loads({args!r})), default=list))
-"""
-
-
-def _as_text(value) -> str:
+def stdin_text(value) -> str:
+    """A test's input or output as text: the lines of a list, or the string itself."""
     return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
@@ -56,6 +49,20 @@ def _close(a: str, b: str) -> bool:
     except ValueError:
         return False
     return abs(x - y) <= 1e-8 + 1e-5 * abs(y)
+
+
+def tests_of(example: dict) -> dict:
+    """The record's `input_output`, decoded when it is the hub's JSON string."""
+    tests = example.get("input_output")
+    if isinstance(tests, str):
+        try:
+            tests = json.loads(tests) if tests.strip() else {}
+        except json.JSONDecodeError as e:
+            name = example.get("problem_id", example.get("question", "")[:40])
+            raise ValueError(f"apps problem {name!r}: input_output is not valid JSON ({e})") from None
+    if not isinstance(tests, dict):
+        raise ValueError(f"apps: input_output must be a JSON object, not {type(tests).__name__}")
+    return tests
 
 
 def same_output(got: str, want: str) -> bool:
@@ -69,6 +76,16 @@ def same_result(got, want) -> bool:
     return got == want or (isinstance(want, list) and len(want) == 1 and got == want[0])
 
 
+def same_call_result(got, want) -> bool:
+    """`same_result` after a round trip through JSON, as the APPS harness saw results (tuples and sets as
+    lists); a result JSON cannot hold fails."""
+    try:
+        got = json.loads(json.dumps(got, default=list))
+    except (TypeError, ValueError):
+        return False
+    return same_result(got, want)
+
+
 class AppsTask(CodeTask):
     name = "apps"
     max_new_tokens = 1024  # most APPS solutions fit in a few hundred tokens; long ones in a thousand
@@ -79,42 +96,42 @@ class AppsTask(CodeTask):
     def prepare(self, record: dict) -> dict:
         """Decode the JSON-string fields of the hub version."""
         record = dict(record)
-        for key, empty in (("input_output", {}), ("solutions", [])):
-            value = record.get(key)
-            if isinstance(value, str):
-                record[key] = json.loads(value) if value.strip() else empty
+        record["input_output"] = tests_of(record)
+        if isinstance(record.get("solutions"), str):
+            record["solutions"] = json.loads(record["solutions"]) if record["solutions"].strip() else []
         return record
 
     def prompt(self, example: dict) -> str:
         """Zero-shot, whatever `shots` says."""
         starter = example.get("starter_code") or ""
-        call = example["input_output"].get("fn_name") or starter
+        call = tests_of(example).get("fn_name") or starter
         kind = "\nUse Call-Based format" if call else "\nUse Standard Input format"
         return f"\nQUESTION:\n{example['question']}\n{starter}{kind}\nANSWER:\n"
 
     def reference(self, example: dict) -> str:
         solutions = example.get("solutions") or []
+        if isinstance(solutions, str):
+            solutions = json.loads(solutions) if solutions.strip() else []
         return solutions[0] if solutions else ""
 
     def gold_answer(self, example: dict) -> str:
         return normalize_code(self.reference(example))
 
+    def program(self, completion: str, example: dict) -> str:
+        """The completion's code after the harness's imports: what runs for every test."""
+        return _HEADER + code_block(completion)
+
     def outcomes(self, completion: str, example: dict) -> list[str]:
-        tests = example["input_output"]
-        program, fn = _HEADER + code_block(completion), tests.get("fn_name")
+        tests = tests_of(example)
+        program, fn = self.program(completion, example), tests.get("fn_name")
         results = []
         for given, want in zip(tests.get("inputs", []), tests.get("outputs", [])):
-            if fn:
-                marker = secrets.token_hex(8)
-                run = self.sandbox.run(program + _CALL.format(fn=fn, marker=marker, args=json.dumps(given)))
-                line = [x for x in run.stdout.splitlines() if x.startswith(marker)]
-                try:
-                    passed = bool(line) and same_result(json.loads(line[-1][len(marker):]), want)
-                except json.JSONDecodeError:
-                    passed = False
+            if fn:  # the result comes back as data; what it must equal stays here
+                run = self.sandbox.run(program, calls=(fn, [given]))
+                passed = len(run.values) == 1 and same_call_result(run.values[0], want)
             else:
-                run = self.sandbox.run(program, stdin=_as_text(given))
-                passed = same_output(run.stdout, _as_text(want))
+                run = self.sandbox.run(program, stdin=stdin_text(given))
+                passed = same_output(run.stdout, stdin_text(want))
             results.append(run.outcome(passed))
             if results[-1] != "pass":
                 break

@@ -177,3 +177,9 @@ class CodeTask(Task):
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
         return self.sandbox.map(lambda pair: self.reward(*pair), zip(completions, examples))
+
+    def score_samples(self, samples: list[dict], examples: list[dict]) -> tuple[list[dict], dict]:
+        """As for every task, plus how the programs were isolated ("sandbox"), for the run's records."""
+        isolation = self.sandbox.isolation  # refuses here, before any work, where programs may not run
+        scored, stats = super().score_samples(samples, examples)
+        return scored, {**stats, "sandbox": isolation}

@@ -1,24 +1,66 @@
-"""`humaneval`: Python function completion (Chen et al. 2021), rewarded by running the unit tests.
+"""`humaneval`: Python function completion (Chen et al. 2021), rewarded by the results of the tests' calls.
 
 Records have `task_id`, `prompt` (a signature and docstring), `canonical_solution` (the body),
 `test` (a `check(candidate)` function of asserts) and `entry_point`. The completion continues the
 prompt; a completion that restates the whole function (or wraps it in a ```python block) works too.
-The program `prompt + completion + test + check(entry_point)` runs in the sandbox; it passes only if
-the launcher's end marker shows that `check` returned, so `sys.exit(0)` in a completion scores 0.
+
+The tests never enter a candidate's sandbox. Once per problem, the reference solution runs `check` in
+the sandbox with a recording stand-in for the candidate, which keeps each call's arguments and the
+reference's result (`expected`). A candidate's program (the prompt and its completion, no tests) then
+runs in the sandbox, its function is called on the same arguments, and each result comes back as plain
+typed JSON (`Sandbox.run(calls=...)`), compared here with the reference's (`same_value`). An object
+whose `__eq__` always says yes is not plain data and fails; so does a program that exits early.
 
 Usage:
     task = HumanEvalTask(sandbox={"timeout": 5})
     task.rewards(completions, examples)  # programs run in parallel across cores
 
 Simplifications: zero-shot only, as in the Codex paper (a `shots` option is ignored); the stop strings are the
-Codex paper's.
+Codex paper's. A test that checks a property of the result rather than its value (HumanEval/32 asks for
+any root of a polynomial) becomes a check against the reference's result, within 1e-6.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import re
 
+from ..errors import UserError
 from .base import CodeTask, code_block, normalize_code
+
+# appended to the reference program: runs the tests on a stand-in that records every call
+_RECORDER = """
+
+def __record_calls():
+    import copy
+    calls = []
+
+    def candidate(*args):
+        calls.append([copy.deepcopy(args), None])
+        result = {entry}(*args)
+        calls[-1][1] = copy.deepcopy(result)
+        return result
+
+    check(candidate)
+    return calls
+"""
+
+
+def same_value(got, want) -> bool:
+    """Python's `==` on plain data, except that a bool equals only a bool and floats agree within 1e-6."""
+    if isinstance(got, bool) or isinstance(want, bool):
+        return type(got) is type(want) and got == want
+    if isinstance(got, (int, float)) and isinstance(want, (int, float)):
+        return got == want or math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6)
+    if type(got) is not type(want):
+        return False
+    if isinstance(want, (list, tuple)):
+        return len(got) == len(want) and all(map(same_value, got, want))
+    if isinstance(want, dict):
+        return got.keys() == want.keys() and all(same_value(got[k], want[k]) for k in want)
+    return got == want
 
 
 class HumanEvalTask(CodeTask):
@@ -27,6 +69,10 @@ class HumanEvalTask(CodeTask):
     stop = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # a new top-level statement ends the function
     hub = "openai/openai_humaneval"  # one split, "test"
     fields = ("prompt", "canonical_solution", "test", "entry_point")
+
+    def __init__(self, sandbox=None, shots: int | None = None):
+        super().__init__(sandbox, shots)
+        self._expected: dict[str, tuple[list, list]] = {}  # problem key -> (argument lists, reference results)
 
     def prompt(self, example: dict) -> str:
         """Zero-shot, whatever `shots` says."""
@@ -39,13 +85,38 @@ class HumanEvalTask(CodeTask):
         return normalize_code(example["canonical_solution"])
 
     def program(self, completion: str, example: dict) -> str:
-        """The prompt completed, then the tests and the call that runs them."""
+        """The prompt completed: its helpers and the function, without the tests."""
         code = code_block(completion)
         whole = re.search(rf"^def {re.escape(example['entry_point'])}\(", code, re.M)
         # a restated function follows the prompt's stub (a docstring is a valid body) and replaces it
-        head = example["prompt"] + ("\n" if whole else "")
-        return f"{head}{code}\n\n{example['test']}\n\ncheck({example['entry_point']})\n"
+        return example["prompt"] + ("\n" if whole else "") + code + "\n"
+
+    def _key(self, example: dict) -> str:
+        return hashlib.sha256(json.dumps([example[f] for f in self.fields]).encode()).hexdigest()
+
+    def expected(self, example: dict) -> tuple[list, list]:
+        """(argument lists of the tests' calls, the reference's result of each), recorded once per problem."""
+        key = self._key(example)
+        if key not in self._expected:
+            source = (example["prompt"] + example["canonical_solution"] + "\n\n" + example["test"]
+                      + _RECORDER.format(entry=example["entry_point"]))
+            # a generous deadline: a slow moment of a busy machine must not fail the reference
+            run = self.sandbox.run(source, calls=("__record_calls", [[]]), timeout=4 * self.sandbox.cfg.timeout)
+            if not (run.ok and len(run.values) == 1 and run.values[0]):  # no calls: nothing would be checked
+                last = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}", "no calls"])[-1]
+                raise UserError(f"humaneval {example.get('task_id', '')}: the reference solution's test calls "
+                                f"could not be recorded ({'timeout' if run.timed_out else last})")
+            calls = run.values[0]
+            self._expected[key] = ([list(args) for args, _ in calls], [result for _, result in calls])
+        return self._expected[key]
 
     def outcomes(self, completion: str, example: dict) -> list[str]:
-        result = self.sandbox.run(self.program(completion, example))
-        return [result.outcome(result.completed)]
+        args, want = self.expected(example)
+        run = self.sandbox.run(self.program(completion, example), calls=(example["entry_point"], args))
+        passed = len(run.values) == len(want) and all(map(same_value, run.values, want))
+        return [run.outcome(passed)]
+
+    def rewards(self, completions: list[str], examples: list[dict]) -> list[float]:
+        """Each problem's reference calls are recorded first (in parallel), then the programs run."""
+        self.sandbox.map(self.expected, list({self._key(ex): ex for ex in examples}.values()))
+        return super().rewards(completions, examples)

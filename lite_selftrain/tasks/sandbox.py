@@ -1,34 +1,33 @@
-"""Running model-written Python programs under limits: the sandbox behind the code tasks' rewards.
+"""Running model-written Python programs in isolation, under limits: the sandbox behind the code rewards.
 
-Each program runs in a fresh interpreter (`python -I`: no environment variables, no user site, no
-current directory on sys.path), started in a new session so a timeout kills its whole process group:
+Each program runs in a fresh interpreter (`python -s -S`: no site-packages, no user site, an empty
+environment but for a fixed hash seed and UTF-8 mode) that `sandbox_child.py` walls in with the kernel's own mechanisms:
+new mount, PID, network, IPC and UTS namespaces (and a user namespace when we are not root). Inside it
+sees a read-only view of the interpreter and the system's libraries and nothing else of the file
+system, an empty private tmpfs for /tmp, /dev/shm and its work dir, no network, and no process but its
+own; it runs as `nobody` under root, without capabilities, under resource limits (CPU seconds, address
+space, file size, open files, processes). When its first process ends, the kernel kills every other
+process it started, setsid or not, and everything it created (files, IPC objects, sockets) goes with
+the namespaces. A wall-clock deadline kills it from outside; stdout and stderr are read with a cap.
 
-- a small launcher, run in the program's own process before its first line, sets the resource limits
-  (CPU seconds, address space, file size, open files, processes and threads) and then runs it;
-- the working directory is an empty `tempfile.mkdtemp` folder, removed afterwards; the environment is
-  empty; stdin comes from an unlinked temporary file; stdout and stderr are read with a size cap;
-- run as root, the program runs as an unprivileged user (`nobody`): the kernel never enforces
-  RLIMIT_NPROC for root (a fork bomb would fill the process table), and an unprivileged user can
-  neither write our files nor signal or read our processes (/proc/<pid>/environ); world-writable
-  folders such as /tmp are the exception, closed by the audit hook below;
-- an audit hook (PEP 578) refuses process creation, signals to other processes, writes outside the
-  working directory and reads of other processes' /proc entries.
+Verdicts are the caller's, from data: stdout for standard-input tasks, and for function calls
+(`run(..., calls=(name, argument lists))`) each result as typed JSON on a pipe of its own, decoded here
+into builtin values (`RunResult.values`). Nothing the program prints can pass for a result, and what it
+is checked against never enters the sandbox.
 
-A program that runs to its last line makes the launcher print a random end marker, so an early
-`sys.exit(0)` or `os._exit(0)` cannot pass for a finished test suite.
+Where no isolation works (no root and no user namespaces), the first run says so in one line and
+raises `UserError`, unless `unsafe=True` (`--unsafe-sandbox`): then programs run with the limits, a
+temporary work dir and the deadline only, as this user, and `isolation` says so for the run's records.
 
 Usage:
     box = Sandbox(SandboxConfig(timeout=2))
     box.run("print(int(input()) * 2)", stdin="21\\n").stdout  # "42\\n"
+    box.run("def f(x):\\n    return [x, x]", calls=("f", [[1], ["a"]])).values  # [[1, 1], ["a", "a"]]
 
-Simplifications: the audit hook is a tripwire for ordinary Python, not a security boundary (ctypes can
-get round it); the boundary is the unprivileged user plus the limits. Run as a normal user, a program
-has that user's rights and only the hook keeps it from writing to their files: for untrusted code at
-scale run as root (dropping to `nobody`) or in a container. Under root, programs use the first Python
-that the sandbox user can execute (this one, else the system's python3). A process that leaves the
-group (setsid, after getting round the hook) escapes the group kill and ends only at its CPU limit,
-or never if it sleeps; there is no network isolation.
-This file imports only the standard library, so it can also be loaded on its own.
+Simplifications: one program per set of namespaces, built and torn down each run (a few ms); programs see
+the host's kernel (no seccomp filter) and its /usr; the new root is a chroot, not a pivot_root, so the
+host's mount table is still listed in /proc/self/mountinfo though none of it can be reached; under root
+programs share one user id, so their process counts share one RLIMIT_NPROC budget.
 """
 
 from __future__ import annotations
@@ -36,8 +35,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import marshal
 import os
-import secrets
+import select
 import selectors
 import shutil
 import signal
@@ -47,63 +47,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-# The launcher: reads its job from a pipe, limits itself, installs the guard, runs the program, and
-# prints the end marker only when the program's last line has run. Kept to Python 3.8 syntax, since
-# under root it may run on the system's interpreter.
-_LAUNCHER = r"""
-import json, os, resource, sys
+from ..errors import UserError
+from .sandbox_child import decode, encode
 
-def _guard(home, me):
-    write = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    spawn = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-             "subprocess.Popen", "pty.spawn", "os.killpg"}
-    paths = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
-             "os.symlink", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"}
-    mine = ("/proc/self", "/proc/thread-self", "/proc/%d" % me)
-
-    def inside(path):
-        path = os.path.realpath(os.fsdecode(path))
-        return path == home or path.startswith(home + os.sep)
-
-    def hook(event, args):
-        if event in spawn or (event == "os.kill" and args[0] not in (0, me)):
-            raise PermissionError("sandbox: %s is not allowed" % event)
-        if event == "open" and not isinstance(args[0], int):
-            flags = args[2] if isinstance(args[2], int) else 0
-            mode = args[1] if isinstance(args[1], str) else ""
-            if (flags & write or set(mode) & set("wax+")) and not inside(args[0]):
-                raise PermissionError("sandbox: writing outside the working directory")
-            real = os.path.realpath(os.fsdecode(args[0]))
-            if real.startswith("/proc/") and not real.startswith(mine):
-                raise PermissionError("sandbox: other processes are off limits")
-        if event in paths:
-            for arg in args[:2]:
-                if isinstance(arg, (str, bytes, os.PathLike)) and not inside(arg):
-                    raise PermissionError("sandbox: %s outside the working directory" % event)
-
-    sys.addaudithook(hook)
-
-def _main():
-    with os.fdopen(int(sys.argv[1]), "rb") as f:
-        job = json.loads(f.read())
-    for name, (soft, hard) in job["limits"].items():
-        resource.setrlimit(getattr(resource, name), (soft, hard))
-    sys.argv = ["program.py"]
-    code = compile(job["source"], "program.py", "exec")
-    marker = job["marker"]
-    if job["guard"]:
-        _guard(os.getcwd(), os.getpid())
-    del job
-    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.write(1, ("\n" + marker + "\n").encode())
-    os._exit(0)
-
-_main()
-"""
+CHILD = Path(__file__).with_name("sandbox_child.py")
+ENV = {"PYTHONHASHSEED": "0", "PYTHONUTF8": "1"}  # the same set order and text encoding on every machine
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
 
 
 @dataclass
@@ -111,13 +63,14 @@ class SandboxConfig:
     timeout: float = 4.0  # wall-clock seconds per program: the APPS harness's per-test limit
     cpu_seconds: int = 4  # CPU time: ends a busy loop even if the wall-clock kill cannot reach it
     memory_mb: int = 1024  # address space: ample for contest programs, stops a memory hog at once
-    file_size_mb: int = 16  # largest file a program may write (in its own directory)
-    max_processes: int = 16  # processes and threads beyond those the sandbox user already runs
+    file_size_mb: int = 16  # largest file a program may write
+    scratch_mb: int = 64  # size of each private tmpfs (/tmp, /dev/shm, the work dir); they live in memory
+    max_processes: int = 16  # processes and threads a program may run
     open_files: int = 64  # file descriptors: enough for any test program, too few to exhaust the system
-    max_output_bytes: int = 1 << 20  # stdout (and stderr) kept per program; more ends the program
-    user: str = "nobody"  # under root, programs run as this user ("" keeps root: NPROC is then unenforced)
-    python: str = ""  # interpreter for programs; "" = this one, or a system python3 the user can run
-    guard: bool = True  # the audit-hook tripwire; the tests turn it off to check the OS limits alone
+    max_output_bytes: int = 1 << 20  # stdout (and stderr, and call results) kept per program; more ends it
+    user: str = "nobody"  # under root, programs run as this user
+    unsafe: bool = False  # where no isolation works, run programs with limits only instead of refusing
+    isolate: bool = True  # False (with unsafe): never isolate, to measure what isolation costs
     workers: int = 0  # programs run at once; 0 = one per CPU core (threads only wait on processes)
 
 
@@ -128,10 +81,9 @@ class RunResult:
     stderr: str
     timed_out: bool  # the wall clock ran out before the program ended
     output_exceeded: bool  # more than max_output_bytes was written
-    completed: bool  # the program ran to its last line (the launcher's end marker was seen)
     seconds: float
-    pid: int  # the program's process id, which was also its process group's id
-    workdir: str  # the (already removed) working directory
+    values: list = field(default_factory=list)  # results of `calls`, decoded, as many as came before the end
+    isolated: bool = True  # ran inside its own namespaces
 
     @property
     def ok(self) -> bool:
@@ -143,10 +95,19 @@ class RunResult:
         if self.output_exceeded:
             return "error"
         if self.timed_out or self.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-            return "timeout"  # the CPU limit ends a program with SIGXCPU, then SIGKILL
+            return "timeout"  # the CPU limit ends a program with SIGXCPU, or SIGKILL a second later
         if not self.ok:
             return "fail" if self.stderr.rstrip().endswith("AssertionError") else "error"
         return "pass" if passed else "fail"
+
+
+@dataclass
+class _Plan:
+    python: str  # the interpreter programs run on
+    readable: list[str]  # host paths shown read-only inside
+    drop: tuple[int, int] | None  # (uid, gid) to become, under root
+    isolate: bool
+    description: str  # one line for the run's records
 
 
 def _count_tasks(uid: int) -> int | None:
@@ -164,12 +125,18 @@ def _count_tasks(uid: int) -> int | None:
     return n
 
 
-def _has_exited(pid: int) -> bool:
-    """Whether `pid` has ended, without reaping it (its group id stays reserved until we kill the group)."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
+def _readable_paths(python: str) -> list[str]:
+    """The system's library folders, the interpreter's install and /etc/ld.so.cache, none inside another
+    (top-level links such as /lib -> usr/lib are kept: they are copied as links)."""
+    wanted = [p for p in SYSTEM_PATHS if os.path.lexists(p)]
+    wanted += [os.path.realpath(sys.base_prefix), os.path.dirname(python)]
+    out: list[str] = []
+    for path in wanted:
+        real = os.path.realpath(path)
+        inside = any(real == os.path.realpath(o) or real.startswith(os.path.realpath(o) + os.sep) for o in out)
+        if os.path.islink(path) or not inside:
+            out.append(path)
+    return out
 
 
 def _send(fd: int, data: bytes) -> None:
@@ -186,50 +153,88 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def _stop(pid: int, ended: bool) -> None:
+    """End a run. The launcher exits by itself once its program has `ended` (after the kernel tears down
+    the namespaces); otherwise SIGTERM asks it to kill its namespace's PID 1, and with it all the rest.
+    Then its process group is killed. Nothing is reaped before, so no id can have been reused."""
+    handle = os.pidfd_open(pid)  # readable once the launcher has exited: a wait with a timeout, not reaping
+    try:
+        if not select.select([handle], [], [], 1.0 if ended else 0)[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            select.select([handle], [], [], 2.0)
+    finally:
+        os.close(handle)
+    _kill_group(pid)
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether `pid` has ended, without reaping it (its group id stays reserved until we kill the group)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _values(raw: bytes) -> list:
+    """Call results, one typed-JSON line each, up to the first that is not one (or is cut off)."""
+    out = []
+    for line in raw.split(b"\n")[:-1]:
+        try:
+            out.append(decode(json.loads(line)))
+        except (ValueError, TypeError, RecursionError):
+            break
+    return out
+
+
 class Sandbox:
-    """Runs programs under `SandboxConfig`'s limits; `run` one, or `map` a function over items in parallel."""
+    """Runs programs under `SandboxConfig`; `run` one, or `map` a function over items in parallel."""
 
     def __init__(self, cfg: SandboxConfig | None = None):
         self.cfg = cfg or SandboxConfig()
         self._lock = threading.Lock()
-        self._plan: tuple[str, int | None, int | None] | None = None  # (python, uid, gid), found once
+        self._plan: _Plan | None = None  # found on first use, with one probe run
 
-    # -- who runs the programs, and with which interpreter ------------------------------------------
-    def _target(self) -> tuple[str, int | None, int | None]:
+    @property
+    def isolation(self) -> str:
+        """How programs run here, in one line (probed on first use); raises `UserError` if they may not."""
+        return self.plan().description
+
+    def plan(self) -> _Plan:
         with self._lock:
             if self._plan is None:
-                self._plan = self._find_target()
+                self._plan = self._find_plan()
             return self._plan
 
-    def _find_target(self) -> tuple[str, int | None, int | None]:
+    def _find_plan(self) -> _Plan:
         cfg = self.cfg
-        if os.geteuid() != 0 or not cfg.user:
-            return cfg.python or sys.executable, None, None
-        import pwd
+        python = os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
+        drop = None
+        if os.geteuid() == 0:
+            import pwd
 
-        try:
-            entry = pwd.getpwnam(cfg.user)
-        except KeyError:
-            from ..errors import UserError  # imported here: the top of this file stays standard-library only
+            try:
+                entry = pwd.getpwnam(cfg.user)
+            except KeyError:
+                raise UserError(f"sandbox user '{cfg.user}' does not exist; set sandbox user to another") from None
+            drop = (entry.pw_uid, entry.pw_gid)
+        how = f"namespaces, as {cfg.user}" if drop else "user namespaces"
+        plan = _Plan(python, _readable_paths(python), drop, True, f"isolated ({how})")
+        reason = "isolate = false"
+        if cfg.isolate:
+            probe = self._run(plan, "print('ok')", "", None, 60.0)
+            if probe.ok and probe.stdout == "ok\n":
+                return plan
+            lines = probe.stderr.strip().splitlines()
+            reason = lines[-1] if lines else f"exit status {probe.returncode}"
+        if not cfg.unsafe:
+            raise UserError(f"sandbox: no OS isolation here ({reason}); pass --unsafe-sandbox (Python: "
+                            "sandbox={'unsafe': True}) to run model-written code with limits only")
+        description = f"not isolated ({reason}): limits only, as uid {os.getuid()}"
+        print(f"sandbox: {description}", file=sys.stderr)
+        return _Plan(python, [], None, False, description)
 
-            raise UserError(f"sandbox user '{cfg.user}' does not exist; set sandbox user to another one") from None
-        uid, gid = entry.pw_uid, entry.pw_gid
-        candidates = [cfg.python] if cfg.python else [
-            sys.executable, getattr(sys, "_base_executable", ""), shutil.which("python3", path=os.defpath) or ""]
-        for python in dict.fromkeys(c for c in candidates if c):
-            try:  # can the sandbox user start it? (e.g. not when it lives under /root)
-                probe = subprocess.run([python, "-I", "-c", "pass"], env={}, cwd="/", user=uid, group=gid,
-                                       extra_groups=[], capture_output=True, timeout=60)
-            except (OSError, subprocess.SubprocessError):
-                continue
-            if probe.returncode == 0:
-                return python, uid, gid
-        from ..errors import UserError
-
-        raise UserError(f"no Python interpreter that user '{cfg.user}' can run (tried {', '.join(candidates)}); "
-                        "set sandbox python to one it can read")
-
-    def _limits(self, uid: int | None) -> dict[str, tuple[int, int]]:
+    def _limits(self, plan: _Plan) -> dict[str, tuple[int, int]]:
         cfg, mb = self.cfg, 1 << 20
         limits = {
             "RLIMIT_CPU": (cfg.cpu_seconds, cfg.cpu_seconds + 1),  # SIGXCPU first, SIGKILL a second later
@@ -238,54 +243,61 @@ class Sandbox:
             "RLIMIT_NOFILE": (cfg.open_files, cfg.open_files),
             "RLIMIT_CORE": (0, 0),  # a crash must not leave a core file
         }
-        running = _count_tasks(os.getuid() if uid is None else uid)
-        if running is not None:  # NPROC is per user: allow what the user runs already, plus ours
-            limits["RLIMIT_NPROC"] = (running + cfg.max_processes,) * 2
+        if plan.isolate and not plan.drop:  # a new user namespace counts only its own processes
+            limits["RLIMIT_NPROC"] = (cfg.max_processes,) * 2
+        else:  # NPROC counts every process of the user: allow what it runs already, plus ours
+            running = _count_tasks(plan.drop[0] if plan.drop else os.getuid())
+            if running is not None:
+                limits["RLIMIT_NPROC"] = (running + cfg.max_processes,) * 2
         return limits
 
     # -- one program ---------------------------------------------------------------------------------
-    def run(self, source: str, stdin: str = "", *, timeout: float | None = None) -> RunResult:
-        """Run `source` with `stdin`; the outcome and (capped) output, never an exception for its faults."""
-        python, uid, gid = self._target()
-        marker = secrets.token_hex(16)
-        job = json.dumps({"source": source, "marker": marker, "guard": self.cfg.guard,
-                          "limits": self._limits(uid)}).encode()
-        workdir = tempfile.mkdtemp(prefix="sandbox-")
+    def run(self, source: str, stdin: str = "", *, calls: tuple[str, list] | None = None,
+            timeout: float | None = None) -> RunResult:
+        """Run `source` with `stdin`, then `calls` = (function name, [argument list, ...]) if given: the
+        outcome, (capped) output and call results; never an exception for the program's faults."""
+        return self._run(self.plan(), source, stdin, calls, timeout or self.cfg.timeout)
+
+    def _run(self, plan: _Plan, source: str, stdin: str, calls, timeout: float) -> RunResult:
+        values_read, values_write = os.pipe()
+        job = {"source": source, "limits": self._limits(plan), "isolate": plan.isolate, "readable": plan.readable,
+               "drop": plan.drop, "scratch_mb": self.cfg.scratch_mb, "values_fd": values_write, "parent": os.getpid(),
+               "calls": {"fn": calls[0], "args": [encode(list(a)) for a in calls[1]]} if calls else None}
+        workdir = None if plan.isolate else tempfile.mkdtemp(prefix="sandbox-")
         start = time.monotonic()
         try:
-            if uid is not None:
-                os.chown(workdir, uid, gid)
             with tempfile.TemporaryFile() as stdin_file:
                 stdin_file.write(stdin.encode())
                 stdin_file.seek(0)
                 job_read, job_write = os.pipe()
                 try:
-                    drop = dict(user=uid, group=gid, extra_groups=[]) if uid is not None else {}
-                    proc = subprocess.Popen([python, "-I", "-c", _LAUNCHER, str(job_read)], stdin=stdin_file,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env={},
-                                            start_new_session=True, pass_fds=(job_read,), umask=0o077, **drop)
+                    proc = subprocess.Popen([plan.python, "-s", "-S", "-c", CHILD.read_text(), str(job_read)],
+                                            stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            cwd=workdir or "/", env=ENV, start_new_session=True,
+                                            pass_fds=(job_read, values_write), umask=0o077)
                 finally:
                     os.close(job_read)
-                _send(job_write, job)
-            out, err, timed_out, exceeded = self._collect(proc, start + (timeout or self.cfg.timeout))
-            _kill_group(proc.pid)
+                    os.close(values_write)
+                _send(job_write, marshal.dumps(job))
+            with os.fdopen(values_read, "rb") as values_pipe:
+                (out, err, vals), timed_out, exceeded = self._collect(
+                    proc, [proc.stdout, proc.stderr, values_pipe], start + timeout)
+            _stop(proc.pid, ended=not (timed_out or exceeded))
             returncode = proc.wait()
             proc.stdout.close()
             proc.stderr.close()
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        text = out.decode("utf-8", errors="replace")
-        end = f"\n{marker}\n"
-        completed = text.endswith(end) and not timed_out
-        return RunResult(returncode=returncode, stdout=text[: -len(end)] if completed else text,
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return RunResult(returncode=returncode, stdout=out.decode("utf-8", errors="replace"),
                          stderr=err.decode("utf-8", errors="replace"), timed_out=timed_out,
-                         output_exceeded=exceeded, completed=completed and returncode == 0,
-                         seconds=time.monotonic() - start, pid=proc.pid, workdir=workdir)
+                         output_exceeded=exceeded, seconds=time.monotonic() - start, values=_values(vals),
+                         isolated=plan.isolate)
 
-    def _collect(self, proc: subprocess.Popen, deadline: float) -> tuple[bytes, bytes, bool, bool]:
-        """Read stdout/stderr until both close, the deadline passes, or the output cap is hit."""
+    def _collect(self, proc: subprocess.Popen, pipes: list, deadline: float) -> tuple[list[bytes], bool, bool]:
+        """Read the pipes until all close, the deadline passes, or the output cap is hit."""
         cap = self.cfg.max_output_bytes
-        bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        bufs = {p.fileno(): bytearray() for p in pipes}
         timed_out = exceeded = False
         exited_at = None
         with selectors.DefaultSelector() as sel:
@@ -295,7 +307,7 @@ class Sandbox:
                 now = time.monotonic()
                 if exited_at is None and _has_exited(proc.pid):
                     exited_at = now
-                    _kill_group(proc.pid)  # leftover children would hold the pipes open
+                    _kill_group(proc.pid)  # without namespaces, leftover children would hold the pipes open
                 if exited_at is not None and now - exited_at > 0.5:
                     break  # only processes that left the group still hold the pipes
                 if now >= deadline:
@@ -307,8 +319,7 @@ class Sandbox:
                         sel.unregister(key.fd)
                     bufs[key.fd] += data
                     exceeded = exceeded or len(bufs[key.fd]) > cap
-        out, err = (bytes(b[:cap]) for b in bufs.values())
-        return out, err, timed_out, exceeded
+        return [bytes(b[:cap]) for b in bufs.values()], timed_out, exceeded
 
     # -- many programs -------------------------------------------------------------------------------
     def map(self, fn: Callable, items: Iterable) -> list:
@@ -319,3 +330,6 @@ class Sandbox:
             return [fn(item) for item in items]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
             return list(pool.map(fn, items))
+
+
+__all__ = ["RunResult", "Sandbox", "SandboxConfig", "decode", "encode"]
