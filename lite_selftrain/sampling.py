@@ -77,7 +77,7 @@ class SamplingConfig:
 
     def for_task(self, task) -> SamplingConfig:
         """This config with the task's stop strings added and, when unset, the task's answer length."""
-        stop = tuple(dict.fromkeys((*task.stop, *self.stop)))
+        stop = tuple(dict.fromkeys((*(task.stop or ()), *self.stop)))  # a task may say None: no stops
         return dataclasses.replace(self, stop=stop, max_new_tokens=self.max_new_tokens or task.max_new_tokens)
 
     def replace(self, **changes) -> SamplingConfig:
@@ -220,18 +220,23 @@ def _consume(stream, done: dict, log: JsonlLog | None, total: int, progress: boo
 
 def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | None = None, *,
              out: str | Path | JsonlLog | None = None, logprobs: bool = False, truncate: bool = False,
-             progress: bool = False) -> list[list[Completion]]:
+             progress: bool = False, **overrides) -> list[list[Completion]]:
     """cfg.n completions of each prompt: a list with one entry per prompt, each the list of its completions.
 
     A prompt that fills the model's context is an error, or with `truncate` is cut from the left to leave
     room for max_new_tokens. `out` (a path or JsonlLog) receives the records as prompts finish; prompts it
     already holds completely are not sampled again and come back from it. `logprobs` adds the model's own
     log-probs of each completion. `model` is a causal LM (any peft wrapping), or for backend "vllm" also a
-    vllm.LLM or a model folder.
+    vllm.LLM or a model folder. `overrides` are SamplingConfig fields that replace cfg's, as vLLM and Hugging
+    Face take them: `stop=None` (or `()`) means no stop strings, `n=4`, `temperature=0`, ...
     """
     cfg = cfg or SamplingConfig()
     if not isinstance(cfg, SamplingConfig):
         raise TypeError(f"cfg must be a SamplingConfig, not {type(cfg).__name__}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SamplingConfig)})
+    if unknown:
+        raise UserError(f"generate() got unknown sampling option(s) {', '.join(unknown)}")
+    cfg = cfg.replace(**overrides) if overrides else cfg
     cfg = cfg.replace(max_new_tokens=cfg.max_new_tokens or FREE_TEXT_TOKENS)
     prompts = list(prompts)
     if not prompts:
