@@ -12,6 +12,8 @@ Usage:
     metrics = evaluate(model, tok, task, task.load("test", path), SamplingConfig(n=8, temperature=0.7),
                        ks=[1, 4, 8], out_dir="runs/x/eval")  # writes metrics.json and problems.jsonl there
     metrics = heldout(model, tok, task, test_set, EvalConfig(), "runs/x/eval")  # what the recipes report
+    metrics = heldout(model, tok, task, valid_set, EvalConfig(), "runs/x/valid", prefix="valid_")  # what they
+    # choose on: training problems held out (validation_count), never trained on
 
 Simplification: maj@k uses the first k samples, not an average over all k-subsets of the n.
 """
@@ -38,7 +40,26 @@ class EvalConfig:
     sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         n=8, temperature=0.7, top_k=40, batch_size=32))  # ReST-EM's sampling knobs; n = 1 skips this part
     ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # the k of pass@k / maj@k to report
-    select_on: str = "test_pass@1"  # the metric that picks the best iteration
+    validation_size: int | None = None  # training problems held out to choose on; None: min(1000, 10 %)
+    # (the RPO paper selects on 1k held-out training questions); they are never trained on
+    select_on: str = "valid_pass@1"  # a validation metric picks the best iteration; the test split is only reported
+
+    def __post_init__(self):
+        if not self.select_on.startswith("valid_"):
+            raise UserError(f"eval.select_on must be a validation metric (valid_pass@1, valid_maj@8, ...), not "
+                            f"'{self.select_on}': the test split is reported, never used to choose")
+        if self.validation_size is not None and self.validation_size < 1:
+            raise UserError(f"eval.validation_size must be at least 1 (or unset), not {self.validation_size}")
+
+
+def validation_count(num_problems: int, size: int | None, cap: int = 1000) -> int:
+    """How many training problems the validation split takes: `size`, or min(cap, 10 %), at least 1."""
+    if num_problems < 2:
+        raise UserError(f"{num_problems} training problem(s): a validation split needs at least 2")
+    count = size if size is not None else min(cap, max(1, num_problems // 10))
+    if count >= num_problems:
+        raise UserError(f"validation_size {count} leaves none of the {num_problems} training problems to train on")
+    return count
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -126,16 +147,20 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: SamplingConfig, 
     return metrics
 
 
-def heldout(model, tokenizer, task, examples: list[dict], cfg: EvalConfig, out_dir: str | Path) -> dict:
-    """The recipes' held-out metrics: greedy pass@1 plus sampled pass@k / maj@k, prefixed `test_`."""
-    examples = examples[: cfg.limit] if cfg.limit else examples
+def heldout(model, tokenizer, task, examples: list[dict], cfg: EvalConfig, out_dir: str | Path, *,
+            prefix: str = "test_") -> dict:
+    """The recipes' held-out metrics: greedy pass@1 plus sampled pass@k / maj@k, named `prefix` + metric.
+
+    For the validation split (`prefix="valid_"`) the sampled part runs only when `cfg.select_on` needs it.
+    """
+    examples = examples[: cfg.limit] if cfg.limit and prefix == "test_" else examples
     out_dir = Path(out_dir)
     greedy = evaluate(model, tokenizer, task, examples, cfg.sample.replace(n=1, temperature=0.0), ks=[1],
                       out_dir=out_dir / "greedy")
-    metrics = {"test_pass@1": greedy["pass@1"]}
-    if cfg.sample.n > 1:
+    metrics = {f"{prefix}pass@1": greedy["pass@1"]}
+    if cfg.sample.n > 1 and (prefix == "test_" or cfg.select_on != "valid_pass@1"):
         sampled = evaluate(model, tokenizer, task, examples, cfg.sample, ks=cfg.ks, out_dir=out_dir / "sampled")
-        metrics.update({f"test_{k}": v for k, v in sampled.items() if k.startswith(("pass@", "maj@"))
+        metrics.update({f"{prefix}{k}": v for k, v in sampled.items() if k.startswith(("pass@", "maj@"))
                         and k != "pass@1"})
-        metrics["test_sampled_pass@1"] = sampled["pass@1"]
+        metrics[f"{prefix}sampled_pass@1"] = sampled["pass@1"]
     return metrics

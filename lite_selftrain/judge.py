@@ -117,13 +117,15 @@ def judge(model, tokenizer, pairs: list[tuple[str, str]], cfg: JudgeConfig | Non
     return out
 
 
-def judged_eval(model, tokenizer, prompts: list[str], cfg: JudgeConfig, answer: SamplingConfig) -> dict:
-    """Greedy answers to held-out prompts (in the chat template), each judged by the same model."""
+def judged_eval(model, tokenizer, prompts: list[str], cfg: JudgeConfig, answer: SamplingConfig, *,
+                prefix: str = "test_") -> dict:
+    """Greedy answers to held-out prompts (in the chat template), each judged by the same model; the
+    metrics are named `prefix` + metric (`valid_` for the split that chooses the best iteration)."""
     answers = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in prompts],
                        answer.replace(n=1, temperature=0.0))
     verdicts = judge(model, tokenizer, [(p, a[0].text) for p, a in zip(prompts, answers)], cfg)
     scores = [v.score for v in verdicts if v.score is not None]
     parsable = sum(s is not None for v in verdicts for s in v.scores)
-    return {"test_judge_score": sum(scores) / len(scores) if scores else None,
-            "test_judge_parsable": parsable / max(len(verdicts) * cfg.sample.n, 1),
-            "test_mean_tokens": sum(a[0].num_tokens for a in answers) / max(len(answers), 1)}
+    return {f"{prefix}judge_score": sum(scores) / len(scores) if scores else None,
+            f"{prefix}judge_parsable": parsable / max(len(verdicts) * cfg.sample.n, 1),
+            f"{prefix}mean_tokens": sum(a[0].num_tokens for a in answers) / max(len(answers), 1)}

@@ -17,6 +17,7 @@ import pytest
 from lite_selftrain.config import from_dict, to_dict
 from lite_selftrain.errors import UserError
 from lite_selftrain.recipes import RECIPES, demo, load_recipe, rest_em, rpo, self_rewarding
+from lite_selftrain.recipes.common import split_validation
 from lite_selftrain.tasks import get_task
 
 NAMES = {"rest-em": "rest_em", "rpo": "rpo", "self-reward": "self_reward", "centrality": "centrality"}  # folders
@@ -147,9 +148,14 @@ def test_recipe_runs_and_a_killed_run_resumes_to_the_same_metrics(name, arith_mo
 
     if name in ("rest-em", "rpo"):  # a warm-started model gives real data to learn from
         assert all(r["dataset_size"] > 0 for r in records[1:])
-        assert best is not None and 0 <= best["test_pass@1"] <= 1
-        chosen = json.loads((tmp_path / "whole" / "best.json").read_text())
-        assert chosen["iteration"] == best["iteration"] == max(records, key=lambda r: r["test_pass@1"])["iteration"]
+        assert best is not None and 0 <= best["test_pass@1"] <= 1 and 0 <= best["valid_pass@1"] <= 1
+    chosen = json.loads((tmp_path / "whole" / "best.json").read_text()) if best is not None else None
+    if name in ("rest-em", "rpo"):
+        assert chosen["iteration"] == best["iteration"] == max(records, key=lambda r: r["valid_pass@1"])["iteration"]
+        assert chosen["selected_on"] == "valid_pass@1" and chosen["validation_problems"] == 2  # 10 % of 24
+        assert chosen["test"]["test_pass@1"] == best["test_pass@1"]  # reported beside, never chosen on
+    if chosen is not None:
+        assert chosen["split"] == "validation" and chosen["selected_on"].startswith("valid_")
     if name == "self-reward":  # a random tiny model writes no parsable judgment: the loop says so
         assert all(r["pairs"] == 0 and r["train_note"].startswith("no pairs") for r in records[1:])
         assert best is None
@@ -220,6 +226,21 @@ def test_self_reward_pairs_skip_ties_and_unparsable():
     pairs, info = self_rewarding.build_pairs(judged)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a00", "a02")]
     assert info["dropped"] == {"too_long": 1, "unparsable_judgment": 1, "tie": 1}
+
+
+def test_validation_split_is_carved_from_training_problems():
+    problems = list(range(50_000))
+    train, valid = split_validation(problems, None, seed=0)
+    assert len(valid) == 1000 and len(train) == 49_000 and not set(train) & set(valid)  # min(1000, 10 %)
+    train, valid = split_validation(list(range(200)), None, seed=0)
+    assert len(valid) == 20 and sorted(train + valid) == list(range(200))
+    assert split_validation(list(range(200)), 7, seed=0)[1] == split_validation(list(range(200)), 7, seed=0)[1]
+    assert len(split_validation(list(range(200)), 7, seed=0)[1]) == 7  # configurable, seeded
+    assert len(split_validation(list(range(30)), None, seed=0, cap=2)[1]) == 2  # judged recipes cap it
+    with pytest.raises(UserError, match="leaves none"):
+        split_validation(list(range(5)), 5, seed=0)
+    with pytest.raises(UserError, match="never used to choose"):
+        from_dict(rest_em.RestEMConfig, {"eval": {"select_on": "test_pass@1"}})
 
 
 def test_config_round_trips_through_dicts():

@@ -29,7 +29,7 @@ from ..sampling import SamplingConfig, generate, sampled
 from ..store import read_jsonl, write_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, write_stage
+from .common import Iterates, Run, split_validation, write_stage
 
 
 @dataclass
@@ -37,6 +37,8 @@ class CentralityConfig:
     data_path: str | None = None  # instruction data with original responses (the `instruct` task's layouts)
     test_path: str | None = None  # held-out instructions; None: the last `eval_size` records
     eval_size: int = 64  # held-out instructions judged per iteration
+    validation_size: int | None = None  # training prompts held out to choose the best iteration on; None:
+    # min(eval_size, 10 %): each is answered and judged k times per iteration
     limit: int | None = None  # use only the first `limit` training prompts
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
     iterations: int = 1  # the study retrained once
@@ -83,12 +85,15 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
         test = [r["prompt"] for r in get_task("instruct").load("test", cfg.test_path)][: cfg.eval_size]
     else:
         data, test = data[: -cfg.eval_size], [r["prompt"] for r in data[-cfg.eval_size:]]
+    if len(data) < 2:
+        raise UserError(f"centrality needs more records than eval_size ({cfg.eval_size}) + 1")
+    data, valid = split_validation(data, cfg.validation_size, 0, cap=cfg.eval_size)
+    valid = [r["prompt"] for r in valid]
     data = data[: cfg.limit] if cfg.limit else data
-    if not data:
-        raise UserError(f"centrality needs more records than eval_size ({cfg.eval_size})")
     prompts, originals = [r["prompt"] for r in data], [r["response"] for r in data]
     models = Iterates(run, cfg.model)
-    evaluate = lambda t: judged_eval(*models.get(t), test, cfg.judge, cfg.sample)
+    evaluate = lambda t: {**judged_eval(*models.get(t), test, cfg.judge, cfg.sample),
+                          **judged_eval(*models.get(t), valid, cfg.judge, cfg.sample, prefix="valid_")}
 
     def candidates(t):  # n responses per prompt from M_{t-1}, in the chat template
         model, tok = models.get(t - 1)
@@ -113,4 +118,4 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
                                                           empty=f"empty dataset: {built['decisions']}"))
         run.once(t, "eval", lambda: evaluate(t))
         run.log(t, "eval", "build", train_note=trained.get("skipped"))
-    return run.finish("test_judge_score")
+    return run.finish("valid_judge_score", validation=len(valid))

@@ -7,7 +7,8 @@
         questions without a correct or without an incorrect sample give none; unfinished samples are dropped;
         train M_t from M_{t-1} (its log-probs, computed once, are the reference) with
             L = −log σ(β·[log M_θ(w|x)/M_{t-1}(w|x) − log M_θ(l|x)/M_{t-1}(l|x)]) + α·(−log M_θ(w|x)/|w|)
-        with β 0.1, α 1; evaluate M_t on held-out questions and keep the best iteration.
+        with β 0.1, α 1; evaluate M_t on the test split (reported) and keep the iteration best on 1k
+        questions held out from training (the validation split; min(1000, 10 %) by default).
 
 Run: `lite-selftrain rpo --config examples/rpo_gsm8k_150m.toml --out runs/x`.
 Simplifications: the K pairs are drawn at random among all (winner, loser) combinations of a question's
@@ -27,7 +28,7 @@ from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, problems_for, write_stage
+from .common import Iterates, Run, problems_for, split_validation, write_stage
 
 
 @dataclass
@@ -81,9 +82,12 @@ def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, na
     run = Run(out, name, cfg, restart=restart)
     task = get_task(cfg.task, **cfg.task_options)
     train_set, test_set = task.load("train", cfg.train_path), task.load(cfg.eval.split, cfg.test_path)
+    train_set, valid_set = split_validation(train_set, cfg.eval.validation_size, cfg.seed)  # chooses the best
     sampling = cfg.sample.for_task(task)
     models = Iterates(run, cfg.model)
-    evaluate = lambda t: heldout(*models.get(t), task, test_set, cfg.eval, run.dir(t) / "eval")
+    evaluate = lambda t: {**heldout(*models.get(t), task, test_set, cfg.eval, run.dir(t) / "eval"),
+                          **heldout(*models.get(t), task, valid_set, cfg.eval, run.dir(t) / "eval" / "valid",
+                                    prefix="valid_")}
 
     run.once(0, "eval", lambda: evaluate(0))
     run.log(0, "eval")
@@ -103,4 +107,4 @@ def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, na
                                                 progress=progress))
         run.once(t, "eval", lambda: evaluate(t))
         run.log(t, "eval", "build", "score", temperature=at_t.temperature)
-    return run.finish(cfg.eval.select_on)
+    return run.finish(cfg.eval.select_on, validation=len(valid_set))

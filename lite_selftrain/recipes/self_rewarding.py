@@ -29,7 +29,7 @@ from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, write_stage
+from .common import Iterates, Run, split_validation, write_stage
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
 
@@ -40,6 +40,8 @@ class SelfRewardConfig:
     eft_path: str | None = None  # judge seed data: prompt, response, justification, score (optional)
     test_path: str | None = None  # held-out instructions; None: the last `eval_size` IFT records
     eval_size: int = 64  # held-out instructions judged per iteration
+    validation_size: int | None = None  # IFT prompts held out to choose the best iteration on; None:
+    # min(eval_size, 10 %): each is answered and judged k times per iteration
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(objective="sft", epochs=1))  # M_0
     skip_sft: bool = False  # start from a model that already follows instructions and judges
@@ -127,11 +129,14 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         test = [r["prompt"] for r in task.load("test", cfg.test_path)][: cfg.eval_size]
     else:
         ift, test = ift[: -cfg.eval_size], [r["prompt"] for r in ift[-cfg.eval_size:]]
-    if not ift:
-        raise UserError(f"self-rewarding needs more IFT records than eval_size ({cfg.eval_size})")
+    if len(ift) < 2:
+        raise UserError(f"self-rewarding needs more IFT records than eval_size ({cfg.eval_size}) + 1")
+    ift, valid = split_validation(ift, cfg.validation_size, cfg.seed, cap=cfg.eval_size)
+    valid = [r["prompt"] for r in valid]
     seeds = [r["prompt"] for r in ift]
     models = Iterates(run, cfg.model)
-    evaluate = lambda t: judged_eval(*models.get(t), test, cfg.judge, cfg.respond)
+    evaluate = lambda t: {**judged_eval(*models.get(t), test, cfg.judge, cfg.respond),
+                          **judged_eval(*models.get(t), valid, cfg.judge, cfg.respond, prefix="valid_")}
 
     def sft_data():  # M_0's data, tokenised as judge() and generate() will prompt
         return write_stage(run.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift))
@@ -168,4 +173,4 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         run.once(t, "eval", lambda: evaluate(t))
         run.log(t, "eval", "prompts", "build", judgments_parsable=run.summaries[t]["judge"]["judgments_parsable"],
                 train_note=trained.get("skipped"))
-    return run.finish("test_judge_score")
+    return run.finish("valid_judge_score", validation=len(valid))
