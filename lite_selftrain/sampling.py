@@ -7,15 +7,17 @@
 
 Every caller (recipes, evaluation, the judge, the embedder's candidates) describes its sampling with a
 `SamplingConfig`; `cfg.for_task(task)` adds a task's stop strings and answer length. Prompts are
-tokenised exactly as given, with the tokenizer's own special tokens (chat templates are the caller's job).
+tokenised as given, with the tokenizer's own special tokens and exactly one BOS (a chat template that writes
+`{{bos_token}}` does not get a second one; chat templates are the caller's job).
 Two backends yield the same rows: `engine.py`, the native one (its own KV cache, one prefill per prompt),
 and `sampling_vllm.py` (vLLM, when it and a GPU are present).
 
 Conventions the trainer relies on:
-- `text` is the completion decoded with special tokens skipped, without the EOS token and cut right BEFORE
-  the first stop string; `token_ids` are the generated ids up to and including the EOS or the token that
-  completed the stop string (all `max_new_tokens` of them for "length"). A finished row trains as
-  prompt + text + EOS.
+- `text` is the completion decoded with special tokens skipped (as it continues the prompt: a leading
+  SentencePiece `▁` is a space), without the EOS token and cut right BEFORE the first stop string;
+  `token_ids` are the generated ids up to and including the EOS or the token that completed the stop
+  string (all `max_new_tokens` of them for "length"). A finished row trains as prompt + text + EOS; a row
+  that ended with EOS trains on its `token_ids` themselves (`batching.sampled_ids`).
 - `logprob` (with `logprobs=True`) is the model's own log M(y|x) = Σ over `token_ids` of log_softmax of the
   raw logits (temperature 1, no top-k/top-p), as `logprobs.sequence_logprobs` computes it; `token_logprobs`
   lists the terms. It does not depend on the sampling knobs, greedy included.
@@ -37,6 +39,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .store import JsonlLog, write_jsonl
+from .tokenizer import decode_continuation, encode
 
 FREE_TEXT_TOKENS = 256  # max_new_tokens when neither the config nor a task sets one: a few paragraphs
 BACKENDS = ("native", "vllm")
@@ -128,7 +131,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, con
     stop, "length", where the context ends). With `truncate`, prompts are cut from the left (a leading BOS
     is kept) so that prompt + max_new_tokens fit.
     """
-    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    ids = encode(tokenizer, prompts)  # one BOS, also when a chat template wrote one
     room = None if context is None else context - max_new_tokens if truncate else context - 1
     for i, seq in enumerate(ids):
         if not seq:
@@ -148,7 +151,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, con
 
 def _completion(tokenizer, stops: tuple[str, ...], token_ids: list[int], reason: str,
                 lps: list[float] | None) -> Completion:
-    text = tokenizer.decode(token_ids[:-1] if reason == "eos" else token_ids, skip_special_tokens=True)
+    text = decode_continuation(tokenizer, token_ids[:-1] if reason == "eos" else token_ids)
     if reason == "stop":
         found = [i for i in (text.find(s) for s in stops) if i >= 0]
         text = text[: min(found)] if found else text

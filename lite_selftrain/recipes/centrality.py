@@ -21,6 +21,7 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..batching import sampled_ids
 from ..errors import UserError
 from ..judge import JudgeConfig, judged_eval
 from ..mbr import SelectionConfig, dpo_pairs, select
@@ -59,18 +60,22 @@ class CentralityConfig:
 
 def build(cfg: CentralityConfig, model, tok, prompts: list[str], originals: list[str], samples: list[dict]):
     """The training records and why each prompt gave one or not."""
-    candidates = [[] for _ in prompts]
+    candidates, kept = [[] for _ in prompts], [[] for _ in prompts]  # texts, and their sample records
     for s in sorted(samples, key=lambda s: (s["prompt_index"], s["sample_index"])):
         if s["finish_reason"] != "length":  # an unfinished answer is no candidate
             candidates[s["prompt_index"]].append(s["text"])
+            kept[s["prompt_index"]].append(s)
     chat = [format_prompt(tok, p) for p in prompts]
     if cfg.objective == "sft":
         decisions = select(model, tok, candidates, originals, cfg.selection)
-        records = [{"prompt": chat[d["prompt_index"]], "response": d["response"]} for d in decisions
-                   if d["response"] is not None]
+        records = [{"prompt": chat[d["prompt_index"]], "response": d["response"],
+                    **(sampled_ids("response", kept[d["prompt_index"]][d["index"]]) if d["decision"] == "generated"
+                       else {})} for d in decisions if d["response"] is not None]
     else:
         decisions = dpo_pairs(model, tok, candidates, cfg.selection)
-        records = [{"prompt": chat[d["prompt_index"]], "chosen": d["chosen"], "rejected": d["rejected"]}
+        records = [{"prompt": chat[d["prompt_index"]], "chosen": d["chosen"], "rejected": d["rejected"],
+                    **sampled_ids("chosen", kept[d["prompt_index"]][d["chosen_index"]]),
+                    **sampled_ids("rejected", kept[d["prompt_index"]][d["rejected_index"]])}
                    for d in decisions if d["chosen"] is not None]
     info = {"dataset_size": len(records), "decisions": dict(Counter(d["decision"] for d in decisions)),
             "policy": cfg.selection.policy if cfg.objective == "sft" else "dpo"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..batching import sampled_ids
 from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
@@ -58,7 +59,8 @@ def keep_correct(cfg: RestEMConfig, prompts: list[str], scored: list[dict], iter
     for _, group in sorted(groups.items()):
         correct = [s for s in group if s["reward"] > 0]
         kept += rng.sample(correct, min(len(correct), cfg.max_per_problem))
-    records = [{"prompt": prompts[s["prompt_index"]], "response": s["text"], "reward": s["reward"]} for s in kept]
+    records = [{"prompt": prompts[s["prompt_index"]], "response": s["text"], "reward": s["reward"],
+                **sampled_ids("response", s)} for s in kept]
     info = {"dataset_size": len(records), "problems_kept": len({s["prompt_index"] for s in kept}),
             "dropped": {"too_long": len(scored) - len(finished),
                         "no_correct": sum(1 for g in groups.values() if not any(s["reward"] > 0 for s in g))}}

@@ -21,6 +21,7 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
+from ..batching import sampled_ids
 from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
@@ -72,7 +73,8 @@ def build_pairs(cfg: RPOConfig, prompts: list[str], scored: list[dict], iteratio
             continue
         combos = list(itertools.product(range(len(wins)), range(len(losses))))
         for w, l in rng.sample(combos, min(cfg.pairs_per_problem, len(combos))):
-            records.append({"prompt": prompts[index], "chosen": wins[w]["text"], "rejected": losses[l]["text"]})
+            records.append({"prompt": prompts[index], "chosen": wins[w]["text"], "rejected": losses[l]["text"],
+                            **sampled_ids("chosen", wins[w]), **sampled_ids("rejected", losses[l])})
     return records, {"dataset_size": len(records), "pairs": len(records),
                      "problems_kept": len({r["prompt"] for r in records}), "dropped": dropped}
 

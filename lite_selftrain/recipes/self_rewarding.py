@@ -22,6 +22,7 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
+from ..batching import sampled_ids
 from ..errors import UserError
 from ..judge import JudgeConfig, eft_example, judge, judged_eval
 from ..models import ModelConfig, format_prompt
@@ -116,7 +117,8 @@ def build_pairs(judged: list[dict]) -> tuple[list[dict], dict]:
                 dropped["tie"] += 1
             else:
                 records.append({"prompt": best["prompt"], "chosen": best["text"], "rejected": worst["text"],
-                                "score_chosen": best["score"], "score_rejected": worst["score"]})
+                                "score_chosen": best["score"], "score_rejected": worst["score"],
+                                **sampled_ids("chosen", best), **sampled_ids("rejected", worst)})
     return records, {"pairs": len(records), "dataset_size": len(records), "dropped": dropped}
 
 
