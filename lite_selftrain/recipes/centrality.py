@@ -8,11 +8,12 @@
         SFT: the policy picks the new response — (1) original, (2) most central, (3) most central but drop
         the example when the original ranks low, (4) most central but keep the original when it ranks low;
         DPO: chosen = most central, rejected = least central, ties skipped;
-        retrain M_0 on the new data → M_t; evaluate on held-out prompts with the judge.
+        retrain M_0 on the new data → M_t; evaluate on held-out prompts, every iterate's answers graded by
+        one fixed judge (`judge_model`, else M_0); choose the best on prompts held out from training.
 
 Run: `lite-selftrain centrality --config examples/centrality_central_sft_150m.toml --out runs/x`.
-Simplifications: responses are embedded without their prompt; evaluation is the model judging its own
-greedy answers (the study used safety and quality benchmarks we cannot ship offline).
+Simplifications: responses are embedded without their prompt; evaluation is a model judging greedy
+answers (the study used safety and quality benchmarks we cannot ship offline).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class CentralityConfig:
     objective: str = "sft"  # "sft" on the selected responses, or "dpo" on (most, least) central pairs
     train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="sft"))
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # for evaluation
+    judge_model: str | None = None  # the fixed judge of every iterate's held-out answers; None: M_0
     def __post_init__(self):
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be 'sft' or 'dpo', not '{self.objective}'")
@@ -97,8 +99,13 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
     data = data[: cfg.limit] if cfg.limit else data
     prompts, originals = [r["prompt"] for r in data], [r["response"] for r in data]
     models = Iterates(run, cfg.model)
-    evaluate = lambda t: {**judged_eval(*models.get(t), test, cfg.judge, cfg.sample),
-                          **judged_eval(*models.get(t), valid, cfg.judge, cfg.sample, prefix="valid_")}
+
+    def evaluate(t):  # iterate t answers; one fixed judge (judge_model, else M_0) grades every iterate
+        model, tok = models.get(t)
+        fixed = models.other(cfg.judge_model, 0)
+        return {**judged_eval(model, tok, test, cfg.judge, cfg.sample, judge_with=fixed),
+                **judged_eval(model, tok, valid, cfg.judge, cfg.sample, judge_with=fixed, prefix="valid_"),
+                "judge": cfg.judge_model or "iteration 0"}
 
     def candidates(t):  # n responses per prompt from M_{t-1}, in the chat template
         model, tok = models.get(t - 1)

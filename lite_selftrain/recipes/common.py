@@ -132,6 +132,15 @@ class Iterates:
         self.current = None
         return load_model(self.base)
 
+    def other(self, name: str | None, iteration: int = 0):
+        """(model, tokenizer) of a fixed model beside the iterate in memory: the model folder or hub id `name`
+        (loaded in the base's mode), else iterate `iteration` loaded afresh. The caller lets it go."""
+        if name:
+            return load_model(dataclasses.replace(self.base, name=name, adapter=None))
+        if self.current is not None and self.current[0] == iteration:
+            return self.current[1], self.current[2]
+        return load_model(self.config(iteration))
+
     def fit(self, iteration: int, model, tokenizer, cfg: TrainConfig, *, reference: str, progress: bool,
             empty: str = "empty dataset: the iterate is its starting model") -> dict:
         """Train `model` on the iteration's dataset.jsonl and save it as that iterate (as is when it is empty).
