@@ -36,7 +36,7 @@ class EvalConfig:
     """Held-out evaluation: greedy pass@1, plus pass@k / maj@k from `sample.n` samples per problem."""
 
     split: str = "test"  # held-out problems, never trained on
-    limit: int | None = None  # evaluate on the first `limit` problems (None: all)
+    limit: int | None = None  # evaluate on the first `limit` test problems (None: all)
     sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         n=8, temperature=0.7, top_k=40, batch_size=32))  # ReST-EM's sampling knobs; n = 1 skips this part
     ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # the k of pass@k / maj@k to report
