@@ -24,9 +24,11 @@ import string
 from .base import Task, few_shot, last_boxed
 
 _LETTER = r"[\s*(\[{]*(?:\\text\{)?(?:\(([A-Za-z])\)|([A-Z]))(?![A-Za-z0-9])"  # "B", "(B)", "(b)", "**B**"
-_VERB = r"(?:\s+(?:is|was|would be|should be|must be|will be|here is))?"
-_STATED = [  # each finds a stated letter; the last one in the text wins
-    re.compile(r"(?i:\b(?:answer|choice|option)" + _VERB + r"[\s:：*=-]*(?:option|choice|letter)?)" + _LETTER),
+_VERB = r"(?:\s+(?:is|was|would be|should be|must be|will be))"
+_STATED = [  # each finds a stated letter; the last one in the text wins. "answer" needs a verb or a colon
+    # ("To answer A..." states nothing); "option B" / "choice B" stand alone
+    re.compile(r"(?i:\b(?:answer(?:" + _VERB + r"|\s*[:：=-])|(?:choice|option)" + _VERB + r"?)[\s:：*=-]*"
+               r"(?:(?:option|choice|letter)\b)?)" + _LETTER),
     re.compile(r"(?i:\bI(?:'d| would)?\s+(?:choose|pick|select|go with))(?i:\s+option|\s+choice)?" + _LETTER),
     re.compile(r"(?:^|[\s*(])\(?([A-Z])\)?\**\s+(?i:is\s+(?:the\s+)?(?:correct|right|best)\b)"),
 ]

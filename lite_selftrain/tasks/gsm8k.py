@@ -32,7 +32,7 @@ _OPS = r"\s*[-+*/×÷=]\s*"
 _CHAIN = "-?" + _NUM + "(?:" + _OPS + "-?" + _NUM + ")*"  # "45 - 5 = 40", "20 - 15", "$3 * 4 = $12"
 _PATTERNS = [  # a marker and the number (or arithmetic) right after it, most explicit first; its last one wins
     re.compile(r"####\s*(" + _CHAIN + ")"),
-    re.compile(r"(?<![a-z])answer(?:\s+(?:is|was|would be|should be))?[\s:=*$\\(]*(" + _CHAIN + ")", re.I),
+    re.compile(r"(?<![a-z])answer(?:\s+(?:is|was|would be|should be)\s*[:=]?|\s*[:=])[\s*$\\(]*(" + _CHAIN + ")", re.I),
     re.compile(r"^\s*A:\s*(" + _CHAIN + ")", re.M),
 ]
 _MINUS = str.maketrans({"−": "-", "–": "-", "＄": "$", "，": ","})  # typographic minus and dash; full-width signs
