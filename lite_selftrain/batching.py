@@ -4,16 +4,18 @@
     plan = plan_epoch([e.length for e in examples], step_size=16, micro_size=4, window=50, seed=0, epoch=0)
     batch = collate([examples[i] for i in plan[0][0]], pad_id=tokenizer.pad_token_id)
 
-A sequence is the prompt's tokens (as the tokenizer gives them, special tokens included) followed by the
-response's tokens and EOS; the loss covers the response and EOS only. Sequences longer than `max_length`
+A sequence is the prompt's tokens (as the tokenizer gives them, special tokens included, one BOS) followed
+by the response's tokens and EOS; the loss covers the response and EOS only. The response is tokenised
+together with its prompt (what the model saw when it wrote it), or taken as the sampled ids themselves
+when the record carries them (`response_ids`, `chosen_ids`, `rejected_ids`). Sequences longer than `max_length`
 lose the end of their response; a record whose prompt leaves no room for a response token is dropped and
 counted. A preference pair becomes two rows (chosen, rejected) sharing the prompt; a batch of B pairs is
 one (2B, T) tensor, chosen rows first, so both go through one forward.
 
 Batches are grouped by length: each window of `window` optimiser steps' worth of shuffled examples is
 sorted by length and cut into step batches, whose order is then shuffled — little padding, still a random
-order, all deterministic from (seed, epoch) so a resumed run rebuilds the same plan. Simplification:
-prompt and response are tokenised separately (a BPE merge across the boundary is not formed), as TRL does.
+order, all deterministic from (seed, epoch) so a resumed run rebuilds the same plan. Simplification: a
+pair whose two rows split their prompt differently (a piece across the boundary) is dropped and counted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
+from .tokenizer import decode_continuation, encode
 
 OBJECTIVES = ("sft", "rwnll", "dpo_nll")
 
@@ -46,8 +49,33 @@ def _fields(objective: str) -> tuple[str, ...]:
     return ("chosen", "rejected") if objective == "dpo_nll" else ("response",)
 
 
+def _response_tokens(tokenizer, prompt: str, prompt_ids: list[int], text: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of prompt + text tokenised TOGETHER, split where the prompt ends.
+
+    Tokenised apart, a SentencePiece tokenizer would put its dummy prefix `▁` before the response, and the
+    trained tokens would not be the ones the model produced after the prompt. When the prompt's own ids are
+    not a prefix of the whole (a piece across the boundary), the tokens lying wholly inside the prompt are
+    the prompt.
+    """
+    if not prompt_ids:  # an empty prompt: the response after the start token
+        return prompt_ids, tokenizer(text, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(prompt + text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = whole["input_ids"], whole["offset_mapping"]
+    if len(ids) > 1 and ids[0] == ids[1] == tokenizer.bos_token_id:  # one BOS, as `encode` gives
+        ids, offsets = ids[1:], offsets[1:]
+    if ids[: len(prompt_ids)] == prompt_ids:
+        cut = len(prompt_ids)
+    else:
+        cut = next((k for k, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
+    return ids[:cut], ids[cut:]
+
+
 def encode_records(tokenizer, records: list[dict], objective: str, max_length: int):
-    """Tokenise `records` → (examples, stats); stats counts records, dropped ones, truncated sequences."""
+    """Tokenise `records` → (examples, stats); stats counts records, dropped ones, truncated sequences.
+
+    A response with `<field>_ids` (e.g. `response_ids`: the ids the sampler produced, ending in EOS) is
+    trained on exactly those ids after the prompt's; others are tokenised together with their prompt.
+    """
     if objective not in OBJECTIVES:
         raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}, not '{objective}'")
     fields = _fields(objective)
@@ -59,25 +87,39 @@ def encode_records(tokenizer, records: list[dict], objective: str, max_length: i
     if eos is None:
         raise UserError("the tokenizer has no EOS token; responses need one to end")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    prompts = tokenizer([r["prompt"] for r in records])["input_ids"]
-    responses = {f: tokenizer([r[f] for r in records], add_special_tokens=False)["input_ids"] for f in fields}
+    prompts = encode(tokenizer, [r["prompt"] for r in records])
     examples, dropped, truncated = [], 0, 0
     for i, rec in enumerate(records):
-        prompt = prompts[i] or [start]  # an empty prompt still needs a position to predict the first token
-        room = max_length - len(prompt)
-        if room < 1:
+        rows, prompt = [], prompts[i]
+        for f in fields:
+            given = rec.get(f"{f}_ids")
+            if given is not None:
+                if not given or given[-1] != eos or decode_continuation(tokenizer, given[:-1]) != rec[f]:
+                    raise UserError(f"training record {i}: {f}_ids must be the ids of its {f} followed by EOS")
+                resp = list(given)
+            else:
+                prompt, resp = _response_tokens(tokenizer, rec["prompt"], prompts[i], rec[f])
+                resp = resp + [eos]
+            rows.append((prompt or [start], resp))  # an empty prompt still needs a position to predict from
+        prompt_len = max(len(p) for p, _ in rows)  # a pair's rows share their prompt
+        room = max_length - prompt_len
+        if room < 1 or any(len(p) != prompt_len for p, _ in rows):
             dropped += 1
             continue
-        rows = []
-        for f in fields:
-            resp = responses[f][i] + [eos]
-            truncated += len(resp) > room
-            rows.append(torch.tensor(prompt + resp[:room], dtype=torch.long))  # (L,)
+        truncated += sum(len(r) > room for _, r in rows)
+        tensors = [torch.tensor(p + r[:room], dtype=torch.long) for p, r in rows]  # (L,)
         reward = float(rec.get("reward", 1.0)) if objective == "rwnll" else 1.0
-        examples.append(Example(rows, len(prompt), reward))
+        examples.append(Example(tensors, prompt_len, reward))
     stats = {"records": len(records), "examples": len(examples), "dropped_too_long": dropped,
              "truncated": truncated}
     return examples, stats
+
+
+def sampled_ids(field: str, sample: dict) -> dict:
+    """{"<field>_ids": the sampler's token ids} for a sample that ended with EOS, else {}: a record trains on
+    the very tokens the model produced (a stop-string or unfinished sample has no EOS of its own)."""
+    ids = sample.get("token_ids")
+    return {f"{field}_ids": ids} if sample.get("finish_reason") == "eos" and ids else {}
 
 
 def data_fingerprint(examples: list[Example]) -> str:

@@ -26,7 +26,7 @@ from .recipes import RECIPES
 def _print_table(records: list[dict]) -> None:
     """Iteration, train accuracy, held-out pass@1 / pass@k / maj@k (largest k), dataset size."""
     ks = sorted({int(k.split("@")[1]) for r in records for k in r if k.startswith("test_maj@")})
-    keys = ["recipe", "iteration", "train_accuracy", "test_pass@1"]
+    keys = ["recipe", "iteration", "train_accuracy", "valid_pass@1", "test_pass@1"]
     keys += [f"test_pass@{ks[-1]}", f"test_maj@{ks[-1]}"] if ks and ks[-1] > 1 else []
     keys += ["dataset_size"]
     click.echo("  ".join(f"{k:>14}" for k in keys))

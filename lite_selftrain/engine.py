@@ -38,6 +38,7 @@ import torch
 
 from .errors import UserError
 from .models import split_body_head, training_mode
+from .tokenizer import decode_continuation
 
 SERVED_ATTENTION = ("eager", "sdpa")  # both take an additive 4-D float mask
 FINISH = ("length", "eos", "stop")  # index = the per-row code the decode loop keeps
@@ -208,7 +209,7 @@ class StopStrings:
 
     def completed_at(self, tokens: list[int], step: int) -> bool:
         """Whether the text of tokens[: step + 1] ends in a stop string that token `step` completed."""
-        tail = self.tokenizer.decode(tokens[max(0, step + 1 - self.window) : step + 1], skip_special_tokens=True)
+        tail = decode_continuation(self.tokenizer, tokens[max(0, step + 1 - self.window) : step + 1])
         return any(s in tail for s in self.stops)
 
 

@@ -12,6 +12,8 @@ Usage:
     metrics = evaluate(model, tok, task, task.load("test", path), SamplingConfig(n=8, temperature=0.7),
                        ks=[1, 4, 8], out_dir="runs/x/eval")  # writes metrics.json and problems.jsonl there
     metrics = heldout(model, tok, task, test_set, EvalConfig(), "runs/x/eval")  # what the recipes report
+    metrics = heldout(model, tok, task, valid_set, EvalConfig(), "runs/x/valid", prefix="valid_")  # what they
+    # choose on: training problems held out (validation_count), never trained on
 
 Simplification: maj@k uses the first k samples, not an average over all k-subsets of the n.
 """
@@ -35,23 +37,38 @@ class EvalConfig:
     """Held-out evaluation: greedy pass@1, plus pass@k / maj@k from `sample.n` samples per problem."""
 
     split: Name = "test"  # held-out problems, never trained on
-    limit: PositiveInt | None = None  # evaluate on the first `limit` problems (None: all)
+    limit: PositiveInt | None = None  # evaluate on the first `limit` test problems (None: all)
     sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         n=8, temperature=0.7, top_k=40, batch_size=32))  # ReST-EM's sampling knobs; n = 1 skips this part
     ks: list[PositiveInt] = field(default_factory=lambda: [1, 4, 8])  # the k of pass@k / maj@k to report
-    select_on: Name = "test_pass@1"  # the metric that picks the best iteration
+    validation_size: PositiveInt | None = None  # training problems held out to choose on; None: min(1000, 10 %)
+    # (the RPO paper selects on 1k held-out training questions); they are never trained on
+    select_on: Name = "valid_pass@1"  # a validation metric picks the best iteration; the test split is only reported
 
     def __post_init__(self):
         check_fields(self)
+        if not self.select_on.startswith("valid_"):
+            raise UserError(f"eval.select_on must be a validation metric (valid_pass@1, valid_maj@8, ...), not "
+                            f"'{self.select_on}': the test split is reported, never used to choose")
         if self.select_on not in self.metric_names():
             raise UserError(f"eval.select_on must name a metric this evaluation reports "
                             f"({', '.join(self.metric_names())}), not '{self.select_on}'")
 
     def metric_names(self) -> list[str]:
-        """The keys `heldout` reports with this config (plus the training-side ones a record carries)."""
+        """The validation metrics `heldout` can report with this config: the ones `select_on` may name."""
         ks = [k for k in self.ks if k <= self.sample.n] if self.sample.n > 1 else []
-        sampled = ["test_sampled_pass@1"] + [f"test_pass@{k}" for k in ks if k != 1] + [f"test_maj@{k}" for k in ks]
-        return ["test_pass@1", *sampled * (self.sample.n > 1), "train_accuracy", "train_coverage"]
+        sampled = ["valid_sampled_pass@1"] + [f"valid_pass@{k}" for k in ks if k != 1] + [f"valid_maj@{k}" for k in ks]
+        return ["valid_pass@1", *sampled * (self.sample.n > 1)]
+
+
+def validation_count(num_problems: int, size: int | None, cap: int = 1000) -> int:
+    """How many training problems the validation split takes: `size`, or min(cap, 10 %), at least 1."""
+    if num_problems < 2:
+        raise UserError(f"{num_problems} training problem(s): a validation split needs at least 2")
+    count = size if size is not None else min(cap, max(1, num_problems // 10))
+    if count >= num_problems:
+        raise UserError(f"validation_size {count} leaves none of the {num_problems} training problems to train on")
+    return count
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -139,16 +156,20 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: SamplingConfig, 
     return metrics
 
 
-def heldout(model, tokenizer, task, examples: list[dict], cfg: EvalConfig, out_dir: str | Path) -> dict:
-    """The recipes' held-out metrics: greedy pass@1 plus sampled pass@k / maj@k, prefixed `test_`."""
-    examples = examples[: cfg.limit] if cfg.limit else examples
+def heldout(model, tokenizer, task, examples: list[dict], cfg: EvalConfig, out_dir: str | Path, *,
+            prefix: str = "test_") -> dict:
+    """The recipes' held-out metrics: greedy pass@1 plus sampled pass@k / maj@k, named `prefix` + metric.
+
+    For the validation split (`prefix="valid_"`) the sampled part runs only when `cfg.select_on` needs it.
+    """
+    examples = examples[: cfg.limit] if cfg.limit and prefix == "test_" else examples
     out_dir = Path(out_dir)
     greedy = evaluate(model, tokenizer, task, examples, cfg.sample.replace(n=1, temperature=0.0), ks=[1],
                       out_dir=out_dir / "greedy")
-    metrics = {"test_pass@1": greedy["pass@1"]}
-    if cfg.sample.n > 1:
+    metrics = {f"{prefix}pass@1": greedy["pass@1"]}
+    if cfg.sample.n > 1 and (prefix == "test_" or cfg.select_on != "valid_pass@1"):
         sampled = evaluate(model, tokenizer, task, examples, cfg.sample, ks=cfg.ks, out_dir=out_dir / "sampled")
-        metrics.update({f"test_{k}": v for k, v in sampled.items() if k.startswith(("pass@", "maj@"))
+        metrics.update({f"{prefix}{k}": v for k, v in sampled.items() if k.startswith(("pass@", "maj@"))
                         and k != "pass@1"})
-        metrics["test_sampled_pass@1"] = sampled["pass@1"]
+        metrics[f"{prefix}sampled_pass@1"] = sampled["pass@1"]
     return metrics

@@ -10,7 +10,8 @@ Usage:
     from lite_selftrain.judge import JudgeConfig, judge
     results = judge(model, tokenizer, [(prompt, response), ...], JudgeConfig())   # k = sample.n = 3
     results[0].score  # mean of the parsable scores, or None
-    metrics = judged_eval(model, tokenizer, prompts, JudgeConfig(), answer=SamplingConfig(max_new_tokens=256))
+    metrics = judged_eval(model, tokenizer, prompts, JudgeConfig(), answer=SamplingConfig(max_new_tokens=256),
+                          judge_with=(judge_model, judge_tokenizer))   # one fixed judge for every iterate
 
 Simplifications: one rubric (the paper's, in our own words); the model's chat template (when it has one)
 wraps the judge prompt, as it wraps every instruction.
@@ -117,13 +118,18 @@ def judge(model, tokenizer, pairs: list[tuple[str, str]], cfg: JudgeConfig | Non
     return out
 
 
-def judged_eval(model, tokenizer, prompts: list[str], cfg: JudgeConfig, answer: SamplingConfig) -> dict:
-    """Greedy answers to held-out prompts (in the chat template), each judged by the same model."""
+def judged_eval(model, tokenizer, prompts: list[str], cfg: JudgeConfig, answer: SamplingConfig, *,
+                judge_with: tuple | None = None, prefix: str = "test_") -> dict:
+    """Greedy answers of `model` to held-out prompts (in its chat template), each judged by `judge_with`
+    = (judge model, its tokenizer), or by `model` itself when None. The recipes pass one fixed judge for
+    every iterate, so that scores compare across iterations. Metrics are named `prefix` + metric (`valid_`
+    for the split that chooses the best iteration)."""
     answers = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in prompts],
                        answer.replace(n=1, temperature=0.0))
-    verdicts = judge(model, tokenizer, [(p, a[0].text) for p, a in zip(prompts, answers)], cfg)
+    judge_model, judge_tokenizer = judge_with or (model, tokenizer)
+    verdicts = judge(judge_model, judge_tokenizer, [(p, a[0].text) for p, a in zip(prompts, answers)], cfg)
     scores = [v.score for v in verdicts if v.score is not None]
     parsable = sum(s is not None for v in verdicts for s in v.scores)
-    return {"test_judge_score": sum(scores) / len(scores) if scores else None,
-            "test_judge_parsable": parsable / max(len(verdicts) * cfg.sample.n, 1),
-            "test_mean_tokens": sum(a[0].num_tokens for a in answers) / max(len(answers), 1)}
+    return {f"{prefix}judge_score": sum(scores) / len(scores) if scores else None,
+            f"{prefix}judge_parsable": parsable / max(len(verdicts) * cfg.sample.n, 1),
+            f"{prefix}mean_tokens": sum(a[0].num_tokens for a in answers) / max(len(answers), 1)}

@@ -62,30 +62,35 @@ class SelectionConfig:
 
 def embed(model, tokenizer, texts: list[str], *, layer: int = -1, pooling: str = "mean",
           batch_size: int = 32) -> torch.Tensor:
-    """(N,) texts → (N, H) float32 CPU embeddings, L2-normalised; a text with no tokens gives zeros."""
+    """(N,) texts → (N, H) float32 CPU embeddings, L2-normalised, pooled over each text's own tokens (the BOS
+    the model reads first is not pooled); a text with no tokens of its own gives zeros."""
     if pooling not in ("mean", "last"):
         raise UserError(f"pooling must be mean or last, not '{pooling}'")
     body, _ = split_body_head(model)
     if not texts:  # e.g. every candidate of a batch was unfinished
         return torch.zeros(0, body.config.hidden_size)
     context = getattr(body.config, "max_position_embeddings", None)
-    ids = tokenizer(list(texts), add_special_tokens=True, truncation=context is not None,
-                    max_length=context)["input_ids"]
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=context is not None, max_length=context,
+                    return_special_tokens_mask=True)
+    ids, special = enc["input_ids"], enc["special_tokens_mask"]  # BOS & co.: fed to the model, never pooled
     out = torch.zeros(len(ids), body.config.hidden_size)  # (N, H)
-    order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: len(ids[i]))  # similar lengths batch
+    order = sorted((i for i in range(len(ids)) if len(ids[i]) > sum(special[i])), key=lambda i: len(ids[i]))
     device = next(body.parameters()).device
     with torch.inference_mode(), training_mode(model, False), padding_side(tokenizer, "right"):
         for b in range(0, len(order), batch_size):
             chunk = order[b : b + batch_size]
             batch = tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt").to(device)
-            mask = batch["attention_mask"]  # (B, T)
+            content = batch["attention_mask"].clone()  # (B, T): 1 on the text's own tokens only
+            for row, i in enumerate(chunk):
+                content[row, : len(special[i])] *= 1 - torch.tensor(special[i], device=device)
             result = body(**batch, output_hidden_states=layer != -1)
             hidden = result.last_hidden_state if layer == -1 else result.hidden_states[layer]  # (B, T, H)
             hidden = hidden.float()
-            if pooling == "mean":
-                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, H)
+            if pooling == "mean":  # over content only: a BOS in the mean would weigh more in shorter texts
+                pooled = (hidden * content[..., None]).sum(1) / content.sum(1, keepdim=True)  # (B, H)
             else:
-                pooled = hidden[torch.arange(len(chunk), device=device), mask.sum(1) - 1]  # (B, H)
+                last = content.shape[1] - 1 - content.flip(1).argmax(1)  # (B,) the last content position
+                pooled = hidden[torch.arange(len(chunk), device=device), last]  # (B, H)
             out[chunk] = F.normalize(pooled, dim=-1).cpu()
     return out
 

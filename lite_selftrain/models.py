@@ -3,7 +3,9 @@
 The only file that knows about peft and bitsandbytes. Three ways to get a model:
 
 - a **preset** name (`tiny`, `demo`, `llm-jp-3-150m`, `-980m`, `-1.8b`, `-3.7b`): a Llama-architecture model
-  with random weights and the preset's shapes, plus the byte-level tokenizer built here — no download;
+  with random weights and the preset's shapes, plus a tokenizer built here — no download: the byte-level
+  one for `tiny` and `demo`, the real llm-jp-3 tokenizer (`tokenizer.py`, shipped in the package) for
+  `llm-jp-3-*`;
 - a **local folder** written by `save_pretrained` (what the demo's warm start produces);
 - a **hub id**, when online; offline it fails with a one-line message.
 
@@ -27,6 +29,7 @@ from pydantic import Field
 from .config import Fraction, Name, PositiveInt, check_fields
 from .errors import UserError
 from .store import atomic_dir
+from .tokenizer import build_llm_jp_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
 # presets: Llama shapes. llm-jp-3 shapes follow the published configs (untied lm_head, V = 99,584).
@@ -49,6 +52,12 @@ PRESETS: dict[str, dict] = {
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+LLM_JP_IDS = dict(pad_token_id=4, bos_token_id=1, eos_token_id=2)  # <PAD|LLM-jp>, <s>, </s> of the v3.0 vocabulary
+
+
+def preset_tokenizer(preset: str):
+    """The tokenizer of a preset: llm-jp-3's own for the llm-jp-3 shapes, else the byte-level one."""
+    return build_llm_jp_tokenizer() if preset.startswith("llm-jp-3") else build_tokenizer()
 
 
 def build_tokenizer(save_dir: str | Path | None = None):
@@ -80,8 +89,8 @@ def build_model(preset: str, *, vocab_size: int | None = None, seed: int = 0, dt
         raise UserError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     shape = dict(PRESETS[preset])
     shape["vocab_size"] = shape["vocab_size"] or vocab_size or len(SPECIAL_TOKENS) + 256
-    config = LlamaConfig(**shape, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         rms_norm_eps=1e-5, rope_theta=10000.0)
+    ids = LLM_JP_IDS if preset.startswith("llm-jp-3") else dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**shape, **ids, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -89,9 +98,9 @@ def build_model(preset: str, *, vocab_size: int | None = None, seed: int = 0, dt
 
 
 def save_preset(preset: str, path: str | Path, *, seed: int = 0) -> Path:
-    """Write a preset's random model and the byte tokenizer to `path` (a normal model folder)."""
+    """Write a preset's random model and its tokenizer to `path` (a normal model folder)."""
     path = Path(path)
-    tok = build_tokenizer()
+    tok = preset_tokenizer(preset)
     model = build_model(preset, vocab_size=len(tok), seed=seed)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
@@ -175,7 +184,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     if name in PRESETS:
-        tok = build_tokenizer()
+        tok = preset_tokenizer(name)
     else:
         source, local = _resolve_source(name)
         try:

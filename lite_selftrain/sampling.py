@@ -7,15 +7,17 @@
 
 Every caller (recipes, evaluation, the judge, the embedder's candidates) describes its sampling with a
 `SamplingConfig`; `cfg.for_task(task)` adds a task's stop strings and answer length. Prompts are
-tokenised exactly as given, with the tokenizer's own special tokens (chat templates are the caller's job).
+tokenised as given, with the tokenizer's own special tokens and exactly one BOS (a chat template that writes
+`{{bos_token}}` does not get a second one; chat templates are the caller's job).
 Two backends yield the same rows: `engine.py`, the native one (its own KV cache, one prefill per prompt),
 and `sampling_vllm.py` (vLLM, when it and a GPU are present).
 
 Conventions the trainer relies on:
-- `text` is the completion decoded with special tokens skipped, without the EOS token and cut right BEFORE
-  the first stop string; `token_ids` are the generated ids up to and including the EOS or the token that
-  completed the stop string (all `max_new_tokens` of them for "length"). A finished row trains as
-  prompt + text + EOS.
+- `text` is the completion decoded with special tokens skipped (as it continues the prompt: a leading
+  SentencePiece `▁` is a space), without the EOS token and cut right BEFORE the first stop string;
+  `token_ids` are the generated ids up to and including the EOS or the token that completed the stop
+  string (all `max_new_tokens` of them for "length"). A finished row trains as prompt + text + EOS; a row
+  that ended with EOS trains on its `token_ids` themselves (`batching.sampled_ids`).
 - `logprob` (with `logprobs=True`) is the model's own log M(y|x) = Σ over `token_ids` of log_softmax of the
   raw logits (temperature 1, no top-k/top-p), as `logprobs.sequence_logprobs` computes it; `token_logprobs`
   lists the terms. It does not depend on the sampling knobs, greedy included.
@@ -41,6 +43,7 @@ from pydantic import Field
 from .config import Count, Name, PositiveInt, check_fields
 from .errors import UserError, UserTypeError
 from .store import JsonlLog, write_jsonl
+from .tokenizer import decode_continuation, encode
 
 FREE_TEXT_TOKENS = 256  # max_new_tokens when neither the config nor a task sets one: a few paragraphs
 # 0 is kept as the spelling of greedy decoding (as in vLLM and transformers); NaN, inf and negatives are errors
@@ -70,7 +73,7 @@ class SamplingConfig:
 
     def for_task(self, task) -> SamplingConfig:
         """This config with the task's stop strings added and, when unset, the task's answer length."""
-        stop = tuple(dict.fromkeys((*task.stop, *self.stop)))
+        stop = tuple(dict.fromkeys((*(task.stop or ()), *self.stop)))  # a task may say None: no stops
         return dataclasses.replace(self, stop=stop, max_new_tokens=self.max_new_tokens or task.max_new_tokens)
 
     def replace(self, **changes) -> SamplingConfig:
@@ -121,7 +124,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, con
     stop, "length", where the context ends). With `truncate`, prompts are cut from the left (a leading BOS
     is kept) so that prompt + max_new_tokens fit.
     """
-    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    ids = encode(tokenizer, prompts)  # one BOS, also when a chat template wrote one
     room = None if context is None else context - max_new_tokens if truncate else context - 1
     for i, seq in enumerate(ids):
         if not seq:
@@ -141,7 +144,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, con
 
 def _completion(tokenizer, stops: tuple[str, ...], token_ids: list[int], reason: str,
                 lps: list[float] | None) -> Completion:
-    text = tokenizer.decode(token_ids[:-1] if reason == "eos" else token_ids, skip_special_tokens=True)
+    text = decode_continuation(tokenizer, token_ids[:-1] if reason == "eos" else token_ids)
     if reason == "stop":
         found = [i for i in (text.find(s) for s in stops) if i >= 0]
         text = text[: min(found)] if found else text
@@ -213,14 +216,15 @@ def _consume(stream, done: dict, log: JsonlLog | None, total: int, progress: boo
 
 def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | None = None, *,
              out: str | Path | JsonlLog | None = None, logprobs: bool = False, truncate: bool = False,
-             progress: bool = False) -> list[list[Completion]]:
+             progress: bool = False, **overrides) -> list[list[Completion]]:
     """cfg.n completions of each prompt: a list with one entry per prompt, each the list of its completions.
 
     A prompt that fills the model's context is an error, or with `truncate` is cut from the left to leave
     room for max_new_tokens. `out` (a path or JsonlLog) receives the records as prompts finish; prompts it
     already holds completely are not sampled again and come back from it. `logprobs` adds the model's own
     log-probs of each completion. `model` is a causal LM (any peft wrapping), or for backend "vllm" also a
-    vllm.LLM or a model folder.
+    vllm.LLM or a model folder. `overrides` are SamplingConfig fields that replace cfg's, as vLLM and Hugging
+    Face take them: `stop=None` (or `()`) means no stop strings, `n=4`, `temperature=0`, ...
     """
     cfg = SamplingConfig() if cfg is None else cfg
     if not isinstance(cfg, SamplingConfig):
@@ -230,6 +234,10 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | Non
     bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
     if bad is not None:
         raise UserTypeError(f"prompts must be a list of strings; prompt {bad} is a {type(prompts[bad]).__name__}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SamplingConfig)})
+    if unknown:
+        raise UserError(f"generate() got unknown sampling option(s) {', '.join(unknown)}")
+    cfg = cfg.replace(**overrides) if overrides else cfg
     cfg = cfg.replace(max_new_tokens=cfg.max_new_tokens or FREE_TEXT_TOKENS)
     prompts = list(prompts)
     if not prompts:  # N = 0: nothing to sample, and no file touched

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"errors", "config", "kernels"},
     {"store", "losses"},
-    {"models", "data", "logprobs", "batching"},
+    {"models", "data", "logprobs", "batching", "tokenizer"},
     {"reference", "engine", "sampling_vllm", "tasks"},
     {"sampling", "train", "evaluate", "judge", "mbr", "plot"},
     {"recipes"},

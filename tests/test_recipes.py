@@ -16,6 +16,7 @@ import pytest
 from lite_selftrain.config import from_dict, to_dict
 from lite_selftrain.errors import UserError
 from lite_selftrain.recipes import RECIPES, demo, load_recipe, rest_em, rpo, self_rewarding
+from lite_selftrain.recipes.common import split_validation
 from lite_selftrain.tasks import get_task
 
 NAMES = {"rest-em": "rest_em", "rpo": "rpo", "self-reward": "self_reward", "centrality": "centrality"}  # folders
@@ -79,7 +80,7 @@ def _instruct_config(name, path):
     judge = {"sample": {"n": 2, "max_new_tokens": 8}}
     sample = {"n": 3, "max_new_tokens": 10, "top_k": 0, "top_p": 0.9, "batch_size": 8}
     if name == "self-reward":
-        return {"ift_path": path, "eval_size": 2, "model": tiny, "judge": judge, "new_prompts": 4,
+        return {"ift_path": path, "eval_size": 2, "no_eft": True, "model": tiny, "judge": judge, "new_prompts": 4,
                 "write": {"max_new_tokens": 12}, "respond": sample, "iterations": 2,
                 "sft": {**SMALL_TRAIN, "objective": "sft"}, "train": {**SMALL_TRAIN, "objective": "dpo_nll"}}
     return {"data_path": path, "eval_size": 2, "model": tiny, "judge": judge, "sample": sample, "iterations": 2,
@@ -145,9 +146,14 @@ def test_recipe_runs_and_a_killed_run_resumes_to_the_same_metrics(name, arith_mo
 
     if name in ("rest-em", "rpo"):  # a warm-started model gives real data to learn from
         assert all(r["dataset_size"] > 0 for r in records[1:])
-        assert best is not None and 0 <= best["test_pass@1"] <= 1
-        chosen = json.loads((tmp_path / "whole" / "best.json").read_text())
-        assert chosen["iteration"] == best["iteration"] == max(records, key=lambda r: r["test_pass@1"])["iteration"]
+        assert best is not None and 0 <= best["test_pass@1"] <= 1 and 0 <= best["valid_pass@1"] <= 1
+    chosen = json.loads((tmp_path / "whole" / "best.json").read_text()) if best is not None else None
+    if name in ("rest-em", "rpo"):
+        assert chosen["iteration"] == best["iteration"] == max(records, key=lambda r: r["valid_pass@1"])["iteration"]
+        assert chosen["selected_on"] == "valid_pass@1" and chosen["validation_problems"] == 2  # 10 % of 24
+        assert chosen["test"]["test_pass@1"] == best["test_pass@1"]  # reported beside, never chosen on
+    if chosen is not None:
+        assert chosen["split"] == "validation" and chosen["selected_on"].startswith("valid_")
     if name == "self-reward":  # a random tiny model writes no parsable judgment: the loop says so
         assert all(r["pairs"] == 0 and r["train_note"].startswith("no pairs") for r in records[1:])
         assert best is None
@@ -218,6 +224,65 @@ def test_self_reward_pairs_skip_ties_and_unparsable():
     pairs, info = self_rewarding.build_pairs(judged)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a00", "a02")]
     assert info["dropped"] == {"too_long": 1, "unparsable_judgment": 1, "tie": 1}
+
+
+def test_validation_split_is_carved_from_training_problems():
+    problems = list(range(50_000))
+    train, valid = split_validation(problems, None, seed=0)
+    assert len(valid) == 1000 and len(train) == 49_000 and not set(train) & set(valid)  # min(1000, 10 %)
+    train, valid = split_validation(list(range(200)), None, seed=0)
+    assert len(valid) == 20 and sorted(train + valid) == list(range(200))
+    assert split_validation(list(range(200)), 7, seed=0)[1] == split_validation(list(range(200)), 7, seed=0)[1]
+    assert len(split_validation(list(range(200)), 7, seed=0)[1]) == 7  # configurable, seeded
+    assert len(split_validation(list(range(30)), None, seed=0, cap=2)[1]) == 2  # judged recipes cap it
+    with pytest.raises(UserError, match="leaves none"):
+        split_validation(list(range(5)), 5, seed=0)
+    with pytest.raises(UserError, match="never used to choose"):
+        from_dict(rest_em.RestEMConfig, {"eval": {"select_on": "test_pass@1"}})
+
+
+def test_self_reward_without_eft_data_stops_unless_told(instruct_file, tmp_path):
+    cfg = _instruct_config("self-reward", instruct_file)
+    cfg["no_eft"] = False
+    with pytest.raises(UserError, match="EFT data: set eft_path .* or no_eft = true"):
+        self_rewarding.run(from_dict(self_rewarding.SelfRewardConfig, cfg), tmp_path, progress=False)
+    assert not (tmp_path / "config.json").exists()  # stopped before anything was written
+
+
+@pytest.fixture(scope="module")
+def scoring_judge(tmp_path_factory, instruct_file):
+    """A tiny model trained to answer every judge prompt with "Score: 4" (a random one never scores)."""
+    from lite_selftrain.judge import judge_prompt
+    from lite_selftrain.models import build_model, build_tokenizer, save_model
+    from lite_selftrain.train import TrainConfig, train
+
+    tok = build_tokenizer()
+    model = build_model("tiny", vocab_size=len(tok), seed=3)
+    words = [json.loads(line)["prompt"] for line in Path(instruct_file).read_text().splitlines()]
+    records = [{"prompt": judge_prompt(w, a), "response": "Score: 4"} for w in words for a in ("x", "yy", "a b")]
+    train(model, tok, records, TrainConfig(objective="sft", lr=1e-2, max_steps=40, batch_size=8, grad_accum=1,
+                                           max_length=1200, warmup_ratio=0.0, checkpoint_every=1000),
+          tmp_path_factory.mktemp("judge_train"))
+    return str(save_model(model, tmp_path_factory.mktemp("judge") / "model", tok))
+
+
+def test_one_fixed_judge_scores_every_iterate_and_a_fixed_model_writes_prompts(instruct_file, scoring_judge,
+                                                                              tmp_path):
+    """The iterates (random tiny models) never write a parsable score; the named judge always does, so every
+    iteration's held-out scores come from it, not from the iterate judging itself."""
+    cfg = {**_instruct_config("self-reward", instruct_file), "iterations": 1}
+    own = self_rewarding.run(from_dict(self_rewarding.SelfRewardConfig, cfg), tmp_path / "a", progress=False)[0]
+    assert [r["judge"] for r in own] == ["iteration 0"] * 2  # M_0 judges every iterate by default
+    cfg_b = {**cfg, "judge_model": scoring_judge, "prompt_model": scoring_judge}
+    fixed = self_rewarding.run(from_dict(self_rewarding.SelfRewardConfig, cfg_b), tmp_path / "b", progress=False)[0]
+    assert [(r["judge"], r["test_judge_score"], r["valid_judge_score"]) for r in fixed] == [(scoring_judge, 4, 4)] * 2
+    assert [r["test_judge_score"] for r in own] == [None, None]
+    prompts = [(tmp_path / run / "self_reward/iter_01/prompts_raw.jsonl").read_text() for run in ("a", "b")]
+    assert prompts[0] != prompts[1]  # the writer is the named model, not the iterate
+    cfg_c = {**_instruct_config("centrality", instruct_file), "iterations": 1, "judge_model": scoring_judge}
+    central = load_recipe("centrality")[0].run(from_dict(load_recipe("centrality")[1], cfg_c), tmp_path / "c",
+                                               progress=False)[0]
+    assert [(r["judge"], r["valid_judge_score"]) for r in central] == [(scoring_judge, 4)] * 2
 
 
 def test_config_round_trips_through_dicts():

@@ -411,6 +411,24 @@ def test_completion_round_trip():
     assert SamplingConfig(stop="\n").stop == ("\n",)
 
 
+def test_stop_none_means_no_stop_strings(model, tok):
+    """As in vLLM and Hugging Face: `stop=None` passed to generate (or to a config) ends rows only at EOS
+    or the length limit; keyword options replace the config's fields; unknown ones are refused."""
+    kw = dict(n=2, temperature=1.0, max_new_tokens=12, seed=3)
+    plain = generate(model, tok, PROMPTS, SamplingConfig(**kw))
+    stop = plain[0][0].text[4:6]  # a string sample 0 of prompt 0 writes: that row stops there
+    stopped = generate(model, tok, PROMPTS, SamplingConfig(stop=[stop], **kw))
+    assert stopped[0][0].finish_reason == "stop"
+    free = generate(model, tok, PROMPTS, SamplingConfig(stop=[stop], **kw), stop=None)
+    assert free == plain
+    assert "stop" not in {c.finish_reason for g in free for c in g}
+    assert SamplingConfig(stop=None).stop == () and SamplingConfig().for_task(type("T", (), dict(
+        stop=None, max_new_tokens=5))()).stop == ()
+    assert generate(model, tok, PROMPTS[:1], None, n=3, max_new_tokens=2)[0][2].num_tokens <= 2
+    with pytest.raises(UserError, match="unknown sampling option"):
+        generate(model, tok, PROMPTS, stop_strings=None)
+
+
 # ----------------------------------------------------------------------------------------------------
 # other backends and devices
 

@@ -46,6 +46,9 @@ def test_references_give_gold_answers(task):
     ("\\text{(B)}", "(B)"),
     (".25", "0.25"),
     ("y = 2x + 1", "2x+1"),
+    ("3,000", "3000"),  # maj@k groups "3000" and "3,000" together
+    ("3{,}000", "3000"),
+    ("(1,200)", "(1,200)"),  # a pair, not a thousands separator
 ])
 def test_normalisation(raw, normal):
     assert normalize_answer(raw) == normal

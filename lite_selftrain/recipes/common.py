@@ -4,7 +4,7 @@
     models = Iterates(run, cfg.model)            # models.get(t), models.fresh_base(), models.fit(t, ...)
     run.once(t, "sample", lambda: ...)           # runs unless it finished before; returns its summary
     run.log(t, "eval", "build")                  # iteration t's metrics record, written once
-    records, best = run.finish("test_pass@1")
+    records, best = run.finish("valid_pass@1", validation=300)  # best.json: chosen on the validation split
 
 The config is bound (config.json written, `--restart` applied) at the first write, so a run that fails
 while it reads its task and data leaves no trace; a different config is refused at once.
@@ -21,7 +21,7 @@ Layout of a run directory:
     iter_NN/dataset.jsonl      what the M-step trains on (and dataset.ref_logps.pt, DPO's reference)
     iter_NN/train/             trainer checkpoints and its metrics.jsonl
     iter_NN/model/             the iterate: a peft adapter, or a full model folder
-    iter_NN/eval/              per-problem evaluation records
+    iter_NN/eval/              per-problem evaluation records (eval/valid/: the validation split's)
 under <recipe>/ (e.g. rest_em/iter_01/).
 """
 
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import to_dict
+from ..errors import UserError
+from ..evaluate import validation_count
 from ..models import ModelConfig, load_model, save_model
 from ..store import RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
 from ..train import TrainConfig, train
@@ -93,15 +95,21 @@ class Run:
     def records(self) -> list[dict]:
         return [r for r in self.store.metrics.read() if r.get("recipe") == self.recipe]
 
-    def finish(self, key: str) -> tuple[list[dict], dict | None]:
-        """(records, best record by `key`); best.json names the best iterate's folder."""
+    def finish(self, key: str, *, validation: int) -> tuple[list[dict], dict | None]:
+        """(records, best record by the validation metric `key`); best.json names the best iterate's folder,
+        the split that chose it (`validation` held-out training problems) and its test metrics, which only
+        report."""
+        if not key.startswith("valid_"):
+            raise UserError(f"the best iteration is chosen on a validation metric, not '{key}'")
         records = self.records()
         best = best_iteration(records, key)
         if best is not None:
             model = self.dir(best["iteration"]) / "model"
-            atomic_write_json(self.store.root / "best.json",
-                              {"recipe": self.recipe, "selected_on": key, "iteration": best["iteration"],
-                               key: best[key], "model": str(model) if model.exists() else "the starting model"})
+            atomic_write_json(self.store.root / "best.json", {
+                "recipe": self.recipe, "selected_on": key, "split": "validation",
+                "validation_problems": validation, "iteration": best["iteration"], key: best[key],
+                "test": {k: v for k, v in best.items() if k.startswith("test_")},
+                "model": str(model) if model.exists() else "the starting model"})
         return records, best
 
 
@@ -135,6 +143,15 @@ class Iterates:
         """The base model, loaded afresh (a new adapter), after letting the iterate in memory go."""
         self.current = None
         return load_model(self.base)
+
+    def other(self, name: str | None, iteration: int = 0):
+        """(model, tokenizer) of a fixed model beside the iterate in memory: the model folder or hub id `name`
+        (loaded in the base's mode), else iterate `iteration` loaded afresh. The caller lets it go."""
+        if name:
+            return load_model(dataclasses.replace(self.base, name=name, adapter=None))
+        if self.current is not None and self.current[0] == iteration:
+            return self.current[1], self.current[2]
+        return load_model(self.config(iteration))
 
     def fit(self, iteration: int, model, tokenizer, cfg: TrainConfig, *, reference: str, progress: bool,
             empty: str = "empty dataset: the iterate is its starting model") -> dict:
@@ -171,6 +188,15 @@ def best_iteration(records: list[dict], key: str) -> dict | None:
     """
     scored = [r for r in records if r.get(key) is not None]
     return max(scored, key=lambda r: (r[key], -r["iteration"])) if scored else None
+
+
+def split_validation(problems: list, size: int | None, seed: int, cap: int = 1000) -> tuple[list, list]:
+    """(training problems, validation problems): a seeded draw of `validation_count` problems is held out
+    to choose the best iteration on; the rest, in their order, are trained on."""
+    count = validation_count(len(problems), size, cap)
+    held = set(random.Random(f"{seed}/validation").sample(range(len(problems)), count))
+    return ([p for i, p in enumerate(problems) if i not in held],
+            [p for i, p in enumerate(problems) if i in held])
 
 
 def problems_for(train_set: list[dict], iteration: int, per_iteration: int | None, seed: int) -> list[dict]:

@@ -11,8 +11,10 @@
      rpo       Iterative RPO: (correct, incorrect) pairs, DPO + NLL, continue from the last model;
      control   ReST-EM's loop keeping as many of its own samples as ReST-EM kept, picked blind to the
                reward (`blind_pick`), trained the same steps.
-3. Every model is scored on the same 300 held-out 4-number problems (greedy pass@1, and pass@8 / maj@8
-   from 8 samples). `metrics.jsonl` gets one record per chain and iteration; `accuracy.png` plots them.
+3. Every model is scored on the same 300 held-out 4-number test problems (greedy pass@1, and pass@8 /
+   maj@8 from 8 samples) and on 300 validation problems held out from the training ones (greedy pass@1),
+   which alone pick each chain's best iteration. `metrics.jsonl` gets one record per chain and iteration;
+   `accuracy.png` plots them.
 
 The gain of self-training over the control is what the reward taught. Simplification: full fine-tuning
 (no LoRA) — the model is far too small for adapters to matter.
@@ -48,6 +50,7 @@ class DemoConfig:
     warm_lr: PositiveFloat = 3e-3  # a from-scratch model this small tolerates a high rate
     terms: PositiveInt = 4  # the length self-training works on and the test measures
     test_problems: PositiveInt = 300  # held-out pass@1 within about ±3 points
+    validation_problems: PositiveInt = 300  # training problems held out to pick each chain's best iteration
     iterations: Count = 4  # gains flatten after 3-4 iterations
     problems_per_iteration: PositiveInt = 1000  # fresh problems each iteration: no over-fitting to a fixed set
     samples: PositiveInt = 8  # pass@8 of the warm start is several times its pass@1: the headroom
@@ -100,11 +103,13 @@ def chain_configs(cfg: DemoConfig, warm: Path) -> dict:
     knobs = dict(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, batch_size=256)
     common = dict(
         task="arith",
-        task_options={"terms": cfg.terms, "seed": cfg.seed, "n_train": cfg.iterations * cfg.problems_per_iteration,
+        task_options={"terms": cfg.terms, "seed": cfg.seed,
+                      "n_train": cfg.iterations * cfg.problems_per_iteration + cfg.validation_problems,
                       "n_test": cfg.test_problems},
         problems_per_iteration=cfg.problems_per_iteration, iterations=cfg.iterations,
         model=ModelConfig(name=str(warm), mode="full"), sample=SamplingConfig(n=cfg.samples, **knobs),
-        eval=EvalConfig(sample=SamplingConfig(n=cfg.eval_samples, **knobs), ks=[1, cfg.eval_samples]),
+        eval=EvalConfig(sample=SamplingConfig(n=cfg.eval_samples, **knobs), ks=[1, cfg.eval_samples],
+                        validation_size=cfg.validation_problems),
         seed=cfg.seed)
     sft = TrainConfig(objective="rwnll", lr=cfg.rest_lr, max_steps=cfg.rest_steps, batch_size=cfg.batch_size,
                       grad_accum=1, max_length=128, checkpoint_every=50, log_every=25, group_window=1,
@@ -164,17 +169,25 @@ def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = Tr
     return {"records": records, "summary": summarize(records), "plot": plot}
 
 
-def gains(records: list[dict]) -> dict[str, float]:
-    """Best held-out pass@1 of each chain minus the warm start's, in points."""
-    base = next(r["test_pass@1"] for r in records if r["iteration"] == 0)
-    out = {}
+def chosen(records: list[dict]) -> dict[str, dict]:
+    """Each chain's iteration with the best validation pass@1 (earliest on ties), as its best.json names."""
+    out: dict[str, dict] = {}
     for r in records:
-        out[r["recipe"]] = max(out.get(r["recipe"], 0.0), 100 * (r["test_pass@1"] - base))
+        best = out.get(r["recipe"])
+        if best is None or r["valid_pass@1"] > best["valid_pass@1"]:
+            out[r["recipe"]] = r
     return out
 
 
-def summarize(records: list[dict]) -> str:
-    g = gains(records)
+def gains(records: list[dict]) -> dict[str, float]:
+    """Test pass@1 of each chain's iteration chosen on validation minus the warm start's, in points."""
     base = next(r["test_pass@1"] for r in records if r["iteration"] == 0)
-    return (f"held-out pass@1: warm start {100 * base:.1f}%; best gain ReST-EM {g['rest_em']:+.1f}, "
-            f"RPO {g['rpo']:+.1f}, control {g['control']:+.1f} points")
+    return {name: 100 * (r["test_pass@1"] - base) for name, r in chosen(records).items()}
+
+
+def summarize(records: list[dict]) -> str:
+    g, pick = gains(records), chosen(records)
+    base = next(r["test_pass@1"] for r in records if r["iteration"] == 0)
+    return (f"test pass@1 of the iteration chosen on validation: warm start {100 * base:.1f}%; "
+            + ", ".join(f"{label} {g[name]:+.1f} (iteration {pick[name]['iteration']})" for name, label in
+                        (("rest_em", "ReST-EM"), ("rpo", "RPO"), ("control", "control"))) + " points")

@@ -6,7 +6,8 @@ binary reward.
                 keep the correct ones, at most 10 per problem (so easy problems do not dominate);
         M-step: fine-tune the BASE model (not M_{t-1}) on that data with the reward-weighted NLL
                 J(θ) = Σ r(x, y) · log p_θ(y | x), loss on the response only → M_t;
-        evaluate M_t on held-out problems; keep the best iteration (small sets over-fit after a few).
+        evaluate M_t on the test split (reported) and on a validation split held out from the training
+        problems; keep the iteration best on validation (small sets over-fit after a few).
 
 Run: `lite-selftrain rest-em --config examples/rest_em_gsm8k_150m.toml --out runs/x`.
 Simplification: unfinished (length-capped) samples are dropped before the reward.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..batching import sampled_ids
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
@@ -25,7 +27,7 @@ from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, problems_for, write_stage
+from .common import Iterates, Run, problems_for, split_validation, write_stage
 
 
 @dataclass
@@ -59,7 +61,8 @@ def keep_correct(cfg: RestEMConfig, prompts: list[str], scored: list[dict], iter
     for _, group in sorted(groups.items()):
         correct = [s for s in group if s["reward"] > 0]
         kept += rng.sample(correct, min(len(correct), cfg.max_per_problem))
-    records = [{"prompt": prompts[s["prompt_index"]], "response": s["text"], "reward": s["reward"]} for s in kept]
+    records = [{"prompt": prompts[s["prompt_index"]], "response": s["text"], "reward": s["reward"],
+                **sampled_ids("response", s)} for s in kept]
     info = {"dataset_size": len(records), "problems_kept": len({s["prompt_index"] for s in kept}),
             "dropped": {"too_long": len(scored) - len(finished),
                         "no_correct": sum(1 for g in groups.values() if not any(s["reward"] > 0 for s in g))}}
@@ -76,9 +79,12 @@ def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True,
     run = Run(out, name, cfg, restart=restart)
     task = get_task(cfg.task, **cfg.task_options)
     train_set, test_set = task.load("train", cfg.train_path), task.load(cfg.eval.split, cfg.test_path)
+    train_set, valid_set = split_validation(train_set, cfg.eval.validation_size, cfg.seed)  # chooses the best
     sampling = cfg.sample.for_task(task)
     models = Iterates(run, cfg.model)
-    evaluate = lambda t: heldout(*models.get(t), task, test_set, cfg.eval, run.dir(t) / "eval")
+    evaluate = lambda t: {**heldout(*models.get(t), task, test_set, cfg.eval, run.dir(t) / "eval"),
+                          **heldout(*models.get(t), task, valid_set, cfg.eval, run.dir(t) / "eval" / "valid",
+                                    prefix="valid_")}
 
     run.once(0, "eval", lambda: evaluate(0))
     run.log(0, "eval")
@@ -97,4 +103,4 @@ def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True,
                                                 progress=progress))
         run.once(t, "eval", lambda: evaluate(t))
         run.log(t, "eval", "build", "score")
-    return run.finish(cfg.eval.select_on)
+    return run.finish(cfg.eval.select_on, validation=len(valid_set))

@@ -1,19 +1,22 @@
 """Self-Rewarding Language Models (Yuan et al. 2024, arXiv 2401.10020): the model is its own judge.
 
-    M_0 = SFT(base, IFT + EFT)   instruction data, and judge-training data ending in "Score: s"
+    M_0 = SFT(base, IFT + EFT)   instruction data, and judge-training data ending in "Score: s" (the paper's
+                                 M1; without EFT data the run stops unless `no_eft` says so)
     for t = 1..T:
-        write new prompts: 8 prompts drawn from IFT as a few-shot list, the model continues it;
+        write new prompts: 8 prompts drawn from IFT as a few-shot list, a FIXED model continues it (the
+        paper used Llama 2-Chat 70B; here `prompt_model`, else M_0);
         answer each new prompt N = 4 times (T 0.7, top-p 0.9);
         judge every answer k = 3 times with the additive 5-point rubric (lite_selftrain.judge), average the
         parsable scores (an unparsable judgment is missing, never the lowest score);
         pairs: (highest, lowest) scored answer per prompt, dropped on ties;
         M_t = DPO(M_{t-1}, pairs), β 0.1, the reference being M_{t-1}.
-    Evaluation: greedy answers to held-out instructions, judged by the same iterate (the paper used
-    AlpacaEval with GPT-4; we have no external judge), plus the share of parsable judgments.
+    Evaluation: greedy answers to held-out instructions, judged by ONE fixed judge for every iterate
+    (`judge_model`, else M_0), so scores compare across iterations (the paper used AlpacaEval with GPT-4),
+    plus the share of parsable judgments; the best iterate is chosen on IFT prompts held out from training.
 
 Run: `lite-selftrain self-reward --config examples/self_reward_oasst_150m.toml --out runs/x`.
 Simplifications: the new prompt is the first line the model writes after "Task:"; prompts already in
-the seed data or written twice are dropped.
+the seed data or written twice are dropped. The fixed judge and the iterate it grades are in memory together.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
+from ..batching import sampled_ids
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..judge import JudgeConfig, eft_example, judge, judged_eval
@@ -30,7 +34,7 @@ from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
-from .common import Iterates, Run, write_stage
+from .common import Iterates, Run, split_validation, write_stage
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
 
@@ -38,9 +42,14 @@ PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one 
 @dataclass
 class SelfRewardConfig:
     ift_path: Name | None = None  # instruction → response seed data (the `instruct` task's layouts)
-    eft_path: Name | None = None  # judge seed data: prompt, response, justification, score (optional)
+    eft_path: Name | None = None  # judge seed data: prompt, response, justification, score
+    no_eft: bool = False  # True: train M_0 without EFT data (it then judges untrained); the explicit opt-out
+    prompt_model: Name | None = None  # the fixed model that writes new prompts; None: M_0 (never the iterate)
+    judge_model: Name | None = None  # the fixed judge of every iterate's held-out answers; None: M_0
     test_path: Name | None = None  # held-out instructions; None: the last `eval_size` IFT records
     eval_size: PositiveInt = 64  # held-out instructions judged per iteration
+    validation_size: PositiveInt | None = None  # IFT prompts held out to choose the best iteration on; None:
+    # min(eval_size, 10 %): each is answered and judged k times per iteration
     model: ModelConfig = field(default_factory=lambda: ModelConfig(mode="qlora"))
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(objective="sft", epochs=1))  # M_0
     skip_sft: bool = False  # start from a model that already follows instructions and judges
@@ -121,12 +130,16 @@ def build_pairs(judged: list[dict]) -> tuple[list[dict], dict]:
                 dropped["tie"] += 1
             else:
                 records.append({"prompt": best["prompt"], "chosen": best["text"], "rejected": worst["text"],
-                                "score_chosen": best["score"], "score_rejected": worst["score"]})
+                                "score_chosen": best["score"], "score_rejected": worst["score"],
+                                **sampled_ids("chosen", best), **sampled_ids("rejected", worst)})
     return records, {"pairs": len(records), "dataset_size": len(records), "dropped": dropped}
 
 
 def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = True, name: str = "self_reward"):
     """Run (or resume) self-rewarding training in `out`; returns (metrics per iteration, the best one)."""
+    if not (cfg.eft_path or cfg.no_eft or cfg.skip_sft):
+        raise UserError("self-rewarding trains its judge on EFT data: set eft_path (prompt, response, "
+                        "justification, score), or no_eft = true to train M_0 on instructions alone")
     run = Run(out, name, cfg, restart=restart)
     task = get_task("instruct")
     ift = task.load("train", cfg.ift_path)
@@ -134,11 +147,19 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         test = [r["prompt"] for r in task.load("test", cfg.test_path)][: cfg.eval_size]
     else:
         ift, test = ift[: -cfg.eval_size], [r["prompt"] for r in ift[-cfg.eval_size:]]
-    if not ift:
-        raise UserError(f"self-rewarding needs more IFT records than eval_size ({cfg.eval_size})")
+    if len(ift) < 2:
+        raise UserError(f"self-rewarding needs more IFT records than eval_size ({cfg.eval_size}) + 1")
+    ift, valid = split_validation(ift, cfg.validation_size, cfg.seed, cap=cfg.eval_size)
+    valid = [r["prompt"] for r in valid]
     seeds = [r["prompt"] for r in ift]
     models = Iterates(run, cfg.model)
-    evaluate = lambda t: judged_eval(*models.get(t), test, cfg.judge, cfg.respond)
+
+    def evaluate(t):  # iterate t answers; one fixed judge (judge_model, else M_0) grades every iterate
+        model, tok = models.get(t)
+        fixed = models.other(cfg.judge_model, 0)
+        return {**judged_eval(model, tok, test, cfg.judge, cfg.respond, judge_with=fixed),
+                **judged_eval(model, tok, valid, cfg.judge, cfg.respond, judge_with=fixed, prefix="valid_"),
+                "judge": cfg.judge_model or "iteration 0"}
 
     def sft_data():  # M_0's data, tokenised as judge() and generate() will prompt
         return write_stage(run.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift))
@@ -162,9 +183,9 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
     run.log(0, "eval")
     for t in range(1, cfg.iterations + 1):
         d = run.dir(t)
-        # M_{t-1} writes new prompts, answers each N times, judges every answer k times
+        # a fixed model writes new prompts; M_{t-1} answers each N times and judges every answer k times
         run.once(t, "prompts", lambda: write_stage(d / "prompts.jsonl", *write_prompts(
-            *models.get(t - 1), seeds, cfg, t, d / "prompts_raw.jsonl")))
+            *models.other(cfg.prompt_model, 0), seeds, cfg, t, d / "prompts_raw.jsonl")))
         run.once(t, "respond", lambda: respond(t))
         run.once(t, "judge", lambda: judge_answers(t))
         built = run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *build_pairs(
@@ -175,4 +196,4 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         run.once(t, "eval", lambda: evaluate(t))
         run.log(t, "eval", "prompts", "build", judgments_parsable=run.summaries[t]["judge"]["judgments_parsable"],
                 train_note=trained.get("skipped"))
-    return run.finish("test_judge_score")
+    return run.finish("valid_judge_score", validation=len(valid))

@@ -4,8 +4,10 @@ Records have `question`, `choices` = {"text": [...], "label": [...]} and `answer
 label their choices 1-4 instead of A-D: prompts always show letters A, B, C, ... in the given order and
 the gold letter is the answer key's position, so answers are always letters.
 
-The chosen letter is taken from "answer is (B)" / "Answer: B" / `\\boxed{B}` (the last one), else from a
-completion that starts with the letter ("B", "(B)", "B." or "B) ..."); otherwise there is no answer.
+The chosen letter is the last one stated: "answer is (B)", "The answer is: B", "Answer: **B**", "the correct
+answer is option B", "I choose B", "B is correct", `\\boxed{B}`; else that of a completion starting with
+the letter ("B", "(B)", "B." or "B) ..."); otherwise there is no answer. Only capitals count unless in
+parentheses, so the article in "the answer is a gas" is no answer.
 
 Usage:
     task = ArcTask()
@@ -21,8 +23,16 @@ import string
 
 from .base import Task, few_shot, last_boxed
 
-_STATED = re.compile(r"(?i:answer(?: is|:))\s*(?:\*\*)?\(?([A-Z])\)?(?![A-Za-z])")  # the letter is a capital
-_LEADING = re.compile(r"\s*(?:\(([A-Z])\)|([A-Z])(?:[.):]|\s*$))", re.M)  # "(B) ...", "B. ...", "B"
+_LETTER = r"[\s*(\[{]*(?:\\text\{)?(?:\(([A-Za-z])\)|([A-Z]))(?![A-Za-z0-9])"  # "B", "(B)", "(b)", "**B**"
+_VERB = r"(?:\s+(?:is|was|would be|should be|must be|will be))"
+_STATED = [  # each finds a stated letter; the last one in the text wins. "answer" needs a verb or a colon
+    # ("To answer A..." states nothing); "option B" / "choice B" stand alone
+    re.compile(r"(?i:\b(?:answer(?:" + _VERB + r"|\s*[:：=-])|(?:choice|option)" + _VERB + r"?)[\s:：*=-]*"
+               r"(?:(?:option|choice|letter)\b)?)" + _LETTER),
+    re.compile(r"(?i:\bI(?:'d| would)?\s+(?:choose|pick|select|go with))(?i:\s+option|\s+choice)?" + _LETTER),
+    re.compile(r"(?:^|[\s*(])\(?([A-Z])\)?\**\s+(?i:is\s+(?:the\s+)?(?:correct|right|best)\b)"),
+]
+_LEADING = re.compile(r"\s*(?:\*\*)?(?:\(([A-Z])\)|([A-Z])(?:[.):]|\**\s*$))", re.M)  # "(B) ...", "B. ...", "B"
 
 EXEMPLARS = [
     ("Question: Which form of energy does a plant mainly capture for photosynthesis?\n"
@@ -58,12 +68,13 @@ class ArcTask(Task):
         return f"The answer is {self.gold_answer(example)}."
 
     def extract_answer(self, text: str) -> str | None:
-        stated = _STATED.findall(text)
-        if stated:
-            return stated[-1].upper()
+        stated = [(m.start(), next(g for g in m.groups() if g)) for p in _STATED for m in p.finditer(text)]
         boxed = last_boxed(text)
-        if boxed is not None and re.fullmatch(r"\s*\(?[A-Za-z]\)?\s*", boxed):
-            return boxed.strip("() ").upper()
+        inner = re.sub(r"\\text(?:bf)?\{([^}]*)\}", r"\1", boxed or "").strip("() ")
+        if re.fullmatch(r"[A-Za-z]", inner):  # "\boxed{C}", "\boxed{\text{(C)}}"
+            stated.append((text.rfind("\\boxed"), inner))
+        if stated:
+            return max(stated)[1].upper()
         m = _LEADING.match(text)
         return (m.group(1) or m.group(2)) if m else None
 

@@ -2,8 +2,11 @@
 
 Records have `question` and `answer`; the answer is a worked solution with calculator annotations
 (`<<48/2=24>>`, removed from the reference) ending in `#### 72`. The final answer of a completion is
-taken from, in order of preference: `#### N`, `The answer is N`, `A: N`, `\\boxed{N}`, else the last
-number in the text. Numbers compare by value: `1,200`, `$1200.00` and `1200 dollars` are all `1200`.
+taken from, in order of preference: `#### N`, `\\boxed{N}`, `The answer is N` (also "Answer: **N**"),
+`A: N`, else the last number in the text. After a marker, an arithmetic chain gives its result: "The
+answer is 45 - 5 = 40" is 40, "The answer is 20 - 15" is 5. A "-" is a sign only where it cannot be a
+subtraction or a range ("so 3-5 apples" ends in 5). Numbers compare by value: `1,200`, `$1200.00` and
+`1200 dollars` are all `1200`.
 
 Usage:
     task = GSM8KTask()
@@ -15,18 +18,24 @@ Simplification: the exemplars are our own short problems in the dataset's format
 
 from __future__ import annotations
 
+import ast
+import operator
 import re
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 from .base import Task, few_shot, last_boxed
 
-_NUM = r"-?\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # 1,200 | 1200 | $12.50 | -3
-_NUMBER = re.compile(_NUM)
-_PATTERNS = [  # a marker and the number right after it, most explicit first; its last occurrence wins
-    re.compile(r"####\s*(" + _NUM + ")"),
-    re.compile(r"answer is[\s:*]*(" + _NUM + ")", re.I),
-    re.compile(r"^\s*A:\s*(" + _NUM + ")", re.M),
+_NUM = r"(?:\$\s*)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"  # 1,200 | 1200 | $12.50 | 3.5 (a sign is read apart)
+_SIGNED = re.compile(r"(-?)(" + _NUM + ")")
+_OPS = r"\s*[-+*/×÷=]\s*"
+_CHAIN = "-?" + _NUM + "(?:" + _OPS + "-?" + _NUM + ")*"  # "45 - 5 = 40", "20 - 15", "$3 * 4 = $12"
+_PATTERNS = [  # a marker and the number (or arithmetic) right after it, most explicit first; its last one wins
+    re.compile(r"####\s*(" + _CHAIN + ")"),
+    re.compile(r"(?<![a-z])answer(?:\s+(?:is|was|would be|should be)\s*[:=]?|\s*[:=])[\s*$\\(]*(" + _CHAIN + ")", re.I),
+    re.compile(r"^\s*A:\s*(" + _CHAIN + ")", re.M),
 ]
+_MINUS = str.maketrans({"−": "-", "–": "-", "＄": "$", "，": ","})  # typographic minus and dash; full-width signs
 
 EXEMPLARS = [
     ("Question: A baker makes 24 rolls in the morning and 18 in the afternoon. He sells 35 of them. "
@@ -44,20 +53,62 @@ EXEMPLARS = [
 ]
 
 
-def normalize_number(text: str) -> str | None:
-    """The first number in `text` as a canonical string ("1,200.50" -> "1200.5"), None if none."""
-    m = _NUMBER.search(text)
-    if not m:
-        return None
-    raw = re.sub(r"[\s$,]", "", m.group(0))
+def _numbers(text: str) -> list[str]:
+    """Every number of `text` as written; a "-" is a sign only when it is not a subtraction or a range:
+    "20 - 15" and "3-5 apples" hold 15 and 5, "fell to -4" and "x = -4" hold -4."""
+    out = []
+    for m in _SIGNED.finditer(text.translate(_MINUS)):
+        touching = text[m.start() - 1 : m.start()]  # the character right before the "-"
+        spaced = text[: m.start()].rstrip()[-1:]  # the last one before it, spaces skipped
+        minus = m.group(1) and not (touching.isalnum() or (touching and touching in ")]%$")
+                                    or spaced.isdigit() or (spaced and spaced in ")]%"))
+        out.append(("-" if minus else "") + m.group(2))
+    return out
+
+
+def _canonical(raw: str) -> str | None:
     try:
-        value = Decimal(raw)
+        value = Decimal(re.sub(r"[\s$,]", "", raw)).normalize()
     except InvalidOperation:
         return None
-    value = value.normalize()
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value, "f")
+    return str(int(value)) if value == value.to_integral_value() else format(value, "f")
+
+
+def normalize_number(text: str) -> str | None:
+    """The first number in `text` as a canonical string ("1,200.50" -> "1200.5"), None if none."""
+    numbers = _numbers(text)
+    return _canonical(numbers[0]) if numbers else None
+
+
+def _evaluate(expression: str) -> str | None:
+    """The value of plain arithmetic ("20 - 15" -> "5"), None when it is anything else."""
+    text = re.sub(r"(?<=\d),(?=\d{3})|\$|\s", "", expression).replace("×", "*").replace("÷", "/")
+    if not re.fullmatch(r"-?\d+(?:\.\d+)?(?:[-+*/]-?\d+(?:\.\d+)?)*", text):
+        return None
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return None
+
+    def value(node):
+        if isinstance(node, ast.Constant):
+            return Fraction(str(node.value))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+        return ops[type(node.op)](value(node.left), value(node.right))
+
+    try:
+        result = value(tree.body)
+    except (ZeroDivisionError, KeyError):
+        return None
+    return _canonical(str(Decimal(result.numerator) / Decimal(result.denominator)))
+
+
+def answer_of(chain: str) -> str | None:
+    """The answer an arithmetic chain states: after its last "=", or its value ("45 - 5 = 40" -> 40)."""
+    last = chain.translate(_MINUS).split("=")[-1]
+    return _evaluate(last) or normalize_number(last)
 
 
 class GSM8KTask(Task):
@@ -75,16 +126,17 @@ class GSM8KTask(Task):
         return re.sub(r"<<[^>]*>>", "", example["answer"]).strip()
 
     def extract_answer(self, text: str) -> str | None:
-        for pattern in _PATTERNS:
-            found = [normalize_number(tail) for tail in pattern.findall(text)]
-            found = [x for x in found if x is not None]
+        text = text.translate(_MINUS).replace("**", "")  # bold marks sit between a marker and its number
+        boxed = last_boxed(text)
+        boxed = answer_of(boxed.replace("\\$", "$").replace("{,}", ",")) if boxed is not None else None
+        for i, pattern in enumerate(_PATTERNS):
+            found = [x for x in map(answer_of, pattern.findall(text)) if x is not None]
             if found:
                 return found[-1]
-        boxed = last_boxed(text)
-        if boxed is not None and normalize_number(boxed) is not None:
-            return normalize_number(boxed)
-        numbers = _NUMBER.findall(text)
-        return normalize_number(numbers[-1]) if numbers else None
+            if i == 0 and boxed is not None:  # after "####", a \boxed{} answer is the most explicit
+                return boxed
+        numbers = _numbers(text)
+        return _canonical(numbers[-1]) if numbers else None
 
     def gold_answer(self, example: dict) -> str:
         return normalize_number(example["answer"].split("####")[-1]) or ""

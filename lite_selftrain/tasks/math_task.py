@@ -2,8 +2,9 @@
 
 Records have `problem` and `solution` (a worked solution whose final answer is in `\\boxed{}`); `level`
 and `type` are kept but unused. The final answer of a completion is its last `\\boxed{}`, else the
-text after "final answer is" / "answer is". Answers group (for maj@k) by the MATH paper's string
-normalisation (`normalize_answer`: `\\dfrac` -> `\\frac`, no spaces, units, degrees or `\\left`...);
+text after "final answer is" / "answer is" / "Answer:" (bold marks and `$...$` removed). Answers group
+(for maj@k) by the MATH paper's string normalisation (`normalize_answer`: `\\dfrac` -> `\\frac`, no
+spaces, units, degrees or `\\left`..., and thousands separators: "3,000" and "3000" are one answer);
 equal strings score 1 at once, and the others are checked with the `math-verify` package
 (`\\frac{1}{2}` = `0.5`, `2\\sqrt{3}` = `\\sqrt{12}`, `\\{1,2\\}` = `\\{2,1\\}`, `(x+1)^2` = `x^2+2x+1`).
 
@@ -45,7 +46,17 @@ EXEMPLARS = [
 ]
 
 _STATED = [re.compile(r"final answer is\s*\$([^$]+)\$", re.I),  # Minerva: "The final answer is $x$."
-           re.compile(r"answer is[:\s]*\$?([^$\n]+?)\$?\.?\s*$", re.I | re.M)]
+           re.compile(r"(?<![a-z])answer(?:\s+is)?\s*[:：]?[\s*]*(.+?)\s*$", re.I | re.M)]  # to the line's end
+_WRAPPERS = re.compile(r"^(?:\$+|\\\(|\\\[)|(?:\$+|\\\)|\\\])$")  # $...$, \(...\), \[...\] around an answer
+
+
+def _clean_stated(answer: str) -> str:
+    """A stated answer without bold marks, math delimiters, a closing period or "I hope it is correct"."""
+    answer = re.sub(r"\.?\s*I hope it is correct\.?$", "", answer.replace("**", "").strip())
+    answer = answer.strip().rstrip(".").strip()
+    for _ in range(2):  # "$\(x\)$" has two layers
+        answer = _WRAPPERS.sub("", answer).strip()
+    return answer
 
 
 def _fix_fracs(s: str) -> str:
@@ -65,7 +76,11 @@ def normalize_answer(answer: str) -> str:
     if s.count("=") == 1 and len(s.split("=")[0].strip()) <= 2:  # "x = 5" -> "5"
         s = s.split("=")[1]
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
-    s = s.replace(" ", "").rstrip(".")
+    s = re.sub(r"^(-?[\d.,{}]+)\s*(?:\\(?:text|mbox|mathrm)\{[^}]*\}|[a-zA-Z]{2,}(?: [a-zA-Z]+)*)(\^[23])?$",
+               r"\1", s)  # "12 cm", "12 square units", "12\text{cm}^2" -> "12"
+    s = s.replace("°", "").replace(" ", "").rstrip(".").replace("{,}", ",")
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # "3,000" -> "3000" (but "(1,2)" stays)
+        s = s.replace(",", "")
     s = _fix_fracs(s)
     if re.fullmatch(r"-?\d+/\d+", s):  # "1/2" -> "\frac{1}{2}"
         num, den = s.split("/")
@@ -221,9 +236,9 @@ class MathTask(Task):
         if boxed is not None:
             return boxed
         for pattern in _STATED:
-            found = pattern.findall(text)
+            found = [a for a in map(_clean_stated, pattern.findall(text)) if a]
             if found:
-                return found[-1].strip()
+                return found[-1]
         return None
 
     def extract_answer(self, text: str) -> str | None:
