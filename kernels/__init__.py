@@ -24,22 +24,9 @@ def _check_targets(targets, keep, vocab: int) -> None:
         raise ValueError(f"target {int(targets[bad][0])} is outside the vocabulary [0, {vocab})")
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, impl="auto"):
-    """(..., H), (V, H), (...) → (...) float32 log-probs of `targets`; `ignore_index` positions give 0.
-
-    Differentiable with respect to `hidden`, `weight` and `bias`, each only when it requires grad.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
-    # inputs: float hidden (..., H) and weight (V, H), integer targets (...), float bias (V,), a finite T > 0
+def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> None:
+    """Float hidden (..., H) and weight (V, H), integer targets (...) in [0, V) or ignore_index, float bias
+    (V,), a finite temperature > 0: anything else is a TypeError / ValueError saying what was expected."""
     named = {"hidden": hidden, "weight": weight, "targets": targets, **({"bias": bias} if bias is not None else {})}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
@@ -57,6 +44,24 @@ def fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite positive number, not {temperature}")
     _check_targets(targets, targets != ignore_index, weight.shape[0])
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, impl="auto"):
+    """(..., H), (V, H), (...) → (...) float32 log-probs of `targets`; `ignore_index` positions give 0.
+
+    Differentiable with respect to `hidden`, `weight` and `bias`, each only when it requires grad.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
+    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
     if impl == "auto":
         impl = "triton" if hidden.is_cuda and _has_triton() else "chunked"
     if impl == "naive" or targets.numel() == 0:
