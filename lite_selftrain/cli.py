@@ -1,6 +1,6 @@
 """The `lite-selftrain` command: builds configs from TOML and flags, then calls library functions.
 
-    lite-selftrain demo --out runs/demo                       the CPU demo: ReST-EM and RPO vs a control
+    lite-selftrain demo --out runs/demo                       the CPU demo: every chain beside its control
     lite-selftrain rest-em --config examples/x.toml --out DIR  a recipe (also: rpo, self-reward, centrality)
     lite-selftrain sample | score | build | train | eval | plot   one stage on its own, files in and out
 
@@ -59,15 +59,19 @@ def cli():
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="A shortened demo (a few minutes) with the same stages.")
+@click.option("--chains", default=None, metavar="A,B",
+              help="Comma-separated chains to run (rest_em, rpo, control, central, random_pick, majority); "
+                   "default all. A control brings its chain.")
 @set_option
 @restart_option
-def demo(out, quick, overrides, restart):
-    """Self-training on the built-in arith task, on the CPU, with a control; no downloads."""
+def demo(out, quick, chains, overrides, restart):
+    """Self-training on the built-in arith task, on the CPU, each chain beside a control; no downloads."""
     from .config import load_config
-    from .recipes.demo import DemoConfig, quick_config, run_demo
+    from .recipes.demo import CHAINS, DemoConfig, quick_config, run_demo
 
+    picked = CHAINS if chains is None else tuple(c.strip() for c in chains.split(",") if c.strip())
     cfg = load_config(DemoConfig, overrides=overrides, base=quick_config() if quick else DemoConfig())
-    result = run_demo(cfg, out, restart=restart, progress=True, echo=click.echo)
+    result = run_demo(cfg, out, restart=restart, progress=True, echo=click.echo, chains=picked)
     _print_table(result["records"])
     click.echo(result["summary"])
     click.echo(f"plot: {result['plot']}")
