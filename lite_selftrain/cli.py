@@ -24,11 +24,12 @@ from .recipes import RECIPES
 
 
 def _print_table(records: list[dict]) -> None:
-    """Iteration, train accuracy, held-out pass@1 / pass@k / maj@k (largest k), dataset size."""
+    """Iteration, train accuracy, held-out pass@1 / pass@k / maj@k (largest k), dataset size, and for the
+    reward-free selections the fraction of kept samples the verifier passes."""
     ks = sorted({int(k.split("@")[1]) for r in records for k in r if k.startswith("test_maj@")})
     keys = ["recipe", "iteration", "train_accuracy", "valid_pass@1", "test_pass@1"]
     keys += [f"test_pass@{ks[-1]}", f"test_maj@{ks[-1]}"] if ks and ks[-1] > 1 else []
-    keys += ["dataset_size"]
+    keys += ["dataset_size"] + (["precision"] if any("precision" in r for r in records) else [])  # kept, correct
     click.echo("  ".join(f"{k:>14}" for k in keys))
     for r in records:
         cells = [f"{r[k]:>14.3f}" if isinstance(r.get(k), float) else f"{r.get(k, ''):>14}" for k in keys]
