@@ -55,6 +55,8 @@ def test_majority_pick_keeps_a_sample_with_the_most_common_answer_and_the_surest
 def test_an_unknown_chain_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(UserError, match="unknown demo chain"):
         run_demo(quick_config(), tmp_path / "run", progress=False, echo=lambda *_: None, chains=("nope",))
+    with pytest.raises(UserError, match="none given"):
+        run_demo(quick_config(), tmp_path / "run", progress=False, echo=lambda *_: None, chains=())
     assert not (tmp_path / "run").exists()
 
 

@@ -161,8 +161,9 @@ def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = Tr
     """Warm start, then the chosen chains (a control runs its chain too); resumable; returns records and a
     summary."""
     unknown = [c for c in chains if c not in CHAINS]
-    if unknown:
-        raise UserError(f"unknown demo chain(s) {', '.join(unknown)}; choose from {', '.join(CHAINS)}")
+    if unknown or not chains:
+        raise UserError(f"unknown demo chain(s) {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(CHAINS)}")
     needs = {"control": "rest_em", "random_pick": "central"}  # a control keeps as many as its chain kept
     chains = tuple(c for c in CHAINS if c in chains or any(needs.get(x) == c for x in chains))
     if cfg.threads:
