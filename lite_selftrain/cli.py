@@ -1,6 +1,6 @@
 """The `lite-selftrain` command: builds configs from TOML and flags, then calls library functions.
 
-    lite-selftrain demo --out runs/demo                       the CPU demo: ReST-EM and RPO vs a control
+    lite-selftrain demo --out runs/demo                       the CPU demo: every chain beside its control
     lite-selftrain rest-em --config examples/x.toml --out DIR  a recipe (also: rpo, self-reward, centrality)
     lite-selftrain sample | score | build | train | eval | plot   one stage on its own, files in and out
 
@@ -24,11 +24,12 @@ from .recipes import RECIPES
 
 
 def _print_table(records: list[dict]) -> None:
-    """Iteration, train accuracy, held-out pass@1 / pass@k / maj@k (largest k), dataset size."""
+    """Iteration, train accuracy, held-out pass@1 / pass@k / maj@k (largest k), dataset size, and for the
+    reward-free selections the fraction of kept samples the verifier passes."""
     ks = sorted({int(k.split("@")[1]) for r in records for k in r if k.startswith("test_maj@")})
     keys = ["recipe", "iteration", "train_accuracy", "valid_pass@1", "test_pass@1"]
     keys += [f"test_pass@{ks[-1]}", f"test_maj@{ks[-1]}"] if ks and ks[-1] > 1 else []
-    keys += ["dataset_size"]
+    keys += ["dataset_size"] + (["precision"] if any("precision" in r for r in records) else [])  # kept, correct
     click.echo("  ".join(f"{k:>14}" for k in keys))
     for r in records:
         cells = [f"{r[k]:>14.3f}" if isinstance(r.get(k), float) else f"{r.get(k, ''):>14}" for k in keys]
@@ -59,15 +60,19 @@ def cli():
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="A shortened demo (a few minutes) with the same stages.")
+@click.option("--chains", default=None, metavar="A,B",
+              help="Comma-separated chains to run (rest_em, rpo, control, central, random_pick, majority); "
+                   "default all. A control brings its chain.")
 @set_option
 @restart_option
-def demo(out, quick, overrides, restart):
-    """Self-training on the built-in arith task, on the CPU, with a control; no downloads."""
+def demo(out, quick, chains, overrides, restart):
+    """Self-training on the built-in arith task, on the CPU, each chain beside a control; no downloads."""
     from .config import load_config
-    from .recipes.demo import DemoConfig, quick_config, run_demo
+    from .recipes.demo import CHAINS, DemoConfig, quick_config, run_demo
 
+    picked = CHAINS if chains is None else tuple(c.strip() for c in chains.split(",") if c.strip())
     cfg = load_config(DemoConfig, overrides=overrides, base=quick_config() if quick else DemoConfig())
-    result = run_demo(cfg, out, restart=restart, progress=True, echo=click.echo)
+    result = run_demo(cfg, out, restart=restart, progress=True, echo=click.echo, chains=picked)
     _print_table(result["records"])
     click.echo(result["summary"])
     click.echo(f"plot: {result['plot']}")

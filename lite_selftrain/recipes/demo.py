@@ -1,23 +1,28 @@
 """The CPU demo: a tiny model learns longer sums from its own verified samples, beside a control.
 
-    lite-selftrain demo --out runs/demo          (about 1-2 minutes on 2 CPU cores, no downloads)
+    lite-selftrain demo --out runs/demo          (about 2-3 minutes on 2 CPU cores, no downloads)
+    lite-selftrain demo --chains central,majority   (a control brings its chain: random_pick runs central)
 
 1. Warm start: a 140k-parameter Llama (`demo` preset) is trained from scratch on worked solutions of sums
    of 2-3 one-digit numbers, plus 2% of 4 numbers — the only gold solutions it ever sees. (A pure
    length curriculum fails at this size: without any 4-number example the model never writes one.)
-2. Three chains start from it, each on fresh 4-number problems every iteration, sampling from its own
+2. Six chains start from it, each on fresh 4-number problems every iteration, sampling from its own
    previous model (easy-to-hard: the verifier turns lucky long solutions into training data):
      rest_em   ReST-EM: keep the correct samples, retrain the warm-start model on them;
      rpo       Iterative RPO: (correct, incorrect) pairs, DPO + NLL, continue from the last model;
      control   ReST-EM's loop keeping as many of its own samples as ReST-EM kept, picked blind to the
-               reward (`blind_pick`), trained the same steps.
+               reward (`blind_pick`), trained the same steps;
+     central   no reward anywhere: ReST-EM's loop keeping, per problem, the sample most central among its
+               siblings by M_{t-1}'s own embeddings (the llm-jp study's method 2, `demo_selection`);
+     random_pick  its control: one blind sample for as many problems as `central` kept;
+     majority  the self-consistency reference: a sample whose answer is the most common.
 3. Every model is scored on the same 300 held-out 4-number test problems (greedy pass@1, and pass@8 /
    maj@8 from 8 samples) and on 300 validation problems held out from the training ones (greedy pass@1),
    which alone pick each chain's best iteration. `metrics.jsonl` gets one record per chain and iteration;
    `accuracy.png` plots them.
 
-The gain of self-training over the control is what the reward taught. Simplification: full fine-tuning
-(no LoRA) — the model is far too small for adapters to matter.
+The gain of self-training over the control is what the reward (or the selection) taught. Simplification:
+full fine-tuning (no LoRA) — the model is far too small for adapters to matter.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Count, Name, PositiveFloat, PositiveInt, check_fields, to_dict
+from ..config import Count, Fraction, Name, PositiveFloat, PositiveInt, check_fields, to_dict
+from ..errors import UserError
 from ..evaluate import EvalConfig
 from ..models import ModelConfig, build_model, build_tokenizer, save_model
 from ..plot import plot_metrics
@@ -37,6 +43,9 @@ from ..store import RunStore, sweep_temporaries
 from ..tasks import get_task
 from ..train import TrainConfig, train
 from . import rest_em, rpo
+from .demo_selection import central_pick, majority_pick, random_pick
+
+CHAINS = ("rest_em", "rpo", "control", "central", "random_pick", "majority")
 
 
 @dataclass
@@ -62,12 +71,17 @@ class DemoConfig:
     rpo_lr: PositiveFloat = 1e-3  # lower than SFT's: the DPO term is sharp
     pairs_per_problem: PositiveInt = 4  # K: 8 samples rarely give more distinct (correct, incorrect) pairs
     batch_size: PositiveInt = 64  # examples (pairs for RPO) per step
+    central_keep: Fraction = 1.0  # the surest fraction of problems the reward-free selections keep
+    central_layer: int = -1  # hidden_states index the central chain embeds with (-1: the final, normed layer)
+    central_pooling: Name = "mean"  # "mean" over the sample's tokens, or "last" (the token after the answer)
     eval_samples: PositiveInt = 8  # for pass@8 / maj@8
     threads: Count = 0  # torch threads; 0 leaves torch's default
     seed: int = 0
 
     def __post_init__(self):
         check_fields(self)
+        if self.central_pooling not in ("mean", "last"):
+            raise UserError(f"central_pooling must be mean or last, not '{self.central_pooling}'")
 
 
 def quick_config() -> DemoConfig:
@@ -121,7 +135,7 @@ def chain_configs(cfg: DemoConfig, warm: Path) -> dict:
         "rest_em": rest_em.RestEMConfig(**common, train=sft),
         "rpo": rpo.RPOConfig(**common, train=dpo, pairs_per_problem=cfg.pairs_per_problem,
                              temperatures=[cfg.temperature]),
-        "control": rest_em.RestEMConfig(**common, train=sft),
+        **{name: rest_em.RestEMConfig(**common, train=sft) for name in ("control", *CHAINS[3:])},
     }
 
 
@@ -142,8 +156,16 @@ def blind_pick(sizes: list[int]):
     return keep
 
 
-def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = True, echo=print) -> dict:
-    """Warm start, then the ReST-EM, RPO and control chains; resumable; returns records and a summary."""
+def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = True, echo=print,
+             chains: tuple[str, ...] = CHAINS) -> dict:
+    """Warm start, then the chosen chains (a control runs its chain too); resumable; returns records and a
+    summary."""
+    unknown = [c for c in chains if c not in CHAINS]
+    if unknown or not chains:
+        raise UserError(f"unknown demo chain(s) {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(CHAINS)}")
+    needs = {"control": "rest_em", "random_pick": "central"}  # a control keeps as many as its chain kept
+    chains = tuple(c for c in CHAINS if c in chains or any(needs.get(x) == c for x in chains))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     store = RunStore(out)
@@ -154,19 +176,33 @@ def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = Tr
     warm = warm_start(cfg, out, progress=progress)
     configs = chain_configs(cfg, warm)
     records = []
-    for name in ("rest_em", "rpo", "control"):
+    for name in chains:
         echo(f"chain {name}: {cfg.iterations} iterations of {cfg.problems_per_iteration} fresh problems")
         if name == "rpo":
             chain, _ = rpo.run(configs[name], out / name, progress=progress, name=name)
-        else:  # the control keeps as many samples as ReST-EM kept, iteration by iteration, blind to the reward
-            sizes = [r["dataset_size"] for r in records if r["recipe"] == "rest_em" and r["iteration"] > 0]
-            keep = rest_em.keep_correct if name == "rest_em" else blind_pick(sizes)
-            chain, _ = rest_em.run(configs[name], out / name, progress=progress, name=name, keep=keep)
+        else:
+            chain, _ = rest_em.run(configs[name], out / name, progress=progress, name=name,
+                                   keep=chain_keep(cfg, name, records, out / name, warm))
         records += chain
     logged = {(r["recipe"], r["iteration"]) for r in store.metrics.recover()}
     store.metrics.append(r for r in records if (r["recipe"], r["iteration"]) not in logged)  # each record once
     plot = plot_metrics(out / "metrics.jsonl", out / "accuracy.png")
     return {"records": records, "summary": summarize(records), "plot": plot}
+
+
+def chain_keep(cfg: DemoConfig, name: str, records: list[dict], chain_out: Path, warm: Path):
+    """The `keep` of a ReST-EM-loop chain; a control keeps as many as its chain kept, iteration by iteration."""
+    sizes = lambda chain: [r["dataset_size"] for r in records if r["recipe"] == chain and r["iteration"] > 0]
+    if name == "rest_em":
+        return rest_em.keep_correct
+    if name == "control":  # blind to the reward
+        return blind_pick(sizes("rest_em"))
+    if name == "central":  # no reward anywhere: the sample its siblings agree with, by M_{t-1}'s embeddings
+        return central_pick(chain_out, name, warm, fraction=cfg.central_keep, layer=cfg.central_layer,
+                            pooling=cfg.central_pooling)
+    if name == "majority":  # self-consistency: the most common answer
+        return majority_pick("arith", {"terms": cfg.terms, "seed": cfg.seed}, fraction=cfg.central_keep)
+    return random_pick(sizes("central"))
 
 
 def chosen(records: list[dict]) -> dict[str, dict]:
@@ -189,5 +225,4 @@ def summarize(records: list[dict]) -> str:
     g, pick = gains(records), chosen(records)
     base = next(r["test_pass@1"] for r in records if r["iteration"] == 0)
     return (f"test pass@1 of the iteration chosen on validation: warm start {100 * base:.1f}%; "
-            + ", ".join(f"{label} {g[name]:+.1f} (iteration {pick[name]['iteration']})" for name, label in
-                        (("rest_em", "ReST-EM"), ("rpo", "RPO"), ("control", "control"))) + " points")
+            + ", ".join(f"{name} {g[name]:+.1f} (iteration {pick[name]['iteration']})" for name in g) + " points")
