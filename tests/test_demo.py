@@ -1,5 +1,6 @@
 """The shortened demo: self-training must raise held-out accuracy more than the reward-blind control."""
 
+import dataclasses
 import json
 
 import pytest
@@ -32,6 +33,10 @@ def test_quick_demo_self_training_beats_the_control(tmp_path):
     for recipe, best in chosen.items():
         assert json.loads((tmp_path / recipe / "best.json").read_text())["iteration"] == best["iteration"]
         assert gains(result["records"])[recipe] == pytest.approx(100 * (best["test_pass@1"] - rows[0]["test_pass@1"]))
+    with pytest.raises(UserError, match="different config"):  # the finished demo is refused, not wiped
+        run_demo(dataclasses.replace(quick_config(), seed=1), tmp_path, progress=False, echo=lambda *_: None,
+                 chains=("rest_em",))
+    assert (tmp_path / "warmstart" / "model" / "config.json").exists()
 
 
 def _sample(p, i, text, reward):

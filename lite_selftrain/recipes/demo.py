@@ -174,6 +174,7 @@ def run_demo(cfg: DemoConfig, out, *, restart: bool = False, progress: bool = Tr
     sweep_temporaries(out)  # e.g. a warm start killed while it was being saved
     echo("warm start: training the demo model from scratch on gold solutions of short sums")
     warm = warm_start(cfg, out, progress=progress)
+    store.mark_done("warmstart")  # a finished stage: from now on a different config is refused, never wiped
     configs = chain_configs(cfg, warm)
     records = []
     for name in chains:
