@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from ..mbr import centrality, embed
+from ..mbr import SelectionConfig, select
 from ..models import ModelConfig, load_model
 from ..sampling import group_by_prompt
 from ..store import RunStore
@@ -54,13 +54,9 @@ def central_pick(chain_out: Path, name: str, warm: Path, *, fraction: float = 1.
     def keep(cfg, prompts: list[str], scored: list[dict], iteration: int):
         model, tok = load_model(ModelConfig(name=str(previous_model(chain_out, name, warm, iteration)), mode="full"))
         groups = _finished_groups(scored)
-        e = embed(model, tok, [s["text"] for _, g in groups for s in g], layer=layer, pooling=pooling)  # (N, H)
-        picks, start = [], 0
-        for _, g in groups:
-            c = centrality(e[start : start + len(g)])  # (n,)
-            start += len(g)
-            best = int(c.argmax())
-            picks.append((float(c[best]) if len(g) > 1 else 0.0, g[best]))
+        chosen = select(model, tok, [[s["text"] for s in g] for _, g in groups],
+                        cfg=SelectionConfig(policy="central", layer=layer, pooling=pooling))
+        picks = [(max(r["centrality"]) if len(g) > 1 else 0.0, g[r["index"]]) for (_, g), r in zip(groups, chosen)]
         return _records(prompts, picks, fraction, random.Random(f"{cfg.seed}/{iteration}/build"))
 
     return keep
