@@ -2,6 +2,7 @@
 
     python bench/bench_dpo.py                       # llm-jp-3-150m shapes, LoRA r=16, 2 pairs × 256 tokens
     python bench/bench_dpo.py --steps 2 --response-len 64 --providers lite,trl
+    python bench/bench_dpo.py --device cuda --preset llm-jp-3-1.8b --pairs 4   # bf16 on a GPU: + peak GPU memory
 
 Same model (random weights, the preset's 99,584-token vocabulary), same LoRA (r, alpha, all linear
 layers but lm_head, no dropout), same pairs (random letters, all one length so neither side pads), same
@@ -15,7 +16,8 @@ peak RSS is its own; the first `--warmup` steps are not timed. Providers:
 
 Rows are appended to bench/results/bench_dpo.csv with the device and library versions. Finally prints an
 estimate, from the shapes alone, of the peak GPU memory of a QLoRA DPO step of llm-jp-3-3.7b.
-Simplifications: CPU only; a handful of steps (the machine is shared), so ratios are what to compare.
+Simplifications: a handful of steps (the machine is shared), so ratios are what to compare; on CUDA the
+model is bf16 (both providers), and the peak is torch's allocated peak, not the process's RSS.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def _pairs(n: int, prompt_len: int, response_len: int, seed: int = 0) -> list[di
 
 
 def _model(args):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from lite_selftrain.models import build_model, build_tokenizer
@@ -64,6 +67,8 @@ def _model(args):
     tok = build_tokenizer()
     tok.padding_side = "right"
     base = build_model(args.preset, seed=0)  # the preset's own vocabulary (99,584 for llm-jp-3)
+    if args.device == "cuda":
+        base = base.to("cuda", torch.bfloat16)  # both providers train a bf16 base, TRL with bf16=True
     return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA)), tok
 
 
@@ -103,7 +108,8 @@ def _run_trl(args, model, tok, pairs, out: Path, precompute: bool) -> dict:
                     max_steps=args.warmup + args.steps, learning_rate=1e-5, lr_scheduler_type="cosine",
                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=0.1,
                     max_length=args.prompt_len + args.response_len + 1, precompute_ref_log_probs=precompute,
-                    logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                    logging_steps=1, save_strategy="no", report_to=[], use_cpu=args.device == "cpu",
+                    bf16=args.device == "cuda",
                     dataloader_num_workers=0, disable_dropout=True, seed=0)
     clock = Clock()
     t0 = time.perf_counter()
@@ -130,6 +136,8 @@ def worker(args) -> None:
         else:
             res = _run_trl(args, model, tok, pairs, Path(tmp), precompute=args.worker == "trl_precompute")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    if args.device == "cuda":
+        res["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     res.update(provider=args.worker, tokens_per_s=res["tokens_per_step"] / res["step_s"], peak_rss_mb=peak,
                model_rss_mb=rss_model, peak_over_model_mb=peak - rss_model)
     print("RESULT " + json.dumps(res))
@@ -164,7 +172,11 @@ def qlora_dpo_estimate(preset="llm-jp-3-3.7b", seq=1024, pairs=4, r=16, checkpoi
 # driver
 
 
-def _device_name() -> str:
+def _device_name(device: str = "cpu") -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
@@ -172,9 +184,15 @@ def _device_name() -> str:
 
 
 def _versions() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return " ".join(f"{p}={version(p)}" for p in ("torch", "transformers", "peft", "trl", "lite-selftrain"))
+    def one(p):
+        try:
+            return f"{p}={version(p)}"
+        except PackageNotFoundError:
+            return f"{p}=none"
+
+    return " ".join(one(p) for p in ("torch", "transformers", "peft", "trl", "lite-selftrain"))
 
 
 def main(argv=None) -> None:
@@ -186,6 +204,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per provider")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="1: on a shared CPU more threads thrash")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--providers", default="lite,trl,trl_precompute")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -205,7 +224,8 @@ def main(argv=None) -> None:
         r = results[provider]
         print(f"{provider:15s} {r['tokens_per_s']:8.1f} tok/s  {r['step_s']:7.2f} s/step  peak RSS "
               f"{r['peak_rss_mb']:7.0f} MB ({r['peak_over_model_mb']:+6.0f} MB over the loaded model)  "
-              f"setup {r['setup_s']:.1f} s", flush=True)
+              f"setup {r['setup_s']:.1f} s" + (f"  peak GPU {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else ""),
+              flush=True)
 
     base = results.get("trl")
     if base and "lite" in results:
@@ -217,11 +237,12 @@ def main(argv=None) -> None:
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     append_rows(RESULTS, [
-        {"time": now, "device": _device_name(), "threads": args.threads, "versions": _versions(),
+        {"time": now, "device": _device_name(args.device), "threads": args.threads, "versions": _versions(),
          "preset": args.preset, "pairs": args.pairs, "seq_len": args.prompt_len + args.response_len + 1,
          "steps": args.steps, "provider": p, "tokens_per_s": f"{r['tokens_per_s']:.2f}",
          "step_s": f"{r['step_s']:.3f}", "peak_rss_mb": f"{r['peak_rss_mb']:.0f}",
          "peak_over_model_mb": f"{r['peak_over_model_mb']:.0f}",
+         "peak_cuda_mb": f"{r['peak_cuda_mb']:.0f}" if "peak_cuda_mb" in r else "",
          "throughput_vs_trl": f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}" if base else ""}
         for p, r in results.items()])
 

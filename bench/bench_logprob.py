@@ -68,6 +68,17 @@ def _logprob_step(impl):
     return step
 
 
+def _direction_step():
+    from lite_selftrain.kernels.triton_logprob import TritonConfig, triton_logprob
+
+    cfg = TritonConfig(frozen_head="direction")  # only differs from "triton" when the head is frozen
+
+    def step(h, w, t, g):
+        (triton_logprob(h, w, t, cfg=cfg) * g).sum().backward()
+
+    return step
+
+
 def _liger_step():
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -113,6 +124,7 @@ def providers(device: str) -> dict:
     outside = {"cce": lambda: _cce_step("cce" if device == "cuda" else "torch_compile"), "trl": _trl_step}
     if device == "cuda":
         found["triton"] = _logprob_step("triton")
+        found["triton_direction"] = _direction_step()  # the frozen head's other strategy, for comparison
         outside = {"liger": _liger_step, **outside}
     for name, make in outside.items():
         try:
@@ -277,7 +289,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="*", help="token counts N to sweep")
     ap.add_argument("--hidden", type=int, nargs="*", help="hidden sizes H to sweep")
     ap.add_argument("--trainable-head", action="store_true", help="the lm_head weight requires grad too")
-    ap.add_argument("--providers", nargs="*", default=["naive", "chunked", "triton", "liger", "cce", "trl"])
+    ap.add_argument("--providers", nargs="*", default=["naive", "chunked", "triton", "triton_direction", "liger",
+                                                         "cce", "trl"])
     ap.add_argument("--peak-tflops", type=float, help="the card's dense peak, when the table does not know it")
     ap.add_argument("--calls", type=int, default=None, help="calls per child (CPU) or per provider (CUDA)")
     ap.add_argument("--rounds", type=int, default=2, help="CPU: alternating rounds of fresh children")

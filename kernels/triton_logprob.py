@@ -6,18 +6,25 @@ Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before thi
 Every kernel walks [BLOCK_N, BLOCK_V] logit tiles (`triton_tiles.logit_tile`: a K-loop of `tl.dot` over H,
 fp32 accumulation) and folds them into a running max and sum-exp per token. One program per (token block,
 vocabulary split); splitting the vocabulary keeps every SM busy when N is small, and the splits' partials
-are merged on the host. Two strategies, chosen from which inputs require grad:
+are merged on the host. Two strategies for the gradient:
 
-- **frozen head** (`_direction_fwd_kernel`, the QLoRA case): dℓ_n/dh_n = (W[t_n] − Σ_v p_nv W_v) / τ
-  does not depend on the upstream gradient except as a per-token scale, so the forward also accumulates
-  Σ_{v≠t} exp(z_v − m) W_v into an fp32 [N, H] buffer, rescaled online like the sum-exp, while each
-  tile's probabilities are in registers. The backward is one multiply, O(N·H): 4·N·H·V flops in all.
-  The target's own term is added on the host from a separately kept Σ_{v≠t} exp(z_v − m), so a confident
-  token (p_t ≈ 1) does not lose its gradient to the cancellation W_t − p_t W_t.
-- **trainable head** (`_lse_fwd_kernel`, `_dlogits_kernel`): the forward keeps the logsumexp only; the
-  backward recomputes each tile, writes d = g · (onehot − p) / τ for a block of tokens ([rows, V], a few
-  tens of MB), and two cuBLAS GEMMs give grad_h = d · W and grad_W += dᵀ · h (the bias gradient is d's
-  column sum): 8·N·H·V flops, where cuBLAS runs the plain GEMMs at its best and no atomics are needed.
+- **direction** (`_direction_fwd_kernel`; frozen head only, `TritonConfig(frozen_head="direction")`):
+  dℓ_n/dh_n = (W[t_n] − Σ_v p_nv W_v) / τ does not depend on the upstream gradient except as a per-token
+  scale, so the forward also accumulates Σ_{v≠t} exp(z_v − m) W_v into an fp32 [N, H] buffer, rescaled
+  online like the sum-exp, while each tile's probabilities are in registers. The backward is one
+  multiply, O(N·H): 4·N·H·V flops in all. The target's own term is added on the host from a separately
+  kept Σ_{v≠t} exp(z_v − m), so a confident token (p_t ≈ 1) does not lose its gradient to the
+  cancellation W_t − p_t W_t.
+- **recompute** (`_lse_fwd_kernel`, `_dlogits_kernel`; the trainable head always, the frozen head by
+  default): the forward keeps the logsumexp and 1 − p_t (summed without the target's term, for the same
+  reason); the backward recomputes each tile, writes d = g · (onehot − p) / τ for a block of tokens
+  ([rows, V], a few tens of MB), and two cuBLAS GEMMs give grad_h = d · W and grad_W += dᵀ · h (the bias
+  gradient is d's column sum): 8·N·H·V flops (6 with the head frozen: no grad_W), where cuBLAS runs the
+  plain GEMMs at its best and no atomics are needed.
+  Why recompute is the frozen head's default: on an H200 at N 8192, H 3072, V 99,584, bf16, forward +
+  backward took 0.158 s by direction and 0.046 s by recompute even with grad_W (`bench/bench_logprob.py`):
+  the direction kernel reads and writes its fp32 [BLOCK_N, H] accumulator once per vocabulary tile, far
+  below the tensor cores' ridge. Direction stays for gradient filtering.
 
 Precision: tiles accumulate in fp32 for fp32, bf16 and fp16 inputs; fp32 inputs use 3-pass TF32
 (`tf32x3`, about fp32 accuracy on tensor cores). The frozen head's exp(z − m) is rounded to the input
@@ -111,7 +118,7 @@ def _lse_fwd_kernel(h_ptr,  # [N, H]
                     w_ptr,  # [V, H]
                     b_ptr,  # [V] (unused without HAS_BIAS)
                     t_ptr,  # [N] int64 targets; ignore_index never matches a column
-                    max_ptr, sum_ptr, tgt_ptr,  # [S, N] fp32 partials, one row per vocabulary split
+                    max_ptr, sum_ptr, other_ptr, tgt_ptr,  # [S, N] fp32 partials, one row per vocabulary split
                     N, H, V, stride_h, stride_w, inv_tau, tiles_per_split,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -122,6 +129,7 @@ def _lse_fwd_kernel(h_ptr,  # [N, H]
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
     m = tl.full([BLOCK_N], -1e30, dtype=tl.float32)  # running max; finite, so −inf logits give 0, not NaN
     s = tl.zeros([BLOCK_N], dtype=tl.float32)  # running sum of exp(z − m)
+    so = tl.zeros([BLOCK_N], dtype=tl.float32)  # the same without the target's term: 1 − p_t, exactly
     zt = tl.zeros([BLOCK_N], dtype=tl.float32)  # the target's logit, once its tile passes
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
@@ -130,12 +138,17 @@ def _lse_fwd_kernel(h_ptr,  # [N, H]
         col_ok = cols < V
         z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_tau,
                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V]
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        is_t = cols[None, :] == tgt[:, None]
+        zt += tl.sum(tl.where(is_t, z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        scale = tl.exp(m - m_new)  # [BLOCK_N]
+        e = tl.exp(z - m_new[:, None])  # [BLOCK_N, BLOCK_V]
+        s = s * scale + tl.sum(e, axis=1)
+        so = so * scale + tl.sum(tl.where(is_t, 0.0, e), axis=1)
         m = m_new
     tl.store(max_ptr + split * N + rows, m, mask=row_ok)
     tl.store(sum_ptr + split * N + rows, s, mask=row_ok)
+    tl.store(other_ptr + split * N + rows, so, mask=row_ok)
     tl.store(tgt_ptr + split * N + rows, zt, mask=row_ok)
 
 
@@ -145,6 +158,7 @@ def _dlogits_kernel(h_ptr,  # [R, H] one block of tokens
                     b_ptr,  # [V] (unused without HAS_BIAS)
                     t_ptr,  # [R] int64 targets
                     lse_ptr,  # [R] fp32 logsumexp saved by the forward
+                    q_ptr,  # [R] fp32 1 − p_t, from the forward's sum without the target
                     gs_ptr,  # [R] fp32 upstream gradient / τ, 0 on ignored tokens
                     d_ptr,  # [R, V] out: g (onehot − p) / τ, fp32 for fp16 inputs
                     R, H, V, stride_h, stride_w, stride_d, inv_tau,
@@ -159,8 +173,10 @@ def _dlogits_kernel(h_ptr,  # [R, H] one block of tokens
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     gs = tl.load(gs_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+    q = tl.load(q_ptr + rows, mask=row_ok, other=0.0)
     p = tl.exp(z - lse[:, None])  # softmax, recomputed; 0 past the vocabulary
-    d = gs[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    # the target's 1 − p_t comes from the forward: recomputed, it cancels to noise when p_t ≈ 1
+    d = gs[:, None] * tl.where(cols[None, :] == tgt[:, None], q[:, None], -p)
     tl.store(d_ptr + rows[:, None] * stride_d + cols[None, :], d.to(d_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -174,7 +190,15 @@ class TritonConfig:
     backward_elems: int = 1 << 25  # d block [rows, V] in bf16: 64 MB, like Liger's chunk (fp32 d: half the rows)
     programs_per_sm: int = 2  # vocabulary splits until the forward grid covers each SM twice
     direction_elems: int = 1 << 25  # frozen head: splits' fp32 [S, N, H] accumulators stay under 128 MB
-    filter_eps: float = 0.0  # frozen head: skip Σ p W tiles whose every p is below this; 0 keeps it exact
+    filter_eps: float = 0.0  # direction only: skip Σ p W tiles whose every p is below this; 0 keeps it exact
+    frozen_head: str = "auto"  # auto: recompute (3.4x faster on an H200), direction when filter_eps > 0
+
+    def __post_init__(self):
+        if self.frozen_head not in ("auto", "direction", "recompute"):
+            raise ValueError(f"frozen_head must be auto, direction or recompute, not {self.frozen_head!r}")
+
+    def direction(self) -> bool:
+        return self.frozen_head == "direction" or (self.frozen_head == "auto" and self.filter_eps > 0)
 
 
 def _splits(n, n_tiles, block_n, device, cfg, cap=None) -> tuple[int, int]:
@@ -192,20 +216,21 @@ def _common(h, weight, bias, lc):
 
 
 def lse_forward(h, weight, bias, targets, inv_tau, *, splits=None, cfg: TritonConfig | None = None):
-    """(logsumexp [N], target logits [N]) in fp32; h [N, H] and weight [V, H] share a dtype."""
+    """(logsumexp [N], target logits [N], 1 − p_t [N]) in fp32; h [N, H] and weight [V, H] share a dtype."""
     cfg = cfg or TritonConfig()
     n, hd = h.shape
     v = weight.shape[0]
     lc = launch_config(h.device, h.dtype)
     n_tiles = triton.cdiv(v, lc.block_v)
     splits, tiles_per_split = _splits(n, n_tiles, lc.block_n, h.device, cfg, cap=splits)
-    part = torch.empty(3, splits, n, dtype=torch.float32, device=h.device)  # max, sum, target logit
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=h.device)  # max, Σ, Σ w/o target, z_t
     _lse_fwd_kernel[(triton.cdiv(n, lc.block_n), splits)](
-        h, weight, bias if bias is not None else h, targets, part[0], part[1], part[2],
+        h, weight, bias if bias is not None else h, targets, part[0], part[1], part[2], part[3],
         n, hd, v, h.stride(0), weight.stride(0), inv_tau, tiles_per_split, **_common(h, weight, bias, lc))
     m = part[0].amax(0)  # [N] merge the splits: logsumexp of logsumexps
-    lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(0))
-    return lse, part[2].sum(0)
+    wgt = torch.exp(part[0] - m)  # [S, N]
+    s = (part[1] * wgt).sum(0)  # [N]
+    return m + torch.log(s), part[3].sum(0), (part[2] * wgt).sum(0) / s
 
 
 def direction_forward(h, weight, bias, targets, keep, inv_tau, *, splits=None, cfg: TritonConfig | None = None):
@@ -236,14 +261,14 @@ def direction_forward(h, weight, bias, targets, keep, inv_tau, *, splits=None, c
     return torch.where(keep, part[3].sum(0) - lse, 0.0), direction
 
 
-def dlogits(h, weight, bias, targets, lse, gs, inv_tau, out):
+def dlogits(h, weight, bias, targets, lse, q, gs, inv_tau, out):
     """out [R, V] ← g (onehot − p) / τ for one block of R tokens, recomputing the logits."""
     r, hd = h.shape
     v = weight.shape[0]
     lc = launch_config(h.device, h.dtype)
     grid = (triton.cdiv(r, lc.block_n), triton.cdiv(v, lc.block_v))
     _dlogits_kernel[grid](
-        h, weight, bias if bias is not None else h, targets, lse, gs, out,
+        h, weight, bias if bias is not None else h, targets, lse, q, gs, out,
         r, hd, v, h.stride(0), weight.stride(0), out.stride(0), inv_tau, **_common(h, weight, bias, lc))
     return out
 
@@ -263,7 +288,7 @@ def _grads_fp32(d, h, weight, grad_h, grad_w, cols):
         grad_h.copy_(gh)
 
 
-def backward(g, h, weight, bias, targets, keep, lse, inv_tau, needs, cfg: TritonConfig):
+def backward(g, h, weight, bias, targets, keep, lse, q, inv_tau, needs, cfg: TritonConfig):
     """(grad_h, grad_W, grad_b), each None when not needed, in the inputs' dtypes."""
     need_h, need_w, need_b = needs
     n, hd = h.shape
@@ -279,7 +304,7 @@ def backward(g, h, weight, bias, targets, keep, lse, inv_tau, needs, cfg: Triton
     grad_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_b else None
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        d = dlogits(h[r0:r1], weight, bias, targets[r0:r1], lse[r0:r1], gs[r0:r1], inv_tau,
+        d = dlogits(h[r0:r1], weight, bias, targets[r0:r1], lse[r0:r1], q[r0:r1], gs[r0:r1], inv_tau,
                     d_buf[: (r1 - r0) * v].view(r1 - r0, v))  # [R, V]
         if d.dtype != h.dtype:
             _grads_fp32(d, h[r0:r1], weight, None if grad_h is None else grad_h[r0:r1], grad_w,
@@ -304,15 +329,15 @@ class TritonLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_tau, ignore_index, cfg):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        ctx.frozen_head = need_h and not (need_w or need_b)
+        ctx.frozen_head = need_h and not (need_w or need_b) and cfg.direction()
         keep = targets != ignore_index  # [N]
         ctx.inv_tau, ctx.cfg, ctx.hidden_dtype = inv_tau, cfg, hidden.dtype
-        if ctx.frozen_head:  # the whole gradient is formed here; backward only scales it
+        if ctx.frozen_head:  # direction: the whole gradient is formed here; backward only scales it
             out, direction = direction_forward(hidden, weight, bias, targets, keep, inv_tau, cfg=cfg)
             ctx.save_for_backward(direction)
             return out
-        lse, zt = lse_forward(hidden, weight, bias, targets, inv_tau, cfg=cfg)
-        ctx.save_for_backward(hidden, weight, bias, targets, keep, lse)
+        lse, zt, q = lse_forward(hidden, weight, bias, targets, inv_tau, cfg=cfg)
+        ctx.save_for_backward(hidden, weight, bias, targets, keep, lse, q)
         return torch.where(keep, zt - lse, 0.0)
 
     @staticmethod
@@ -321,8 +346,8 @@ class TritonLogprob(torch.autograd.Function):
             (direction,) = ctx.saved_tensors
             grad_h = direction * grad_out.float().unsqueeze(1)  # [N, H]: O(N·H), no logits
             return grad_h.to(ctx.hidden_dtype), None, None, None, None, None, None
-        hidden, weight, bias, targets, keep, lse = ctx.saved_tensors
-        grads = backward(grad_out, hidden, weight, bias, targets, keep, lse, ctx.inv_tau,
+        hidden, weight, bias, targets, keep, lse, q = ctx.saved_tensors
+        grads = backward(grad_out, hidden, weight, bias, targets, keep, lse, q, ctx.inv_tau,
                          ctx.needs_input_grad[:3], ctx.cfg)
         return (*grads, None, None, None, None)
 

@@ -210,6 +210,17 @@ def test_triton_matches_naive(shape, dtype, bias, temperature, trainable):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("shape, dtype, bias, temperature, trainable", [c for c in CASES if not c[4]],
+                         ids=[i for c, i in zip(CASES, IDS) if not c[4]])
+def test_triton_direction_strategy_matches_naive(shape, dtype, bias, temperature, trainable):
+    """The frozen head's other strategy (the gradient formed in the forward), which filtering uses."""
+    from lite_selftrain.kernels.triton_logprob import TritonConfig, triton_logprob
+
+    cfg = TritonConfig(frozen_head="direction")
+    _compare(lambda *a, **k: triton_logprob(*a, cfg=cfg, **k), shape, dtype, bias, temperature, trainable)
+
+
+@needs_interpreter
 def test_triton_masked_vocabulary():
     _compare_masked_vocab(lambda *a, **k: fused_logprob(*a, impl="triton", **k))
 
@@ -238,10 +249,13 @@ def test_triton_gradient_filtering_error_is_bounded():
     bias = torch.zeros(ODD[2])
     bias[256:] = -10.0  # a peaked distribution: past the first two tiles every p is tiny
     eps, tau = 1e-2, 1.0
-    exact, exact_grads = _run(triton_logprob, hidden, weight, bias, targets, upstream, tau)
+    direction = TritonConfig(frozen_head="direction")
+    exact, exact_grads = _run(lambda *a, **k: triton_logprob(*a, cfg=direction, **k),
+                              hidden, weight, bias, targets, upstream, tau)
     out, grads = _run(lambda *a, **k: triton_logprob(*a, cfg=TritonConfig(filter_eps=eps), **k),
                       hidden, weight, bias, targets, upstream, tau)
-    assert TritonConfig().filter_eps == 0 and torch.equal(out, exact)
+    assert TritonConfig().filter_eps == 0 and TritonConfig(filter_eps=eps).direction()
+    assert torch.equal(out, exact)
     p = torch.softmax((hidden.detach().double() @ weight.double().t() + bias.double()) / tau, -1)  # (N, V)
     g = upstream.double().abs() * (targets != -100) / tau
     bound = g[:, None] * ((p * (p < eps)) @ weight.double().abs())  # (N, H)
@@ -266,7 +280,7 @@ def test_triton_splits_and_row_blocks():
     ref_out, ref_grads = _run(naive_logprob, hidden, weight.detach(), b.detach(), targets, torch.ones(ODD[0]), 0.9)
     keep = targets != -100
     for splits in (1, 3, 100):
-        lse, _ = lse_forward(hidden.detach(), weight.detach(), b.detach(), targets, 1 / 0.9, splits=splits)
+        lse, *_ = lse_forward(hidden.detach(), weight.detach(), b.detach(), targets, 1 / 0.9, splits=splits)
         torch.testing.assert_close(lse, ref, atol=1e-4, rtol=1e-5)
         out, direction = direction_forward(hidden.detach(), weight.detach(), b.detach(), targets, keep, 1 / 0.9,
                                            splits=splits)

@@ -61,7 +61,7 @@ def naive_draw(logits, u, temperature, top_k, top_p):
 
 def naive_generate(model, tok, prompts, *, n, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, stop=(),
                    seed=0, eos_ids=(2,)):
-    out = []
+    out, device = [], next(model.parameters()).device  # the reference draws on the CPU, the model runs where it is
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             ids = tok(prompt)["input_ids"]
@@ -70,7 +70,7 @@ def naive_generate(model, tok, prompts, *, n, temperature=1.0, top_k=0, top_p=1.
                 u = uniforms(seed, torch.tensor([i]), torch.tensor([j]), max_new_tokens)[0]
                 gen, lps, reason = [], [], "length"
                 for s in range(max_new_tokens):
-                    logits = model(input_ids=torch.tensor([ids + gen])).logits[0, -1].float()
+                    logits = model(input_ids=torch.tensor([ids + gen], device=device)).logits[0, -1].float().cpu()
                     t = naive_draw(logits, u[s], temperature, top_k, top_p)
                     lps.append(float(torch.log_softmax(logits.double(), 0)[t]))
                     gen.append(t)

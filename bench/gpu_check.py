@@ -1,0 +1,170 @@
+"""Everything that needs CUDA, in one run of under 8 minutes on one GPU, written to one report file.
+
+    python bench/gpu_check.py                          # every part → bench/results/gpu_check.md
+    python bench/gpu_check.py --only tests,qlora       # some parts
+    python bench/gpu_check.py --report /tmp/gpu.md     # the report elsewhere
+
+Parts, each in its own process under its own time limit, so one that fails or hangs leaves the others:
+- tests:    the GPU-marked tests (`pytest -m gpu`);
+- logprob:  the fused log-prob kernel (both frozen-head strategies) against naive, chunked, Liger, CCE
+            and TRL (those importable) at
+            llm-jp-3-3.7b's shape (N 8192, H 3072, V 99,584, bf16), frozen head, then trainable head;
+- sampling: the native engine against Hugging Face generate (`bench_sampling.py`, llm-jp-3-1.8b shape);
+- dpo:      a DPO + NLL step of this trainer against TRL's (`bench_dpo.py`, llm-jp-3-1.8b shape, bf16 LoRA);
+- qlora:    QLoRA DPO + NLL training steps of the llm-jp-3-1.8b and 3.7b shapes (random weights, written
+            once as a bf16 model folder, then loaded by the package's own 4-bit path), 4 pairs × 1024 tokens,
+            gradient checkpointing: seconds per step and torch's measured peak memory;
+- vllm:     the vLLM backend's tests (they skip, saying so, where vLLM is not installed).
+Without CUDA every part writes "no GPU: skipped" and the script exits 0, so it can run anywhere.
+The report holds each part's command, exit status, time and the tail of its output (the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "bench" / "results" / "gpu_check.md"
+PY = sys.executable
+
+PARTS = {  # name: (command, seconds allowed); the budgets add up to under 8 minutes
+    "tests": ([PY, "-m", "pytest", "-q", "-rfEs", "-m", "gpu", "-p", "no:cacheprovider",
+               "--continue-on-collection-errors", "tests"], 90),
+    "logprob": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192",
+                 "--hidden", "3072"], 60),
+    "logprob_trainable": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens",
+                           "8192", "--hidden", "3072", "--trainable-head"], 50),
+    "sampling": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", "--prompts", "8"], 60),
+    "dpo": ([PY, "bench/bench_dpo.py", "--device", "cuda", "--preset", "llm-jp-3-1.8b", "--pairs", "4",
+             "--steps", "3", "--threads", "4", "--providers", "lite,trl"], 100),
+    "qlora": ([PY, __file__, "--qlora-child"], 90),
+    "vllm": ([PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_sampling.py", "-k", "vllm"], 20),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the qlora part: a child process of this script
+
+
+def _qlora_steps(preset: str, folder: Path, *, pairs=4, seq=1024, steps=3) -> dict:
+    """Write `preset`'s random bf16 model to `folder`, load it as QLoRA, train `steps` DPO + NLL steps."""
+    import torch
+
+    from lite_selftrain.models import ModelConfig, build_model, load_model, preset_tokenizer
+    from lite_selftrain.train import TrainConfig, train
+
+    t0 = time.perf_counter()
+    with torch.device("cuda"):  # random init on the GPU: seconds, not minutes
+        model = build_model(preset, seed=0, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    preset_tokenizer(preset).save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    model, tok = load_model(ModelConfig(name=str(folder), mode="qlora", gradient_checkpointing=True,
+                                        lora_dropout=0.0))
+    load_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    words = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
+             "from", "his", "her", "which"]
+    text = lambda k, s: " ".join(words[(i * 7 + s) % len(words)] for i in range(k))
+    records = [{"prompt": text(40, i), "chosen": text(2000, i + 1), "rejected": text(2000, i + 2)}
+               for i in range(pairs * steps)]  # responses are cut to fill `seq` exactly
+    cfg = TrainConfig(objective="dpo_nll", max_steps=steps, batch_size=pairs, grad_accum=1, max_length=seq,
+                      log_every=1, checkpoint_every=10_000, warmup_ratio=0.0)
+    with tempfile.TemporaryDirectory() as out:
+        summary = train(model, tok, records, cfg, out)
+    return {"preset": preset, "pairs": pairs, "seq": seq, "load_s": round(load_s, 1),
+            "step_s": round(summary["train_time_s"] / steps, 3), "tokens_per_s": round(summary["tokens_per_s"]),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "optimizer": summary["optimizer"], "loss": summary["final"].get("loss")}
+
+
+def qlora_child() -> None:
+    import shutil
+
+    for preset in ("llm-jp-3-1.8b", "llm-jp-3-3.7b"):
+        folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+        try:
+            print(json.dumps(_qlora_steps(preset, folder)), flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the driver
+
+
+def _gpu() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def run_part(name: str, cmd: list[str], limit: int) -> tuple[str, float, str]:
+    """(status, seconds, output tail) of one part."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if cmd[1] == "-m":  # `python -m` puts the checkout on sys.path, where kernels/ would shadow PyPI's `kernels`
+        env["PYTHONSAFEPATH"] = "1"
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+        status, out = f"exit {proc.returncode}", proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        status = f"timed out after {limit} s"
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    lines = [ln for ln in out.strip().splitlines() if "it/s]" not in ln and "s/it]" not in ln]  # progress bars
+    return status, time.perf_counter() - t0, "\n".join(lines[-40:])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of: {', '.join(PARTS)}")
+    ap.add_argument("--report", type=Path, default=REPORT)
+    ap.add_argument("--qlora-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.qlora_child:
+        qlora_child()
+        return 0
+    parts = [p for p in args.only.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        ap.error(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
+    gpu = _gpu()
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    lines = [f"# GPU check, {now}", "", f"- device: {gpu or 'no GPU'}; host {platform.node()}, "
+             f"python {platform.python_version()}", ""]
+    start = time.perf_counter()
+    for name in parts:
+        cmd, limit = PARTS[name]
+        if gpu is None:
+            line = f"{name}: no GPU: skipped"
+            print(line, flush=True)
+            lines += [f"## {name}", "", line, ""]
+            continue
+        status, seconds, tail = run_part(name, cmd, limit)
+        print(f"{name}: {status} in {seconds:.0f} s", flush=True)
+        shown = " ".join(c if c != __file__ else "bench/gpu_check.py" for c in cmd[1:])
+        lines += [f"## {name}: {status}, {seconds:.0f} s", "", f"`python {shown}`", "", "```", tail, "```", ""]
+    lines.append(f"total {time.perf_counter() - start:.0f} s")
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text("\n".join(lines) + "\n")
+    print(f"report: {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
