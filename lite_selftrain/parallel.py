@@ -55,22 +55,23 @@ def _state_options(**kw):
 
 
 class Engine:
-    def __init__(self, model, kind: str, net, module):
+    def __init__(self, model, kind: str, net, module, parallel: str):
         self.model = model  # the caller's model
         self.kind = kind  # "single", "ddp" or "fsdp"
+        self.by_name = parallel == "fsdp"  # optimiser state keyed by parameter name, whatever the world size
         self.net = net  # what trains: the model itself, or its sharded copy (FSDP2)
         self.module = module  # what is called: LogprobModule, DDP-wrapped or FSDP2's root
 
     @classmethod
     def wrap(cls, model, parallel: str) -> Engine:
         if not dist.active():
-            return cls(model, "single", model, LogprobModule(model))
+            return cls(model, "single", model, LogprobModule(model), parallel)
         device = next(model.parameters()).device
         if parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [device.index] if device.type == "cuda" else None
-            return cls(model, "ddp", model, DDP(LogprobModule(model), device_ids=ids))
+            return cls(model, "ddp", model, DDP(LogprobModule(model), device_ids=ids), parallel)
         from torch.distributed.device_mesh import init_device_mesh
 
         try:
@@ -84,7 +85,7 @@ class Engine:
         for layer in split_body_head(net)[0].layers:  # one group per decoder layer, moved to `device` and sharded
             fully_shard(layer, mesh=mesh)
         root = fully_shard(LogprobModule(net), mesh=mesh)  # the rest: embeddings, final norm, lm_head
-        engine = cls(model, "fsdp", net, root)
+        engine = cls(model, "fsdp", net, root, parallel)
         engine.device = device
         return engine
 
@@ -115,19 +116,22 @@ class Engine:
         return get_model_state_dict(self.net, options=_state_options(cpu_offload=True))
 
     def optimizer_state(self, optimizer) -> dict:
-        if self.kind != "fsdp":
+        """The optimiser's state on rank 0; by parameter name for "fsdp", so any number of ranks resumes it."""
+        if not self.by_name:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.net, optimizer, options=_state_options(cpu_offload=True))
+        options = _state_options(cpu_offload=True) if self.kind == "fsdp" else None
+        return get_optimizer_state_dict(self.net, optimizer, options=options)
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        if self.kind != "fsdp":
+        if not self.by_name:
             optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.net, optimizer, optim_state_dict=state, options=_state_options())
+        options = _state_options() if self.kind == "fsdp" else None  # whole tensors, sharded on load
+        set_optimizer_state_dict(self.net, optimizer, optim_state_dict=state, options=options)
 
     def close(self) -> None:
         """Drop the engine; after FSDP2, the caller's model holds the trained weights, on its device, on every rank."""

@@ -1,6 +1,7 @@
 """The trainer under `torchrun --nproc_per_node 2` on CPU (gloo): DDP with LoRA for rwnll and dpo_nll, and
 FSDP2 on a full model, each reaching the weights and step metrics of one process on the same global batch;
-a 2-process FSDP2 run SIGKILLed after a checkpoint resumes to the uninterrupted run's weights, bit for bit.
+a 2-process FSDP2 run SIGKILLed after a checkpoint resumes to the uninterrupted run's weights, bit for bit
+(and, from the same checkpoint, in one process to within fp32 tolerance).
 
 The runs are in tests/train_ranks.py: one launch trains all three; its one-process twins run here.
 Steps are chosen so a rank sometimes has no example (it joins with a zero-weighted micro-batch) and
@@ -11,6 +12,7 @@ scale, which Adam and clipping would hide in the weights.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +78,12 @@ def test_sigkilled_two_rank_fsdp_run_resumes_to_the_same_weights(two_ranks, tmp_
     assert not (run_dir / "summary.json").exists()
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert not state["done"] and state["counters"]["step"] == 2 and len(state["rng_ranks"]) == 2
+
+    single = tmp_path / "single"  # the same checkpoint resumed by one process: shards were gathered
+    shutil.copytree(run_dir, single)
+    one, _ = train_ranks.run("fsdp", single)
+    whole = torch.load(two_ranks / "fsdp.rank0.pt", weights_only=True)
+    assert max((one[k] - whole[k]).abs().max().item() for k in whole) < 2e-5
 
     resumed = _launch(tmp_path, "fsdp")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
