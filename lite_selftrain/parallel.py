@@ -146,6 +146,13 @@ class Engine:
 
     def abandon(self) -> None:
         """After an error: no collective (another rank may be gone); the caller's model back on its device."""
-        if self.kind == "fsdp":
+        if self.kind == "fsdp" and self.net is not None:
             self.model.to(self.device)
         self.module = self.net = None
+
+
+def sum_over_ranks(values: dict, device) -> dict[str, float]:
+    """{name: number or 0-dim tensor} summed over ranks in one all-reduce → {name: float}."""
+    names = sorted(values)
+    vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in names])
+    return dict(zip(names, dist.all_reduce_sum(vec).tolist()))

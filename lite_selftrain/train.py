@@ -20,11 +20,10 @@ Which model starts an iteration is the recipe's choice: ReST-EM passes a fresh a
 `reference="current"`, so that adapter, before any step, is the reference.
 
 Under a launcher (`torchrun --nproc_per_node W`, `accelerate launch`) the same call trains on W ranks with
-torch's engines (`parallel.py`): DDP, or FSDP2 for a full model when `parallel="fsdp"`. A step is still
-batch_size × grad_accum examples of the same plan; each rank takes every W-th of them, in micro-batches of
-batch_size, and the loss keeps the step's whole token and pair totals (every rank knows the plan), scaled by
-W against the engines' averaging: the gradient is the one-process sum. Only rank 0 writes the run directory;
-every rank resumes from its checkpoint.
+torch's engines (`parallel.py`): DDP, or FSDP2 for a full model. A step is still batch_size × grad_accum
+examples of the same plan; each rank takes every W-th, in micro-batches of batch_size; the loss keeps the
+step's whole token and pair totals and is scaled by W against the engines' averaging, so the gradient is
+the one-process sum. Rank 0 alone writes the run directory; every rank resumes from its checkpoint.
 
 Simplifications: a step that meets a NaN/inf loss or gradient still consumes its data (it
 counts towards `max_steps`), but moves neither the optimiser nor the schedule.
@@ -50,7 +49,7 @@ from .config import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, chec
 from .errors import UserError
 from .losses import NLL_NORMS, dpo_nll_loss, reward_weighted_nll
 from .models import autocast_context, is_peft, training_mode
-from .parallel import Engine
+from .parallel import Engine, sum_over_ranks
 from .reference import REFERENCES, reference_logps_for
 from .store import JsonlLog, atomic_write_bytes, atomic_write_json, sweep_temporaries, write_jsonl
 
@@ -194,10 +193,8 @@ def _trim_metrics(log: JsonlLog, last_step: int) -> None:
 
 
 def _step_loss(engine, examples, step_micro, ref, cfg, pad_id, device):
-    """Forward + backward over this rank's share of one step → (loss parts, tokens) of that share.
-
-    The loss is normalised by the whole step's totals, so the parts summed over ranks are the step's.
-    """
+    """Forward + backward over this rank's share of one step → (loss parts, tokens) of that share; the loss is
+    normalised by the whole step's totals, so the parts summed over ranks are the step's."""
     flat = [i for mb in step_micro for i in mb]
     if cfg.objective == "dpo_nll":
         num_pairs = len(flat)
@@ -212,8 +209,7 @@ def _step_loss(engine, examples, step_micro, ref, cfg, pad_id, device):
     totals: dict[str, torch.Tensor] = {}
     tokens = 0
     for j, mb in enumerate(micro):
-        keep = 1.0 if mb is not None else 0.0
-        mb = mb if mb is not None else flat[:1]
+        keep, mb = (1.0, mb) if mb is not None else (0.0, flat[:1])
         batch = collate([examples[i] for i in mb], pad_id)
         ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (R, T)
         with autocast_context(device, cfg.autocast):
@@ -238,15 +234,6 @@ def _step_loss(engine, examples, step_micro, ref, cfg, pad_id, device):
     return totals, tokens
 
 
-def _all_ranks(parts: dict, tokens: int, device) -> tuple[dict[str, float], int]:
-    """Loss parts and tokens summed over ranks (one all-reduce): the whole step's."""
-    names = sorted(parts)
-    vec = torch.stack([torch.as_tensor(parts[k], dtype=torch.float64, device=device).reshape(())
-                       for k in names] + [torch.tensor(float(tokens), dtype=torch.float64, device=device)])
-    vec = dist.all_reduce_sum(vec).tolist()
-    return dict(zip(names, vec[:-1])), int(vec[-1])
-
-
 # ----------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -258,8 +245,7 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
 
     `reference_key` names the DPO reference model for the log-prob cache (else the weights are
     fingerprinted); `reference_cache` is the cache file (default `out_dir/reference_logps.pt`; put it
-    beside the dataset to share it between runs). Under a launcher every rank calls it with the same
-    arguments.
+    beside the dataset to share it between runs). Under a launcher, every rank calls it alike.
     """
     out_dir = Path(out_dir)
     main = dist.is_main()
@@ -313,8 +299,8 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
     if ckpt is not None:
         engine.load_optimizer_state(optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        per_rank = ckpt.get("rng_ranks")
-        _set_rng_state(per_rank[dist.rank()] if per_rank and len(per_rank) == dist.world() else ckpt["rng"])
+        rngs = ckpt["rng"]  # per rank; another number of ranks continues from rank 0's
+        _set_rng_state(rngs[dist.rank()] if len(rngs) == dist.world() else rngs[0])
         counters = ckpt["counters"]
     else:
         torch.manual_seed(cfg.seed + dist.rank())  # dropout, if kept, masks each rank's examples differently
@@ -348,7 +334,6 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
             bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
         last, window, w_steps, w_tokens, w_time = rec, {}, 0, 0, 0.0
 
-    closed = False
     try:
         with training_mode(engine.net, True):
             for step in range(counters["step"], total):
@@ -360,7 +345,8 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
                                                epoch=epoch)}
                 parts, tokens = _step_loss(engine, examples, plans[epoch][k], ref, cfg, pad_id, device)
                 norm = engine.clip(cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)  # same on every rank
-                parts, tokens = _all_ranks(parts, tokens, device)
+                parts = sum_over_ranks({**parts, "tokens": tokens}, device)  # the whole step's
+                tokens = int(parts.pop("tokens"))
                 if math.isfinite(norm) and math.isfinite(parts["loss"]):
                     optimizer.step()
                     scheduler.step()
@@ -388,15 +374,12 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
                 if at_checkpoint:  # gathered on every rank (FSDP2 holds shards), written by rank 0
                     payload = {"run": run_id, "done": False, "weights": engine.full_weights(_weights),
                                "optimizer": engine.optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
-                               "rng": _rng_state(), "counters": counters}
-                    rngs = dist.gather(payload["rng"])
+                               "rng": dist.gather(_rng_state()), "counters": counters}  # rng: one per rank
                     if main:
-                        _save_checkpoint(ckpt_path, {**payload, **({"rng_ranks": rngs} if len(rngs) > 1 else {})})
+                        _save_checkpoint(ckpt_path, payload)
         engine.close()  # FSDP2: the trained weights back into `model`, on every rank
-        closed = True
     finally:
-        if not closed:
-            engine.abandon()
+        engine.abandon()  # after an error (else nothing left to do): no collective, the model back on its device
         for m, p in dropouts:
             m.p = p
         if bar is not None:

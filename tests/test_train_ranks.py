@@ -77,7 +77,7 @@ def test_sigkilled_two_rank_fsdp_run_resumes_to_the_same_weights(two_ranks, tmp_
     run_dir = tmp_path / "fsdp"
     assert not (run_dir / "summary.json").exists()
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert not state["done"] and state["counters"]["step"] == 2 and len(state["rng_ranks"]) == 2
+    assert not state["done"] and state["counters"]["step"] == 2 and len(state["rng"]) == 2
 
     single = tmp_path / "single"  # the same checkpoint resumed by one process: shards were gathered
     shutil.copytree(run_dir, single)
