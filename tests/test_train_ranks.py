@@ -95,3 +95,15 @@ def test_sigkilled_two_rank_fsdp_run_resumes_to_the_same_weights(two_ranks, tmp_
     fields = ("step", "loss", "grad_norm", "tokens", "lr")
     assert [[r[k] for k in fields] for r in _metrics(run_dir)] == [[r[k] for k in fields]
                                                                    for r in _metrics(two_ranks / "fsdp")]
+
+
+@pytest.mark.parametrize("mode, parallel, message", [("lora", "fsdp", "fsdp is for full fine-tuning"),
+                                                     ("full", "zero", "parallel")])
+def test_bad_parallel_settings_are_user_errors(tmp_path, mode, parallel, message):
+    from lite_selftrain.errors import UserError
+    from lite_selftrain.models import ModelConfig, load_model
+    from lite_selftrain.train import TrainConfig, train
+
+    with pytest.raises(UserError, match=message):
+        model, tok = load_model(ModelConfig(name="tiny", mode=mode))
+        train(model, tok, train_ranks.RECORDS, TrainConfig(objective="rwnll", parallel=parallel), tmp_path)
