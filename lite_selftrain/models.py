@@ -134,10 +134,17 @@ class ModelConfig:
 
 
 def pick_device(spec: str = "auto") -> torch.device:
+    """The device `spec` names; "auto" and "cuda" mean this process's GPU: LOCAL_RANK's under a launcher."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"model.device is {spec}, but torch sees no CUDA device here (use auto or cpu)")
+    if spec == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))  # the launcher's per-node rank: one GPU per process
+        if local >= torch.cuda.device_count():
+            raise UserError(f"process LOCAL_RANK={local} has no GPU of its own ({torch.cuda.device_count()} seen); "
+                            "launch at most one process per GPU")
+        return torch.device("cuda", local)
     if spec == "mps" and not torch.backends.mps.is_available():
         raise UserError("model.device is mps, but torch sees no MPS device here (use auto or cpu)")
     return torch.device(spec)
@@ -211,7 +218,7 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}  # this rank's GPU
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except _load_errors() as e:

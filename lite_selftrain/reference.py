@@ -8,7 +8,9 @@ run continues from the previous iteration's adapter, which is then the reference
 kept in memory and no reference forward happens during training. The result is stored in one file keyed
 by (model, data): the model part is the caller's `key` or a fingerprint of the weights the reference
 uses; the data part is a hash of the token ids. A second run, or a resumed one, finds the file and skips
-the pass. Simplification: one entry per file; a different key recomputes and replaces it.
+the pass. Under a launcher each rank computes every W-th pair (longest first, so shares cost alike), the
+shares are gathered on every rank, and rank 0 alone reads and writes the cache.
+Simplification: one entry per file; a different key recomputes and replaces it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist
 from .batching import collate, data_fingerprint, encode_records
 from .errors import UserError
 from .logprobs import sequence_logprobs
@@ -51,9 +54,10 @@ def model_fingerprint(model, reference: str = "current") -> str:
 
 
 def _reference_pass(model, examples, *, batch_size, pad_id, reference, autocast, progress):
-    """(N, 2) fp32 [chosen, rejected] log-prob sums, longest pairs first to bound padding."""
+    """(N, 2) fp32 [chosen, rejected] log-prob sums, longest pairs first to bound padding; this rank's share
+    computed here, the others' gathered."""
     device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: -examples[i].length)
+    order = dist.shard(sorted(range(len(examples)), key=lambda i: -examples[i].length))
     out = torch.zeros(len(examples), 2)  # (N, 2)
     ctx = reference_mode(model) if reference == "adapter_off" else contextlib.nullcontext()
     bar = None
@@ -74,6 +78,9 @@ def _reference_pass(model, examples, *, batch_size, pad_id, reference, autocast,
     finally:
         if bar is not None:
             bar.close()
+    if dist.active():
+        for idx, logps in dist.gather((order, out[order])):  # (n_r,), (n_r, 2) per rank
+            out[idx] = logps
     return out
 
 
@@ -97,12 +104,12 @@ def reference_logps_for(model, examples, *, reference="adapter_off", cache_path=
         raise UserError(f"reference must be one of {', '.join(REFERENCES)}, not '{reference}'")
     full_key = f"{reference}|{key or model_fingerprint(model, reference)}|{data_fingerprint(examples)}"
     if cache_path is not None:
-        cached = _read_cache(Path(cache_path), full_key, len(examples))
+        cached = dist.main_first(_read_cache, Path(cache_path), full_key, len(examples))
         if cached is not None:
             return cached, True
     logps = _reference_pass(model, examples, batch_size=batch_size, pad_id=pad_id, reference=reference,
                             autocast=autocast, progress=progress)
-    if cache_path is not None:
+    if cache_path is not None and dist.is_main():
         buf = io.BytesIO()
         torch.save({"key": full_key, "logps": logps}, buf)
         atomic_write_bytes(cache_path, buf.getvalue())

@@ -19,7 +19,13 @@ Which model starts an iteration is the recipe's choice: ReST-EM passes a fresh a
 (reference "adapter_off"); Iterative RPO and self-rewarding pass the previous iteration's adapter and set
 `reference="current"`, so that adapter, before any step, is the reference.
 
-Simplifications: one device; a step that meets a NaN/inf loss or gradient still consumes its data (it
+Under a launcher (`torchrun --nproc_per_node W`, `accelerate launch`) the same call trains on W ranks with
+torch's engines (`parallel.py`): DDP, or FSDP2 for a full model. A step is still batch_size × grad_accum
+examples of the same plan; each rank takes every W-th, in micro-batches of batch_size; the loss keeps the
+step's whole token and pair totals and is scaled by W against the engines' averaging, so the gradient is
+the one-process sum. Rank 0 alone writes the run directory; every rank resumes from its checkpoint.
+
+Simplifications: a step that meets a NaN/inf loss or gradient still consumes its data (it
 counts towards `max_steps`), but moves neither the optimiser nor the schedule.
 """
 
@@ -37,12 +43,13 @@ from typing import Literal
 
 import torch
 
+from . import distributed as dist
 from .batching import OBJECTIVES, collate, data_fingerprint, encode_records, plan_epoch
 from .config import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, check_fields
 from .errors import UserError
-from .logprobs import sequence_logprobs
 from .losses import NLL_NORMS, dpo_nll_loss, reward_weighted_nll
 from .models import autocast_context, is_peft, training_mode
+from .parallel import Engine, sum_over_ranks
 from .reference import REFERENCES, reference_logps_for
 from .store import JsonlLog, atomic_write_bytes, atomic_write_json, sweep_temporaries, write_jsonl
 
@@ -75,6 +82,7 @@ class TrainConfig:
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit"] = "auto"  # auto: paged AdamW 8-bit on CUDA, AdamW on CPU
     autocast: bool = True  # bf16 autocast on CUDA (no loss scaling needed); CPU always computes in fp32
     disable_dropout: bool = True  # policy and cached reference must agree at step 0 (TRL does the same)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under a launcher; "fsdp" shards a full model's training state W ways
 
     def __post_init__(self):
         check_fields(self)
@@ -184,21 +192,28 @@ def _trim_metrics(log: JsonlLog, last_step: int) -> None:
 # one optimiser step
 
 
-def _step_loss(model, examples, steps_micro, ref, cfg, pad_id, device):
-    """Forward + backward over one step's micro-batches → (loss parts summed over the step, tokens)."""
-    flat = [i for mb in steps_micro for i in mb]
+def _step_loss(engine, examples, step_micro, ref, cfg, pad_id, device):
+    """Forward + backward over this rank's share of one step → (loss parts, tokens) of that share; the loss is
+    normalised by the whole step's totals, so the parts summed over ranks are the step's."""
+    flat = [i for mb in step_micro for i in mb]
     if cfg.objective == "dpo_nll":
         num_pairs = len(flat)
         num_tokens = sum(examples[i].response_lengths()[0] for i in flat)
     else:
         num_tokens = sum(examples[i].response_lengths()[0] for i in flat if examples[i].reward != 0)
-    totals: dict[str, float] = {}
+    W = dist.world()
+    mine = flat[dist.rank()::W]  # every W-th: the step is sorted by length, so shares are alike
+    micro = [mine[j:j + cfg.batch_size] for j in range(0, len(mine), cfg.batch_size)]
+    n = math.ceil(math.ceil(len(flat) / W) / cfg.batch_size)  # the most any rank runs: all join every one
+    micro += [None] * (n - len(micro))  # a rank short of examples runs zero-weighted ones
+    totals: dict[str, torch.Tensor] = {}
     tokens = 0
-    for mb in steps_micro:
+    for j, mb in enumerate(micro):
+        keep, mb = (1.0, mb) if mb is not None else (0.0, flat[:1])
         batch = collate([examples[i] for i in mb], pad_id)
         ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (R, T)
         with autocast_context(device, cfg.autocast):
-            sums, _ = sequence_logprobs(model, ids, attn, batch["loss_mask"].to(device))  # (R,)
+            sums, _ = engine(ids, attn, batch["loss_mask"].to(device), sync=j == n - 1)  # (R,)
         lengths = batch["lengths"].to(device)  # (R,)
         if cfg.objective == "dpo_nll":
             B = len(mb)
@@ -211,11 +226,11 @@ def _step_loss(model, examples, steps_micro, ref, cfg, pad_id, device):
         else:
             loss = reward_weighted_nll(sums, lengths, batch["rewards"].to(device), num_tokens=num_tokens)
             parts = {"nll": loss.detach()}
-        loss.backward()
+        (loss * (keep * W)).backward()  # × W: the engines average gradients over ranks, the step sums them
         parts["loss"] = loss.detach()
         for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + v
-        tokens += int(batch["attention_mask"].sum())  # the CPU copy: no device sync
+            totals[k] = totals.get(k, 0.0) + v * keep
+        tokens += int(batch["attention_mask"].sum()) if keep else 0  # the CPU copy: no device sync
     return totals, tokens
 
 
@@ -230,14 +245,19 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
 
     `reference_key` names the DPO reference model for the log-prob cache (else the weights are
     fingerprinted); `reference_cache` is the cache file (default `out_dir/reference_logps.pt`; put it
-    beside the dataset to share it between runs).
+    beside the dataset to share it between runs). Under a launcher, every rank calls it alike.
     """
     out_dir = Path(out_dir)
-    sweep_temporaries(out_dir)  # a checkpoint write a kill cut short
+    main = dist.is_main()
+    if main:
+        sweep_temporaries(out_dir)  # a checkpoint write a kill cut short
+    dist.barrier()
     ckpt_path = out_dir / "checkpoint.pt"
     examples, data_stats = encode_records(tokenizer, records, cfg.objective, cfg.max_length)
     if not examples:
         raise UserError(f"no training example fits max_length={cfg.max_length} ({len(records)} records)")
+    if cfg.parallel == "fsdp" and is_peft(model):
+        raise UserError("train.parallel fsdp is for full fine-tuning (model.mode full); adapters train with ddp")
     run_id = {"config": asdict(cfg), "data": data_fingerprint(examples)}
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
     if ckpt is not None and ckpt["run"] != run_id:
@@ -245,12 +265,13 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
                         "or delete it")
     if ckpt is not None and ckpt["done"]:
         _load_weights(model, ckpt["weights"])
-        atomic_write_json(out_dir / "summary.json", ckpt["summary"])
+        if main:
+            atomic_write_json(out_dir / "summary.json", ckpt["summary"])
+        dist.barrier()
         return ckpt["summary"]
 
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise UserError("the model has no trainable parameters")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ref, ref_source = None, None
@@ -259,33 +280,37 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
             model, examples, reference=cfg.reference, key=reference_key,
             cache_path=reference_cache or out_dir / "reference_logps.pt",
             batch_size=cfg.reference_batch_size or 2 * cfg.batch_size, pad_id=pad_id, autocast=cfg.autocast,
-            progress=progress)
+            progress=progress and main)
         ref_source = "cache" if cached else "computed"
+    if ckpt is not None:
+        _load_weights(model, ckpt["weights"])  # before the engine: FSDP2 shards a copy of the model
+    dropouts = _disable_dropout(model) if cfg.disable_dropout else []
+    engine = Engine.wrap(model, cfg.parallel)
 
     step_size = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = math.ceil(len(examples) / step_size)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = build_optimizer(params, cfg, device)
+    optimizer = build_optimizer(engine.params(), cfg, device)
     schedule = partial(lr_factor, warmup=math.ceil(cfg.warmup_ratio * total), total=total,
                        schedule=cfg.lr_schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     counters = {"step": 0, "skipped": 0, "bad_streak": 0, "tokens": 0, "elapsed_s": 0.0}
     log = JsonlLog(out_dir / "metrics.jsonl")
     if ckpt is not None:
-        _load_weights(model, ckpt["weights"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        engine.load_optimizer_state(optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        rngs = ckpt["rng"]  # per rank; another number of ranks continues from rank 0's
+        _set_rng_state(rngs[dist.rank()] if len(rngs) == dist.world() else rngs[0])
         counters = ckpt["counters"]
     else:
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-    _trim_metrics(log, counters["step"])
+        torch.manual_seed(cfg.seed + dist.rank())  # dropout, if kept, masks each rank's examples differently
+        random.seed(cfg.seed + dist.rank())
+    if main:
+        _trim_metrics(log, counters["step"])
     resumed_from = counters["step"]
 
-    dropouts = _disable_dropout(model) if cfg.disable_dropout else []
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=counters["step"], desc=f"train {cfg.objective}", unit="step")
@@ -303,13 +328,14 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
         rec.update(lr=scheduler.get_last_lr()[0], tokens_per_s=w_tokens / max(w_time, 1e-9),
                    tokens=counters["tokens"], elapsed_s=counters["elapsed_s"], skipped_steps=counters["skipped"],
                    peak_mem_mb=_peak_memory_mb(device))
-        log.append([rec])
+        if main:
+            log.append([rec])
         if bar is not None:
             bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
         last, window, w_steps, w_tokens, w_time = rec, {}, 0, 0, 0.0
 
     try:
-        with training_mode(model, True):
+        with training_mode(engine.net, True):
             for step in range(counters["step"], total):
                 t0 = time.perf_counter()
                 epoch, k = divmod(step, steps_per_epoch)
@@ -317,14 +343,15 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
                     plans = {epoch: plan_epoch([e.length for e in examples], step_size=step_size,
                                                micro_size=cfg.batch_size, window=cfg.group_window, seed=cfg.seed,
                                                epoch=epoch)}
-                parts, tokens = _step_loss(model, examples, plans[epoch][k], ref, cfg, pad_id, device)
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                parts = {name: float(v) for name, v in parts.items()}
-                if math.isfinite(float(norm)) and math.isfinite(parts["loss"]):
+                parts, tokens = _step_loss(engine, examples, plans[epoch][k], ref, cfg, pad_id, device)
+                norm = engine.clip(cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)  # same on every rank
+                parts = sum_over_ranks({**parts, "tokens": tokens}, device)  # the whole step's
+                tokens = int(parts.pop("tokens"))
+                if math.isfinite(norm) and math.isfinite(parts["loss"]):
                     optimizer.step()
                     scheduler.step()
                     counters["bad_streak"] = 0
-                    parts["grad_norm"] = float(norm)
+                    parts["grad_norm"] = norm
                     for name, v in parts.items():
                         window[name] = window.get(name, 0.0) + v
                     w_steps += 1
@@ -344,12 +371,15 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
                 at_checkpoint = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total
                 if (step + 1) % cfg.log_every == 0 or at_checkpoint or step + 1 == total:
                     flush(step + 1)
-                if at_checkpoint:
-                    _save_checkpoint(ckpt_path, {"run": run_id, "done": False, "weights": _weights(model),
-                                                 "optimizer": optimizer.state_dict(),
-                                                 "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                                                 "counters": counters})
+                if at_checkpoint:  # gathered on every rank (FSDP2 holds shards), written by rank 0
+                    payload = {"run": run_id, "done": False, "weights": engine.full_weights(_weights),
+                               "optimizer": engine.optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
+                               "rng": dist.gather(_rng_state()), "counters": counters}  # rng: one per rank
+                    if main:
+                        _save_checkpoint(ckpt_path, payload)
+        engine.close()  # FSDP2: the trained weights back into `model`, on every rank
     finally:
+        engine.abandon()  # after an error (else nothing left to do): no collective, the model back on its device
         for m, p in dropouts:
             m.p = p
         if bar is not None:
@@ -364,6 +394,7 @@ def train(model, tokenizer, records: list[dict], cfg: TrainConfig, out_dir: str 
         "resumed_from_step": resumed_from,
         "final": {k: v for k, v in last.items() if k in ("loss", "dpo", "nll", "grad_norm", *PAIR_METRICS)},
     }
-    _save_checkpoint(ckpt_path, {"run": run_id, "done": True, "weights": _weights(model), "summary": summary})
-    atomic_write_json(out_dir / "summary.json", summary)
-    return summary
+    if main:
+        _save_checkpoint(ckpt_path, {"run": run_id, "done": True, "weights": _weights(model), "summary": summary})
+        atomic_write_json(out_dir / "summary.json", summary)
+    return dist.broadcast(summary)  # rank 0's, once its files are written

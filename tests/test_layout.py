@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lower layers never import higher ones; a module may import its own layer when that makes no cycle
 LAYERS = [
-    {"errors", "config", "kernels"},
+    {"errors", "config", "kernels", "distributed"},
     {"store", "losses"},
     {"models", "data", "logprobs", "batching", "tokenizer"},
-    {"reference", "engine", "sampling_vllm", "tasks"},
+    {"reference", "engine", "sampling_vllm", "tasks", "parallel"},
     {"sampling", "train", "evaluate", "judge", "mbr", "plot"},
     {"recipes"},
     {"cli", "__main__"},
