@@ -4,6 +4,7 @@ collectives the stages need. Everything here is a no-op in one process.
     from lite_selftrain import distributed as dist
     dist.init()                          # once per process; reads RANK / WORLD_SIZE / LOCAL_RANK from the launcher
     mine = dist.shard(range(n))          # this rank's share of n items: items r, r + W, r + 2W, ...
+    rewards = dist.map_shards(score, xs) # score(list) of each rank's share, every result on every rank
     if dist.is_main(): write(...)        # rank 0 alone writes the run directory
     dist.barrier()                       # the others wait, then read what it wrote
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -67,6 +68,20 @@ def barrier() -> None:
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's items: every world()-th one from its rank on (strided, so long and short items mix)."""
     return list(items[rank() :: world()])
+
+
+def map_shards(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T]) -> list[Any]:
+    """`fn` of all `items` (one result per item, in order), each rank computing `fn` of its `shard` only.
+
+    For per-item work that is worth splitting (rewards, code runs): every rank gets every result.
+    """
+    mine = list(fn(shard(items)))
+    if not active():
+        return mine
+    out: list[Any] = [None] * len(items)
+    for r, part in enumerate(gather(mine)):  # rank r held items r, r + W, ...
+        out[r :: world()] = part
+    return out
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
