@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as tdist
 
+from .errors import UserError
+
 T = TypeVar("T")
 TIMEOUT_MIN = 60  # a collective waits this long for the other ranks: a long rank-0 stage (eval) must fit
 
@@ -43,7 +45,11 @@ def init() -> bool:
     if not tdist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:  # before the group: NCCL binds each process to its own GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= gpus:
+                raise UserError(f"local rank {local} has no GPU of its own ({gpus} visible): start at most {gpus} "
+                                "processes per node (--nproc_per_node), or hide the GPUs to run on the CPU")
+            torch.cuda.set_device(local)
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=TIMEOUT_MIN))
     return active()
 

@@ -50,7 +50,9 @@ with open(f"{sys.argv[4]}.{distributed.rank()}", "w") as f:  # what each rank re
 
 
 def _env():
-    return {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    """The children run on the CPU (gloo), also on a GPU machine: one GPU cannot hold two NCCL ranks."""
+    return {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _toml(value) -> str:
