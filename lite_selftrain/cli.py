@@ -154,7 +154,8 @@ def _load(model_name, mode, adapter):
 @cli.command()
 @_model_options
 @_task_options
-@click.option("--n", default=4, show_default=True, help="Samples per problem.")
+@click.option("--n", "--num-samples", "n", default=4, show_default=True,
+              help="Samples per problem (--num-samples under torchrun, which reads --n as its own option).")
 @click.option("--temperature", default=0.7, show_default=True, help="0 = greedy.")
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=1.0, show_default=True)
@@ -260,7 +261,8 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
 @_model_options
 @_task_options
 @limit_option
-@click.option("--n", default=8, show_default=True, help="Samples per problem for pass@k / maj@k.")
+@click.option("--n", "--num-samples", "n", default=8, show_default=True,
+              help="Samples per problem for pass@k / maj@k (--num-samples under torchrun).")
 @click.option("--k", "ks", multiple=True, type=int, default=(1, 4, 8), show_default=True)
 @click.option("--temperature", default=0.7, show_default=True, help="Of the sampled part (pass@1 is greedy).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))

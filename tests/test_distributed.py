@@ -156,6 +156,7 @@ def _launch(cfg: dict, out: Path, tmp_path: Path) -> subprocess.Popen:
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_rest_em_under_two_ranks_matches_one_process_and_resumes_after_a_kill(rest_config, tmp_path):
     one = tmp_path / "one"
     rest_em.run(from_dict(rest_em.RestEMConfig, rest_config), one, progress=False)
