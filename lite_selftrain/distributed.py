@@ -118,8 +118,9 @@ def broadcast(obj: Any, src: int = 0) -> Any:
 def main_first(fn, *args, **kwargs):
     """Run `fn` on rank 0, then hand its result (or its exception, re-raised) to every rank.
 
-    For stages whose work is not sharded (building a dataset, evaluation): the others wait for rank 0's
-    answer instead of redoing it, and an error stops every rank, not only the one that hit it.
+    For what rank 0 alone should do (binding the run folder, folding a killed run's sample streams, a
+    metrics line): the others wait for rank 0's answer instead of redoing it, and an error stops every
+    rank, not only the one that hit it. Never around a call that is itself collective (`generate`).
     """
     result, error = None, None
     if is_main():
