@@ -9,11 +9,17 @@ overrides (dotted keys reach nested tables, values are TOML: `--set train.lr=1e-
 A run directory remembers its config and refuses a different one unless `--restart` is given.
 Every `UserError` and command-line mistake becomes one line on stderr and exit code 2; inputs are checked
 before anything is written, so a rejected command leaves no file behind.
+
+Under a launcher (`torchrun --nproc_per_node 2 -m lite_selftrain rest-em ...`, or `accelerate launch -m
+lite_selftrain ...`) every process runs the same command: `main` joins the process group, the stages shard
+their work (see recipes/common.py), and only rank 0 writes files, prints and draws progress bars.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +27,13 @@ import click
 
 from .errors import UserError
 from .recipes import RECIPES
+
+
+def _main_rank() -> bool:
+    """True on rank 0 (and in one process): the process that prints, draws progress bars and writes files."""
+    from . import distributed
+
+    return distributed.is_main()
 
 
 def _print_table(records: list[dict]) -> None:
@@ -70,6 +83,8 @@ def demo(out, quick, chains, overrides, restart):
     from .config import load_config
     from .recipes.demo import CHAINS, DemoConfig, quick_config, run_demo
 
+    if _several():
+        raise UserError("the demo runs in one process: start it without torchrun / accelerate launch")
     picked = CHAINS if chains is None else tuple(c.strip() for c in chains.split(",") if c.strip())
     cfg = load_config(DemoConfig, overrides=overrides, base=quick_config() if quick else DemoConfig())
     result = run_demo(cfg, out, restart=restart, progress=True, echo=click.echo, chains=picked)
@@ -96,10 +111,12 @@ def _recipe_command(name: str, help: str):
             if not hasattr(cfg, "task_options"):
                 raise UserError(f"--unsafe-sandbox: {name} runs no model-written code")
             cfg.task_options = {**cfg.task_options, "sandbox": {**cfg.task_options.get("sandbox", {}), "unsafe": True}}
-        records, best = module.run(cfg, out, restart=restart, progress=True)
-        _print_table(records)
-        click.echo(f"best iteration: {best['iteration'] if best else 'none (no iteration has the selection metric)'}")
-        click.echo(f"plot: {plot_metrics(Path(out) / 'metrics.jsonl', Path(out) / 'accuracy.png')}")
+        records, best = module.run(cfg, out, restart=restart, progress=_main_rank())
+        if _main_rank():
+            _print_table(records)
+            chosen = best["iteration"] if best else "none (no iteration has the selection metric)"
+            click.echo(f"best iteration: {chosen}")
+            click.echo(f"plot: {plot_metrics(Path(out) / 'metrics.jsonl', Path(out) / 'accuracy.png')}")
 
     return command
 
@@ -137,7 +154,8 @@ def _load(model_name, mode, adapter):
 @cli.command()
 @_model_options
 @_task_options
-@click.option("--n", default=4, show_default=True, help="Samples per problem.")
+@click.option("--n", "--num-samples", "n", default=4, show_default=True,
+              help="Samples per problem (--num-samples under torchrun, which reads --n as its own option).")
 @click.option("--temperature", default=0.7, show_default=True, help="0 = greedy.")
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=1.0, show_default=True)
@@ -156,7 +174,7 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
     examples = task.load(split, data)[:limit]
     cfg = cfg.for_task(task)
     model, tok = _load(model_name, mode, adapter)
-    groups = generate(model, tok, [task.prompt(ex) for ex in examples], cfg, out=Path(out), progress=True)
+    groups = generate(model, tok, [task.prompt(ex) for ex in examples], cfg, out=Path(out), progress=_main_rank())
     click.echo(json.dumps(sampled(groups)))
 
 
@@ -175,7 +193,8 @@ def score(task_name, split, data, shots, limit, samples, out, unsafe_sandbox):
     task = get_task(task_name, shots=shots, **({"sandbox": {"unsafe": True}} if unsafe_sandbox else {}))
     problems = task.load(split, data)[:limit]
     scored, info = task.score_samples(read_jsonl(samples, SAMPLE_FIELDS, len(problems)), problems)
-    write_jsonl(Path(out), scored)
+    if _main_rank():
+        write_jsonl(Path(out), scored)
     click.echo(json.dumps(info))
 
 
@@ -204,7 +223,8 @@ def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_p
     else:
         cfg = rpo.RPOConfig(task=task_name, pairs_per_problem=pairs_per_problem)
         records, info = rpo.build_pairs(cfg, prompts, records, 1)
-    write_jsonl(Path(out), records)
+    if _main_rank():
+        write_jsonl(Path(out), records)
     click.echo(json.dumps(info))
 
 
@@ -231,8 +251,9 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     check_writable(out, folder=True)
     records = load_records(data, need=TRAIN_FIELDS[cfg.objective])  # bad data fails before the model is loaded
     model, tok = _load(model_name, mode, adapter)
-    summary = train(model, tok, records, cfg, Path(out), progress=True)
-    save_model(model, Path(out) / "model", tok)
+    summary = train(model, tok, records, cfg, Path(out), progress=_main_rank())
+    if _main_rank():
+        save_model(model, Path(out) / "model", tok)
     click.echo(json.dumps(summary, default=str))
 
 
@@ -240,7 +261,8 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
 @_model_options
 @_task_options
 @limit_option
-@click.option("--n", default=8, show_default=True, help="Samples per problem for pass@k / maj@k.")
+@click.option("--n", "--num-samples", "n", default=8, show_default=True,
+              help="Samples per problem for pass@k / maj@k (--num-samples under torchrun).")
 @click.option("--k", "ks", multiple=True, type=int, default=(1, 4, 8), show_default=True)
 @click.option("--temperature", default=0.7, show_default=True, help="Of the sampled part (pass@1 is greedy).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
@@ -287,11 +309,27 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _several() -> bool:
+    """Whether a launcher started this process as one of several (WORLD_SIZE > 1)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1", "0")
+
+
 def main(argv: list[str] | None = None):
-    """The console entry: `argv` (default: the process's arguments); every input error is one line."""
+    """The console entry: `argv` (default: the process's arguments); every input error is one line.
+
+    Under a launcher it first joins the process group; ranks other than 0 print nothing to stdout.
+    """
     _quiet_libraries()
+    quiet = contextlib.nullcontext()
     try:
-        cli.main(args=argv, prog_name="lite-selftrain", standalone_mode=False)
+        if _several():  # one process never imports torch here: `--help` stays fast
+            from . import distributed
+
+            distributed.init()
+            if not distributed.is_main():
+                quiet = contextlib.redirect_stdout(open(os.devnull, "w"))  # noqa: SIM115 - for the process's life
+        with quiet:
+            cli.main(args=argv, prog_name="lite-selftrain", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -4,6 +4,7 @@ collectives the stages need. Everything here is a no-op in one process.
     from lite_selftrain import distributed as dist
     dist.init()                          # once per process; reads RANK / WORLD_SIZE / LOCAL_RANK from the launcher
     mine = dist.shard(range(n))          # this rank's share of n items: items r, r + W, r + 2W, ...
+    rewards = dist.map_shards(score, xs) # score(list) of each rank's share, every result on every rank
     if dist.is_main(): write(...)        # rank 0 alone writes the run directory
     dist.barrier()                       # the others wait, then read what it wrote
 
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
+
+from .errors import UserError
 
 T = TypeVar("T")
 TIMEOUT_MIN = 60  # a collective waits this long for the other ranks: a long rank-0 stage (eval) must fit
@@ -42,7 +45,11 @@ def init() -> bool:
     if not tdist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:  # before the group: NCCL binds each process to its own GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= gpus:
+                raise UserError(f"local rank {local} has no GPU of its own ({gpus} visible): start at most {gpus} "
+                                "processes per node (--nproc_per_node), or hide the GPUs to run on the CPU")
+            torch.cuda.set_device(local)
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=TIMEOUT_MIN))
     return active()
 
@@ -67,6 +74,20 @@ def barrier() -> None:
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's items: every world()-th one from its rank on (strided, so long and short items mix)."""
     return list(items[rank() :: world()])
+
+
+def map_shards(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T]) -> list[Any]:
+    """`fn` of all `items` (one result per item, in order), each rank computing `fn` of its `shard` only.
+
+    For per-item work that is worth splitting (rewards, code runs): every rank gets every result.
+    """
+    mine = list(fn(shard(items)))
+    if not active():
+        return mine
+    out: list[Any] = [None] * len(items)
+    for r, part in enumerate(gather(mine)):  # rank r held items r, r + W, ...
+        out[r :: world()] = part
+    return out
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -97,8 +118,9 @@ def broadcast(obj: Any, src: int = 0) -> Any:
 def main_first(fn, *args, **kwargs):
     """Run `fn` on rank 0, then hand its result (or its exception, re-raised) to every rank.
 
-    For stages whose work is not sharded (building a dataset, evaluation): the others wait for rank 0's
-    answer instead of redoing it, and an error stops every rank, not only the one that hit it.
+    For what rank 0 alone should do (binding the run folder, folding a killed run's sample streams, a
+    metrics line): the others wait for rank 0's answer instead of redoing it, and an error stops every
+    rank, not only the one that hit it. Never around a call that is itself collective (`generate`).
     """
     result, error = None, None
     if is_main():

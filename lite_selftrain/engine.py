@@ -328,6 +328,12 @@ def context_length(model) -> int | None:
     return getattr(split_body_head(model)[0].config, "max_position_embeddings", None)
 
 
+def batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The prompt indices of each batch `rows` runs: longest prompts first, so similar lengths share one."""
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 def rows(model, tokenizer, ids: list[list[int]], pending: set[int], cfg, *,
          logprobs: bool = False) -> Iterator[tuple[int, list[tuple[list[int], str, list[float] | None]]]]:
     """Yield (prompt index, its n rows (token ids, finish reason, token log-probs)) for the pending prompts.
@@ -344,10 +350,8 @@ def rows(model, tokenizer, ids: list[list[int]], pending: set[int], cfg, *,
     stops = StopStrings(tokenizer, cfg.stop, vocab, device) if cfg.stop else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     keyword = _cache_keyword(body)
-    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))  # similar lengths share a batch
     with training_mode(model, False), torch.inference_mode():
-        for b in range(0, len(order), cfg.batch_size):
-            batch = order[b : b + cfg.batch_size]
+        for batch in batches(ids, cfg.batch_size):
             if pending.isdisjoint(batch):
                 continue
             for p, group in _decode_batch(body, head, [ids[i] for i in batch], batch, cfg, eos=eos, stops=stops,

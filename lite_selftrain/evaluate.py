@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import distributed as dist
 from .config import Name, PositiveInt, check_fields
 from .errors import UserError
 from .sampling import SamplingConfig, generate
@@ -129,7 +130,8 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: SamplingConfig, 
     task, and return the metrics.
 
     With `out_dir`, writes metrics.json and problems.jsonl (prompt, gold answer, completions, answers,
-    rewards and metrics of every problem) there.
+    rewards and metrics of every problem) there. Under a launcher every rank calls it: sampling and rewards
+    are sharded, every rank returns the metrics, rank 0 writes the files.
     """
     if task.needs_judge:
         raise UserError(f"task {task.name} has no automatic reward; evaluate it with the judge")
@@ -139,14 +141,15 @@ def evaluate(model, tokenizer, task, examples: list[dict], cfg: SamplingConfig, 
     prompts = [task.prompt(ex) for ex in examples]
     groups = generate(model, tokenizer, prompts, cfg.for_task(task))
     flat = [(c, ex) for group, ex in zip(groups, examples) for c in group]
-    flat_rewards = task.rewards([c.text for c, _ in flat], [ex for _, ex in flat])
+    flat_rewards = dist.map_shards(lambda mine: task.rewards([c.text for c, _ in mine], [ex for _, ex in mine]),
+                                   flat)  # under a launcher each rank rewards its share
     rewards = [flat_rewards[i * n:(i + 1) * n] for i in range(len(examples))]
     answers = [[task.extract_answer(c.text) for c in group] for group in groups]
     metrics, records = score_problems(answers, rewards, list(ks))
     completions = [c for group in groups for c in group]
     metrics["mean_tokens"] = sum(c.num_tokens for c in completions) / len(completions)
     metrics["truncated"] = sum(c.finish_reason == "length" for c in completions) / len(completions)
-    if out_dir is not None:
+    if out_dir is not None and dist.is_main():  # every rank has the metrics; rank 0 writes them
         out = Path(out_dir)
         for record, prompt, ex, group, ans, rew in zip(records, prompts, examples, groups, answers, rewards):
             record.update(prompt=prompt, gold=task.gold_answer(ex), completions=[c.text for c in group],

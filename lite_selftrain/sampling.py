@@ -27,11 +27,19 @@ prompts, one write and fsync per `batch_size` finished prompts or per second, wh
 restart a torn last line is cut off, a prompt with fewer than n records is dropped (the file is rewritten
 atomically) and sampled again, finished prompts are not; a resumed job returns exactly what an
 uninterrupted one would.
+
+Several processes (`torchrun`, see `distributed.py`): every rank calls `generate` with the same prompts;
+each samples every world()-th of the engine's batches (whole batches, so the samples are those of one
+process) into its own stream `samples.jsonl.rank<r>`, and every rank returns all the groups. At the end
+rank 0 writes `samples.jsonl` whole, in prompt order, then deletes the streams; a resume (under any number
+of processes) first folds whatever streams a killed run left into `samples.jsonl`, one record per sample.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +48,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from . import distributed as dist
 from .config import Count, Name, PositiveInt, check_fields
 from .errors import UserError, UserTypeError
 from .store import JsonlLog, write_jsonl
@@ -151,27 +160,51 @@ def _completion(tokenizer, stops: tuple[str, ...], token_ids: list[int], reason:
     return Completion(text, token_ids, len(token_ids), reason, None if lps is None else float(sum(lps)), lps)
 
 
-def _stream(model, tokenizer, prompts, pending: set[int], cfg: SamplingConfig, logprobs: bool, truncate: bool):
-    """Yield (prompt index, its n completions) for the pending prompts, from the configured backend."""
+@contextlib.contextmanager
+def _backend(model, tokenizer, prompts, cfg: SamplingConfig, truncate: bool):
+    """(every prompt's token ids, rows(pending, logprobs)) of the configured backend, open for the block."""
     if cfg.backend == "vllm":
         from . import sampling_vllm
 
         with sampling_vllm.engine(model, tokenizer) as llm:
             ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, sampling_vllm.context_length(llm),
                                    truncate)
-            for i, group in sampling_vllm.rows(llm, ids, pending, cfg, logprobs=logprobs):
-                yield i, [_completion(tokenizer, cfg.stop, *row) for row in group]
+            yield ids, lambda pending, logprobs: sampling_vllm.rows(llm, ids, pending, cfg, logprobs=logprobs)
         return
     from . import engine
 
     ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, engine.context_length(model), truncate)
-    for i, group in engine.rows(model, tokenizer, ids, pending, cfg, logprobs=logprobs):
-        yield i, [_completion(tokenizer, cfg.stop, *row) for row in group]
+    yield ids, lambda pending, logprobs: engine.rows(model, tokenizer, ids, pending, cfg, logprobs=logprobs)
+
+
+def _share(ids: list[list[int]], pending: set[int], cfg: SamplingConfig) -> set[int]:
+    """This rank's pending prompts: every world()-th of the engine's batches that hold pending prompts.
+
+    Whole batches, cut as one process cuts them, so a prompt is sampled beside the same batch-mates (the
+    same padding, the same float sums) and its samples are bit for bit those of one process. vLLM seeds
+    each prompt on its own: its prompts are dealt one by one.
+    """
+    if dist.world() == 1:
+        return pending
+    if cfg.backend == "vllm":
+        groups = [[i] for i in sorted(pending)]
+    else:
+        from . import engine
+
+        groups = [b for b in engine.batches(ids, cfg.batch_size) if not pending.isdisjoint(b)]
+    return {i for batch in dist.shard(groups) for i in batch if i in pending}
+
+
+def rank_file(path: Path, rank: int) -> Path:
+    """Rank `rank`'s own stream beside `path` (`samples.jsonl.rank1`), under a launcher."""
+    return path.with_name(f"{path.name}.rank{rank}")
 
 
 def _resume(log: JsonlLog, num_prompts: int, n: int) -> dict[int, list[Completion]]:
-    """Completed prompts already in `log`; a torn line, partial prompts and duplicates are removed."""
-    records = log.recover()  # cuts a torn last line
+    """Completed prompts in `log` and in the rank streams beside it; torn lines, partial prompts and
+    duplicates are removed, and the rank streams folded into `log` (rewritten atomically, then deleted)."""
+    parts = sorted(log.path.parent.glob(glob.escape(log.path.name) + ".rank*"))  # whatever the world size was
+    records = log.recover() + [r for part in parts for r in JsonlLog(part).recover()]  # each cuts a torn line
     by_prompt: dict[int, dict[int, dict]] = {}
     for r in records:
         i, j = r.get("prompt_index"), r.get("sample_index")
@@ -180,9 +213,19 @@ def _resume(log: JsonlLog, num_prompts: int, n: int) -> dict[int, list[Completio
                             f"({num_prompts} prompts, n={n}); was the file written by another sampling job?")
         by_prompt.setdefault(i, {}).setdefault(j, r)  # a duplicate keeps its first copy
     complete = {i: got for i, got in by_prompt.items() if len(got) == n}
-    if len(complete) * n != len(records):  # partial prompts or duplicates: keep complete prompts only
-        write_jsonl(log.path, [complete[i][j] for i in sorted(complete) for j in range(n)])
+    if parts or len(complete) * n != len(records):  # partial prompts, duplicates or streams: complete prompts
+        _write_merged(log, {i: [got[j] for j in range(n)] for i, got in complete.items()})
     return {i: [Completion.from_dict(got[j]) for j in range(n)] for i, got in complete.items()}
+
+
+def _write_merged(log: JsonlLog, groups: dict[int, list]) -> None:
+    """`log` rewritten (atomically) as every group's records in prompt order, then the rank streams deleted:
+    a kill in between leaves records twice, and the next `_resume` keeps one copy of each."""
+    records = [r if isinstance(r, dict) else {"prompt_index": i, "sample_index": j, **r.to_dict()}
+               for i in sorted(groups) for j, r in enumerate(groups[i])]
+    write_jsonl(log.path, records)
+    for part in log.path.parent.glob(glob.escape(log.path.name) + ".rank*"):
+        part.unlink(missing_ok=True)
 
 
 def _consume(stream, done: dict, log: JsonlLog | None, total: int, progress: bool, flush_prompts: int,
@@ -243,9 +286,21 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | Non
     if not prompts:  # N = 0: nothing to sample, and no file touched
         return []
     log = out if isinstance(out, JsonlLog) or out is None else JsonlLog(out)
-    done = _resume(log, len(prompts), cfg.n) if log is not None else {}
+    done = dist.main_first(_resume, log, len(prompts), cfg.n) if log is not None else {}  # rank 0 reads, all get it
     pending = set(range(len(prompts))) - set(done)
-    if pending:
-        stream = _stream(model, tokenizer, prompts, pending, cfg, logprobs, truncate)
-        _consume(stream, done, log, len(pending) * cfg.n, progress, flush_prompts=cfg.batch_size)
+    if not pending:
+        return [done[i] for i in range(len(prompts))]
+    several = dist.world() > 1
+    stream_to = JsonlLog(rank_file(log.path, dist.rank())) if several and log is not None else log
+    mine: dict[int, list[Completion]] = {}
+    with _backend(model, tokenizer, prompts, cfg, truncate) as (ids, rows):
+        share = _share(ids, pending, cfg)
+        stream = ((i, [_completion(tokenizer, cfg.stop, *row) for row in group]) for i, group in rows(share, logprobs))
+        _consume(stream, mine, stream_to, len(share) * cfg.n, progress and dist.is_main(), flush_prompts=cfg.batch_size)
+    for part in dist.gather(mine) if several else [mine]:  # every rank returns every prompt's completions
+        done.update(part)
+    if several and log is not None:
+        if dist.is_main():
+            _write_merged(log, done)
+        dist.barrier()  # the merged file is there before any rank reads it
     return [done[i] for i in range(len(prompts))]

@@ -9,6 +9,10 @@ completions and streams them into the same resumable file. The conventions match
 `token_ids` as vLLM returns them (up to the EOS or the token that completed a stop string), the text
 decoded and cut by `generate`, `logprob` the raw model log-prob (vLLM's default "raw_logprobs" mode).
 
+Under a launcher (`torchrun`) every rank builds its own engine on its own GPU in vLLM's external-launcher
+data-parallel mode and samples the prompts `generate` deals it; for tensor parallelism pass a `vllm.LLM`
+built with `tensor_parallel_size` in one process instead.
+
 Simplifications: a peft model must be merged and saved to a folder first (vLLM loads weights itself);
 each prompt gets its own seed, derived from (seed, prompt index), so its samples do not depend on its
 batch-mates; prompts go to vLLM in chunks of VLLM_CHUNK so finished chunks reach the file while the
@@ -24,6 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import distributed as dist
 from .engine import mix32
 from .errors import UserError
 
@@ -52,7 +57,16 @@ def engine(model, tokenizer):
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             model = folder
-        yield LLM(model=str(model), tokenizer=str(model), seed=0)
+        yield LLM(model=str(model), tokenizer=str(model), seed=0, **launcher_options())
+
+
+def launcher_options() -> dict:
+    """Under torchrun, one vLLM engine per rank, data parallel (vLLM's external-launcher mode): each rank's
+    engine takes the prompts `generate` deals to that rank."""
+    if dist.world() == 1:
+        return {}
+    return {"distributed_executor_backend": "external_launcher", "data_parallel_size": dist.world(),
+            "tensor_parallel_size": 1}
 
 
 def context_length(llm) -> int:

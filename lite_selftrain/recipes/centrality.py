@@ -30,7 +30,7 @@ from ..judge import JudgeConfig, judged_eval
 from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, sampled
-from ..store import read_jsonl, write_jsonl
+from ..store import read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
 from .common import Iterates, Run, split_validation, write_stage
@@ -119,7 +119,7 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
     def selection(t):  # the most central candidate (or pair) by M_{t-1}'s own embeddings
         records, decisions, info = build(cfg, *models.get(t - 1), prompts, originals,
                                          read_jsonl(run.dir(t) / "samples.jsonl"))
-        write_jsonl(run.dir(t) / "decisions.jsonl", decisions)
+        write_stage(run.dir(t) / "decisions.jsonl", decisions, {})
         return write_stage(run.dir(t) / "dataset.jsonl", records, info)
 
     run.once(0, "eval", lambda: evaluate(0))

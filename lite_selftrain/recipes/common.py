@@ -14,6 +14,15 @@ stream), so a kill at any moment loses at most the stage in progress, and the sa
 even that from where they stopped. Temporaries a killed process left are removed on resume and before
 every stage, with one line saying so.
 
+Several processes (`torchrun --nproc_per_node N -m lite_selftrain rest-em ...`): the recipe runs on every
+rank, top to bottom, and one rule keeps the ranks in step: **every rank runs every stage function; rank 0
+alone writes**. The work inside a stage is sharded (`generate`, `score_samples`, `evaluate`, `train`) or
+cheap and the same on every rank (building a dataset from the scored file: seeded, so identical), so no
+stage needs a rank-0-only branch, and a stage that samples inside (writing prompts, judging) stays a
+collective call on every rank. Rank 0 binds the config, writes the state, metrics, best.json, stage files
+(`write_stage`) and models (`Iterates.fit`); `once` takes rank 0's word on whether a stage is done and
+hands its summary to every rank, a sync point after which every rank reads what rank 0 wrote.
+
 Layout of a run directory:
     config.json, state.json, metrics.jsonl, best.json, accuracy.png
     iter_NN/samples.jsonl      the iteration's completions, streamed
@@ -34,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as dist
 from ..config import to_dict
 from ..errors import UserError
 from ..evaluate import validation_count
@@ -55,9 +65,12 @@ class Run:
     def bind(self) -> None:
         """Write the config (deleting the folder's contents first with `restart`), once, before any output."""
         if not self.bound:
-            self.store.bind_config(self.config, restart=self.restart)
-            sweep_temporaries(self.store.root)
+            dist.main_first(self._bind)  # the others wait: they read the folder once it is ready
             self.bound = True
+
+    def _bind(self) -> None:
+        self.store.bind_config(self.config, restart=self.restart)
+        sweep_temporaries(self.store.root)
 
     def dir(self, iteration: int) -> Path:
         self.bind()
@@ -67,13 +80,16 @@ class Run:
         """Run `fn` unless this stage already finished; its summary (with its time) is kept and returned."""
         key = f"{self.recipe}/{iteration:02d}/{name}"
         self.bind()
-        if not self.store.is_done(key):
-            sweep_temporaries(self.store.root)  # what a kill inside this stage's writes left
+        info = dist.broadcast(self.store.done_info(key) if dist.is_main() else None)  # rank 0's state decides
+        if info is None:
+            if dist.is_main():
+                sweep_temporaries(self.store.root)  # what a kill inside this stage's writes left
             start = time.perf_counter()
-            info = dict(fn())
+            info = dict(fn())  # on every rank: see the module's docstring
             info["seconds"] = round(time.perf_counter() - start, 2)
-            self.store.mark_done(key, info)
-        info = self.store.done_info(key)
+            if dist.is_main():
+                self.store.mark_done(key, info)
+            info = dist.broadcast(info)  # rank 0's summary; after it, every rank reads what rank 0 wrote
         self.summaries.setdefault(iteration, {})[name] = info
         return info
 
@@ -86,8 +102,11 @@ class Run:
             record.update({k: v for k, v in stages[name].items() if k != "seconds"})
         record.update(extra)
         record["seconds"] = {k: v.get("seconds") for k, v in stages.items()}
+        return dist.main_first(self._append, record)
+
+    def _append(self, record: dict) -> dict:
         for old in self.store.metrics.recover():  # a re-run after a kill finds it already there
-            if old.get("recipe") == self.recipe and old.get("iteration") == iteration:
+            if old.get("recipe") == self.recipe and old.get("iteration") == record["iteration"]:
                 return old
         self.store.log_metrics(record)
         return record
@@ -103,7 +122,7 @@ class Run:
             raise UserError(f"the best iteration is chosen on a validation metric, not '{key}'")
         records = self.records()
         best = best_iteration(records, key)
-        if best is not None:
+        if best is not None and dist.is_main():
             model = self.dir(best["iteration"]) / "model"
             atomic_write_json(self.store.root / "best.json", {
                 "recipe": self.recipe, "selected_on": key, "split": "validation",
@@ -163,10 +182,11 @@ class Iterates:
         d = self.run.dir(iteration)
         records = read_jsonl(d / "dataset.jsonl")
         summary = {"skipped": empty}
-        if records:
+        if records:  # on every rank: the trainer splits the batches across ranks (DDP)
             summary = train(model, tokenizer, records, dataclasses.replace(cfg, reference=reference), d / "train",
-                            reference_cache=d / "dataset.ref_logps.pt", progress=progress)
-        save_model(model, d / "model", tokenizer)
+                            reference_cache=d / "dataset.ref_logps.pt", progress=progress and dist.is_main())
+        if dist.is_main():
+            save_model(model, d / "model", tokenizer)
         self.current = (iteration, model, tokenizer)
         return summary
 
@@ -176,8 +196,9 @@ class Iterates:
 
 
 def write_stage(path: Path, records: list[dict], info: dict) -> dict:
-    """Write a stage's records to `path` (atomically) and return its summary."""
-    write_jsonl(path, records)
+    """Write a stage's records to `path` (atomically; rank 0 alone under a launcher) and return its summary."""
+    if dist.is_main():
+        write_jsonl(path, records)
     return info
 
 

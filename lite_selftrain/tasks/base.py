@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 
+from .. import distributed as dist
 from ..config import Count, PositiveFloat, PositiveInt, check_value, from_dict
 from ..data import load_records
 from ..errors import UserError, UserTypeError
@@ -87,13 +88,16 @@ class Task:
 
     def score_samples(self, samples: list[dict], examples: list[dict]) -> tuple[list[dict], dict]:
         """Sample records ({prompt_index, sample_index, text, ...}) with a reward each, in prompt order, and
-        {"samples", "train_accuracy" (mean reward), "train_coverage" (share of problems solved at least once)}."""
+        {"samples", "train_accuracy" (mean reward), "train_coverage" (share of problems solved at least once)}.
+
+        Under a launcher every rank calls it with the same samples, rewards its share and gets them all."""
         for i, s in enumerate(samples):
             if not (isinstance(s.get("prompt_index"), int) and 0 <= s["prompt_index"] < len(examples)
                     and isinstance(s.get("text"), str)):
                 raise UserError(f"sample record {i} needs a text and a prompt_index in 0..{len(examples) - 1}")
         samples = sorted(samples, key=lambda r: (r["prompt_index"], r.get("sample_index", 0)))
-        rewards = self.rewards([s["text"] for s in samples], [examples[s["prompt_index"]] for s in samples])
+        pairs = [(s["text"], examples[s["prompt_index"]]) for s in samples]
+        rewards = dist.map_shards(lambda mine: self.rewards([t for t, _ in mine], [ex for _, ex in mine]), pairs)
         scored = [{**s, "reward": float(r)} for s, r in zip(samples, rewards)]
         solved = {s["prompt_index"] for s in scored if s["reward"] > 0}
         return scored, {"samples": len(scored),
