@@ -74,7 +74,8 @@ def test_the_self_rewarding_chain_runs_beside_its_control_and_resumes(tmp_path):
     first = {r["recipe"]: r for r in rows if r["iteration"] == 0}
     assert first["self_rewarding"]["test_pass@1"] == first["random_pairs"]["test_pass@1"]  # the same M_0
     last = {r["recipe"]: r for r in rows if r["iteration"] == 1}
-    assert last["random_pairs"]["dataset_size"] == last["self_rewarding"]["dataset_size"]
+    assert last["random_pairs"]["answer_pairs"] == last["self_rewarding"]["answer_pairs"]
+    assert last["random_pairs"]["judge_pairs"] == last["self_rewarding"]["judge_pairs"]
     for r in last.values():
         assert 0 <= r["train_judge_agreement"] <= 1 and 0 <= r["chosen_correct"] <= 1
     eft = [json.loads(x) for x in (tmp_path / "self_rewarding" / "m0_data" / "eft.jsonl").read_text().splitlines()]

@@ -8,6 +8,10 @@
     random_pairs    its control: the same loop from the same M_0, DPO on as many pairs of its own answers
                     drawn blind to the judge (random chosen / rejected), the same steps.
 
+Both add to each iteration's DPO data as many judge pairs (`judge_pairs`: an EFT judgment against the same
+check with the opposite verdict) as answer pairs: a deviation from the paper, whose later iterations train
+on answer pairs alone; at this size that trains the judging away within two iterations.
+
 The judging task is made learnable at this size by asking about a property the model can check: is the
 final number the sum? The judge prompt is the problem and the answer ("3+5+2+8=8,10,17#17|"); the judgment
 re-computes the sum one explicit addition at a time, sets the total beside the answer's final number,
@@ -39,7 +43,7 @@ import re
 from pathlib import Path
 
 from ..evaluate import heldout
-from ..judge import JudgeConfig, judge
+from ..judge import JudgeConfig, eft_example, judge
 from ..models import ModelConfig, load_model
 from ..sampling import SamplingConfig, generate, group_by_prompt
 from ..store import RunStore, read_jsonl, write_jsonl
@@ -110,23 +114,39 @@ def verify(task, judged: list[dict]) -> list[bool]:
     return [task.reward(j["text"], task.make(numbers_of(j["prompt"]))) > 0 for j in judged]
 
 
-def judged_pairs(task):
-    """`pairs` of the self-rewarding chain: the recipe's (best, worst) pairs, plus how its judge agreed with
-    the verifier on this iteration's answers and how often a pair's chosen answer is the correct one."""
+def judge_pairs(eft: list[dict], count: int, seed: int, iteration: int) -> list[dict]:
+    """`count` EFT records as DPO pairs, drawn afresh each iteration: chosen the verifier's judgment,
+    rejected the same check ending in the opposite verdict (5 <-> 1). Without them the answer pairs alone
+    train the judging away: measured on seed 1, balanced accuracy 81 % at M_0, 59 % after one iteration,
+    50 % (chance) after two."""
+    rng = random.Random(f"{seed}/{iteration}/judge_pairs")
+    out = []
+    for r in rng.sample(eft, min(count, len(eft))):
+        good = eft_example(r["prompt"], r["response"], r["justification"], r["score"], TEMPLATE)
+        bad = eft_example(r["prompt"], r["response"], r["justification"], 1 if r["score"] == 5 else 5, TEMPLATE)
+        out.append({"prompt": good["prompt"], "chosen": good["response"], "rejected": bad["response"]})
+    return out
+
+
+def judged_pairs(task, eft: list[dict], seed: int):
+    """`pairs` of the self-rewarding chain: the recipe's (best, worst) pairs, as many judge pairs, and how
+    its judge agreed with the verifier on this iteration's answers and how often a chosen answer is correct."""
 
     def pairs(judged: list[dict], iteration: int):
         records, info = build_pairs(judged)
-        right = {(r["prompt"], r["chosen"]) for r in records if task.reward(
-            r["chosen"], task.make(numbers_of(r["prompt"]))) > 0}
-        return records, {**info, **agreement(judged, verify(task, judged), "train_judge_"),
-                         "chosen_correct": len(right) / max(len(records), 1)}
+        right = sum(task.reward(r["chosen"], task.make(numbers_of(r["prompt"]))) > 0 for r in records)
+        judging = judge_pairs(eft, len(records), seed, iteration)
+        return records + judging, {**info, "answer_pairs": len(records), "judge_pairs": len(judging),
+                                   "dataset_size": len(records) + len(judging),
+                                   **agreement(judged, verify(task, judged), "train_judge_"),
+                                   "chosen_correct": right / max(len(records), 1)}
 
     return pairs
 
 
-def random_pairs(task, sizes: list[int], seed: int):
-    """`pairs` of the control: as many pairs as the chain had at that iteration (`sizes`), each two distinct
-    finished answers to one problem, which is chosen drawn blind to the judge."""
+def random_pairs(task, eft: list[dict], sizes: list[int], seed: int):
+    """`pairs` of the control: as many answer pairs as the chain had at that iteration (`sizes`), each two
+    distinct finished answers to one problem, which is chosen drawn blind to the judge; the same judge pairs."""
 
     def pairs(judged: list[dict], iteration: int):
         rng = random.Random(f"{seed}/{iteration}/random_pairs")
@@ -139,17 +159,20 @@ def random_pairs(task, sizes: list[int], seed: int):
         kept = rng.sample(pool, min(size, len(pool)))
         records = [{"prompt": a["prompt"], "chosen": a["text"], "rejected": b["text"]} for a, b in kept]
         right = sum(task.reward(r["chosen"], task.make(numbers_of(r["prompt"]))) > 0 for r in records)
-        return records, {"pairs": len(records), "dataset_size": len(records),
-                         "dropped": {"no_two_answers": len(group_by_prompt(judged)) - len(pool)},
-                         **agreement(judged, verify(task, judged), "train_judge_"),
-                         "chosen_correct": right / max(len(records), 1)}
+        judging = judge_pairs(eft, size, seed, iteration)
+        return records + judging, {"pairs": len(records), "answer_pairs": len(records), "judge_pairs": len(judging),
+                                   "dataset_size": len(records) + len(judging),
+                                   "dropped": {"no_two_answers": len(group_by_prompt(judged)) - len(pool)},
+                                   **agreement(judged, verify(task, judged), "train_judge_"),
+                                   "chosen_correct": right / max(len(records), 1)}
 
     return pairs
 
 
 def m0_data(cfg, warm: Path, gold: list[dict], folder: Path) -> Path:
     """M_0's data in `folder`, written once: ift.jsonl (the gold solutions), eft.jsonl (the warm start's
-    sampled answers to `eft_problems` fresh training problems, judged by the rubric), and judge_set.jsonl
+    sampled answers to `eft_problems` fresh training problems, judged by the rubric, the correct ones
+    `eft_correct_repeat` times), and judge_set.jsonl
     (its answers to the test problems, the fixed set every iterate's judge is measured on)."""
     if not (folder / "judge_set.jsonl").exists():
         task = get_task("arith", terms=cfg.terms, seed=cfg.seed)
@@ -165,7 +188,10 @@ def m0_data(cfg, warm: Path, gold: list[dict], folder: Path) -> Path:
             scored, _ = task.score_samples(answers, examples)
             if name == "eft":
                 write_jsonl(folder / "ift.jsonl", gold)
-            write_jsonl(folder / f"{name}.jsonl", eft_records(examples, scored))
+            records = eft_records(examples, scored)
+            if name == "eft":  # about 16 % are correct: repeated, the judge sees more of what a "y" looks like
+                records += [r for r in records if r["reward"] > 0] * (cfg.eft_correct_repeat - 1)
+            write_jsonl(folder / f"{name}.jsonl", records)
     return folder
 
 
@@ -207,6 +233,7 @@ def run_chain(cfg, name: str, out: Path, warm: Path, gold: list[dict], base, *, 
                           grad_accum=1, max_length=128, checkpoint_every=50, log_every=25, beta=0.1,
                           alpha=cfg.sr_alpha, group_window=1, seed=cfg.seed),
         seed=cfg.seed)
-    pairs = judged_pairs(task) if name == "self_rewarding" else random_pairs(task, sizes, cfg.seed)
+    eft = read_jsonl(data / "eft.jsonl")
+    pairs = judged_pairs(task, eft, cfg.seed) if name == "self_rewarding" else random_pairs(task, eft, sizes, cfg.seed)
     return self_rewarding.run(recipe, chain_out, progress=progress, name=name, prompts=prompts, pairs=pairs,
                               evaluate=evaluate, select_on="valid_pass@1")
