@@ -13,7 +13,8 @@ Usage:
     metrics = judged_eval(model, tokenizer, prompts, JudgeConfig(), answer=SamplingConfig(max_new_tokens=256),
                           judge_with=(judge_model, judge_tokenizer))   # one fixed judge for every iterate
 
-Simplifications: one rubric (the paper's, in our own words); the model's chat template (when it has one)
+`JudgeConfig.template` replaces the rubric prompt for a task with its own (the CPU demo's arithmetic check).
+Simplifications: one rubric by default (the paper's, in our own words); the model's chat template (when it has one)
 wraps the judge prompt, as it wraps every instruction.
 """
 

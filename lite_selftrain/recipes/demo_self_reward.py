@@ -172,8 +172,8 @@ def random_pairs(task, eft: list[dict], sizes: list[int], seed: int):
 def m0_data(cfg, warm: Path, gold: list[dict], folder: Path) -> Path:
     """M_0's data in `folder`, written once: ift.jsonl (the gold solutions), eft.jsonl (the warm start's
     sampled answers to `eft_problems` fresh training problems, judged by the rubric, the correct ones
-    `eft_correct_repeat` times), and judge_set.jsonl
-    (its answers to the test problems, the fixed set every iterate's judge is measured on)."""
+    `eft_correct_repeat` times), and judge_set.jsonl (its answers to the test problems: the fixed set every
+    iterate's judge is measured on), the last one marking the folder complete."""
     if not (folder / "judge_set.jsonl").exists():
         task = get_task("arith", terms=cfg.terms, seed=cfg.seed)
         model, tok = load_model(ModelConfig(name=str(warm), mode="full"))
@@ -185,12 +185,10 @@ def m0_data(cfg, warm: Path, gold: list[dict], folder: Path) -> Path:
                               knobs.replace(n=n, seed=cfg.seed + seed))
             answers = [{"prompt_index": i, "sample_index": j, "text": c.text, "finish_reason": c.finish_reason}
                        for i, group in enumerate(groups) for j, c in enumerate(group)]
-            scored, _ = task.score_samples(answers, examples)
-            if name == "eft":
-                write_jsonl(folder / "ift.jsonl", gold)
-            records = eft_records(examples, scored)
+            records = eft_records(examples, task.score_samples(answers, examples)[0])
             if name == "eft":  # about 16 % are correct: repeated, the judge sees more of what a "y" looks like
                 records += [r for r in records if r["reward"] > 0] * (cfg.eft_correct_repeat - 1)
+                write_jsonl(folder / "ift.jsonl", gold)
             write_jsonl(folder / f"{name}.jsonl", records)
     return folder
 
