@@ -1,6 +1,6 @@
 """The CPU demo: a tiny model learns longer sums from its own verified samples, beside a control.
 
-    lite-selftrain demo --out runs/demo          (about 8 minutes on 2 CPU cores, no downloads)
+    lite-selftrain demo --out runs/demo          (about 7 minutes on 2 CPU cores, no downloads)
     lite-selftrain demo --chains central,majority   (a control brings its chain: random_pick runs central)
 
 1. Warm start: a 140k-parameter Llama (`demo` preset) is trained from scratch on worked solutions of sums
