@@ -37,12 +37,14 @@ def _main_rank() -> bool:
 
 
 def _print_table(records: list[dict]) -> None:
-    """Iteration, train accuracy, held-out pass@1 / pass@k / maj@k (largest k), dataset size, and for the
-    reward-free selections the fraction of kept samples the verifier passes."""
+    """Iteration, train accuracy, held-out pass@1 / pass@k / maj@k (largest k), dataset size, for the
+    reward-free selections the fraction of kept samples the verifier passes, and for the self-rewarding
+    chains their judge's balanced accuracy against the verifier."""
     ks = sorted({int(k.split("@")[1]) for r in records for k in r if k.startswith("test_maj@")})
     keys = ["recipe", "iteration", "train_accuracy", "valid_pass@1", "test_pass@1"]
     keys += [f"test_pass@{ks[-1]}", f"test_maj@{ks[-1]}"] if ks and ks[-1] > 1 else []
     keys += ["dataset_size"] + (["precision"] if any("precision" in r for r in records) else [])  # kept, correct
+    keys += ["judge_balanced_accuracy"] if any("judge_balanced_accuracy" in r for r in records) else []
     click.echo("  ".join(f"{k:>14}" for k in keys))
     for r in records:
         cells = [f"{r[k]:>14.3f}" if isinstance(r.get(k), float) else f"{r.get(k, ''):>14}" for k in keys]
@@ -74,7 +76,8 @@ def cli():
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="A shortened demo (a few minutes) with the same stages.")
 @click.option("--chains", default=None, metavar="A,B",
-              help="Comma-separated chains to run (rest_em, rpo, control, central, random_pick, majority); "
+              help="Comma-separated chains to run (rest_em, rpo, control, central, random_pick, majority, "
+                   "self_rewarding, random_pairs); "
                    "default all. A control brings its chain.")
 @set_option
 @restart_option

@@ -13,7 +13,8 @@ Usage:
     metrics = judged_eval(model, tokenizer, prompts, JudgeConfig(), answer=SamplingConfig(max_new_tokens=256),
                           judge_with=(judge_model, judge_tokenizer))   # one fixed judge for every iterate
 
-Simplifications: one rubric (the paper's, in our own words); the model's chat template (when it has one)
+`JudgeConfig.template` replaces the rubric prompt for a task with its own (the CPU demo's arithmetic check).
+Simplifications: one rubric by default (the paper's, in our own words); the model's chat template (when it has one)
 wraps the judge prompt, as it wraps every instruction.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .errors import UserError
 from .models import format_prompt
 from .sampling import SamplingConfig, generate
 
@@ -57,6 +59,12 @@ class JudgeConfig:
     sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         n=3, temperature=0.7, top_p=0.9, max_new_tokens=256, batch_size=16))
     chat: bool = True  # wrap the judge prompt in the tokenizer's chat template when it has one
+    template: str = JUDGE_TEMPLATE  # the judge prompt, with {prompt} and {response}: the paper's rubric, or a
+    # task's own (the CPU demo's compact arithmetic rubric)
+
+    def __post_init__(self):
+        if "{prompt}" not in self.template or "{response}" not in self.template:
+            raise UserError("judge.template must contain {prompt} and {response}")
 
 
 @dataclass
@@ -66,8 +74,8 @@ class Judgment:
     score: float | None  # mean of the parsable scores, None when none parsed
 
 
-def judge_prompt(prompt: str, response: str) -> str:
-    return JUDGE_TEMPLATE.format(prompt=prompt.strip(), response=response.strip())
+def judge_prompt(prompt: str, response: str, template: str = JUDGE_TEMPLATE) -> str:
+    return template.format(prompt=prompt.strip(), response=response.strip())
 
 
 def parse_score(text: str) -> float | None:
@@ -92,7 +100,8 @@ def _score_text(score: float) -> str:
     return str(int(score)) if float(score).is_integer() else f"{score:g}"
 
 
-def eft_example(prompt: str, response: str, justification: str, score: float) -> dict:
+def eft_example(prompt: str, response: str, justification: str, score: float,
+                template: str = JUDGE_TEMPLATE) -> dict:
     """A judge-training (EFT) record: the judge prompt -> the justification ending in "Score: s".
 
     Any score line already in `justification` is removed, so the record ends with exactly one.
@@ -100,13 +109,14 @@ def eft_example(prompt: str, response: str, justification: str, score: float) ->
     if not 0 <= score <= MAX_SCORE:
         raise ValueError(f"score must be within 0..{MAX_SCORE}, not {score}")
     body = "\n".join(line for line in justification.strip().splitlines() if not _SCORE.search(line)).strip()
-    return {"prompt": judge_prompt(prompt, response), "response": f"{body}\nScore: {_score_text(score)}".strip()}
+    return {"prompt": judge_prompt(prompt, response, template),
+            "response": f"{body}\nScore: {_score_text(score)}".strip()}
 
 
 def judge(model, tokenizer, pairs: list[tuple[str, str]], cfg: JudgeConfig | None = None) -> list[Judgment]:
     """cfg.sample.n judgments of each (prompt, response) pair by `model`, parsed and averaged."""
     cfg = cfg or JudgeConfig()
-    prompts = [judge_prompt(p, r) for p, r in pairs]
+    prompts = [judge_prompt(p, r, cfg.template) for p, r in pairs]
     if cfg.chat:
         prompts = [format_prompt(tokenizer, p) for p in prompts]
     groups = generate(model, tokenizer, prompts, cfg.sample)

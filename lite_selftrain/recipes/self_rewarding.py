@@ -74,7 +74,8 @@ EFT_FIELDS = {"prompt": "string", "response": "string", "score": "number", "just
 
 def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict]) -> tuple[list[dict], dict]:
     """M_0's data: IFT in the chat template, and EFT judge prompts as `judge()` will prompt them."""
-    eft = [eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]))
+    eft = [eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]),
+                       cfg.judge.template)
            for r in (read_jsonl(cfg.eft_path, EFT_FIELDS) if cfg.eft_path else [])]
     records = [{"prompt": format_prompt(tok, r["prompt"]), "response": r["response"]} for r in ift]
     records += [{"prompt": format_prompt(tok, r["prompt"]) if cfg.judge.chat else r["prompt"],
@@ -135,8 +136,15 @@ def build_pairs(judged: list[dict]) -> tuple[list[dict], dict]:
     return records, {"pairs": len(records), "dataset_size": len(records), "dropped": dropped}
 
 
-def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = True, name: str = "self_reward"):
-    """Run (or resume) self-rewarding training in `out`; returns (metrics per iteration, the best one)."""
+def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = True, name: str = "self_reward",
+        prompts=None, pairs=None, evaluate=None, select_on: str = "valid_judge_score"):
+    """Run (or resume) self-rewarding training in `out`; returns (metrics per iteration, the best one).
+
+    Seams for a task with a hidden verifier (the CPU demo): `prompts(t)` gives iteration t's new prompts as
+    (records, summary) instead of the fixed model writing them; `pairs(judged, t)` builds the DPO pairs
+    instead of `build_pairs` (a control pairs blind); `evaluate(model, tokenizer, t)` gives an iterate's
+    held-out metrics instead of the fixed judge's, `select_on` naming the one that chooses the best.
+    """
     if not (cfg.eft_path or cfg.no_eft or cfg.skip_sft):
         raise UserError("self-rewarding trains its judge on EFT data: set eft_path (prompt, response, "
                         "justification, score), or no_eft = true to train M_0 on instructions alone")
@@ -154,7 +162,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
     seeds = [r["prompt"] for r in ift]
     models = Iterates(run, cfg.model)
 
-    def evaluate(t):  # iterate t answers; one fixed judge (judge_model, else M_0) grades every iterate
+    def evaluate_judged(t):  # iterate t answers; one fixed judge (judge_model, else M_0) grades every iterate
         model, tok = models.get(t)
         fixed = models.other(cfg.judge_model, 0)
         return {**judged_eval(model, tok, test, cfg.judge, cfg.respond, judge_with=fixed),
@@ -176,24 +184,27 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         return write_stage(run.dir(t) / "judged.jsonl", *judge_samples(
             *models.get(t - 1), new, read_jsonl(run.dir(t) / "samples.jsonl"), judging))
 
+    measure = (lambda t: evaluate(*models.get(t), t)) if evaluate else evaluate_judged
+    write = prompts or (lambda t: write_prompts(*models.other(cfg.prompt_model, 0), seeds, cfg, t,
+                                                run.dir(t) / "prompts_raw.jsonl"))
+    pair = pairs or (lambda judged, t: build_pairs(judged))
     if not cfg.skip_sft:  # M_0: SFT of the base model on IFT + EFT
         run.once(0, "build", sft_data)
         run.once(0, "train", lambda: models.fit(0, *models.get(0), cfg.sft, reference="current", progress=progress))
-    run.once(0, "eval", lambda: evaluate(0))
+    run.once(0, "eval", lambda: measure(0))
     run.log(0, "eval")
     for t in range(1, cfg.iterations + 1):
         d = run.dir(t)
         # a fixed model writes new prompts; M_{t-1} answers each N times and judges every answer k times
-        run.once(t, "prompts", lambda: write_stage(d / "prompts.jsonl", *write_prompts(
-            *models.other(cfg.prompt_model, 0), seeds, cfg, t, d / "prompts_raw.jsonl")))
+        run.once(t, "prompts", lambda: write_stage(d / "prompts.jsonl", *write(t)))
         run.once(t, "respond", lambda: respond(t))
         run.once(t, "judge", lambda: judge_answers(t))
-        built = run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *build_pairs(
-            read_jsonl(d / "judged.jsonl"))))
+        built = run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *pair(
+            read_jsonl(d / "judged.jsonl"), t)))
         # DPO on (best, worst) from M_{t-1}, which is the reference
         trained = run.once(t, "train", lambda: models.fit(t, *models.get(t - 1), cfg.train, reference="current",
                                                           progress=progress, empty=f"no pairs: {built['dropped']}"))
-        run.once(t, "eval", lambda: evaluate(t))
+        run.once(t, "eval", lambda: measure(t))
         run.log(t, "eval", "prompts", "build", judgments_parsable=run.summaries[t]["judge"]["judgments_parsable"],
                 train_note=trained.get("skipped"))
-    return run.finish("valid_judge_score", validation=len(valid))
+    return run.finish(select_on, validation=len(valid))
