@@ -82,6 +82,9 @@ def test_the_self_rewarding_chain_runs_beside_its_control_and_resumes(tmp_path):
     task = get_task("arith", terms=cfg.terms)
     assert all((r["score"] == 5) == (task.reward(r["response"], task.make(numbers_of(r["prompt"]))) > 0)
                for r in eft)
+    for chain in ("self_rewarding", "random_pairs"):  # best.json names the split the demo chose on
+        assert json.loads((tmp_path / chain / "best.json").read_text())["validation_problems"] == \
+            cfg.validation_problems
     dataset = tmp_path / "self_rewarding" / "self_rewarding" / "iter_01" / "judged.jsonl"
     stamp = dataset.stat().st_mtime_ns
     run()  # resumed: nothing is redone, nothing logged twice

@@ -234,4 +234,4 @@ def run_chain(cfg, name: str, out: Path, warm: Path, gold: list[dict], base, *, 
     eft = read_jsonl(data / "eft.jsonl")
     pairs = judged_pairs(task, eft, cfg.seed) if name == "self_rewarding" else random_pairs(task, eft, sizes, cfg.seed)
     return self_rewarding.run(recipe, chain_out, progress=progress, name=name, prompts=prompts, pairs=pairs,
-                              evaluate=evaluate, select_on="valid_pass@1")
+                              evaluate=evaluate, select_on="valid_pass@1", validation=len(valid_set))

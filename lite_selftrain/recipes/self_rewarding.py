@@ -137,13 +137,14 @@ def build_pairs(judged: list[dict]) -> tuple[list[dict], dict]:
 
 
 def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = True, name: str = "self_reward",
-        prompts=None, pairs=None, evaluate=None, select_on: str = "valid_judge_score"):
+        prompts=None, pairs=None, evaluate=None, select_on: str = "valid_judge_score", validation: int | None = None):
     """Run (or resume) self-rewarding training in `out`; returns (metrics per iteration, the best one).
 
     Seams for a task with a hidden verifier (the CPU demo): `prompts(t)` gives iteration t's new prompts as
     (records, summary) instead of the fixed model writing them; `pairs(judged, t)` builds the DPO pairs
     instead of `build_pairs` (a control pairs blind); `evaluate(model, tokenizer, t)` gives an iterate's
-    held-out metrics instead of the fixed judge's, `select_on` naming the one that chooses the best.
+    held-out metrics instead of the fixed judge's, `select_on` naming the one that chooses the best and
+    `validation` how many problems that metric is measured on (default: the held-out instructions).
     """
     if not (cfg.eft_path or cfg.no_eft or cfg.skip_sft):
         raise UserError("self-rewarding trains its judge on EFT data: set eft_path (prompt, response, "
@@ -207,4 +208,4 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         run.once(t, "eval", lambda: measure(t))
         run.log(t, "eval", "prompts", "build", judgments_parsable=run.summaries[t]["judge"]["judgments_parsable"],
                 train_note=trained.get("skipped"))
-    return run.finish(select_on, validation=len(valid))
+    return run.finish(select_on, validation=len(valid) if validation is None else validation)
