@@ -45,13 +45,18 @@ def init() -> bool:
     if not tdist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:  # before the group: NCCL binds each process to its own GPU
-            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-            if local >= gpus:
-                raise UserError(f"local rank {local} has no GPU of its own ({gpus} visible): start at most {gpus} "
-                                "processes per node (--nproc_per_node), or hide the GPUs to run on the CPU")
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(local_gpu())
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=TIMEOUT_MIN))
     return active()
+
+
+def local_gpu() -> int:
+    """This process's GPU index: the launcher's LOCAL_RANK (0 alone); one that has no GPU of its own is an error."""
+    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= gpus:
+        raise UserError(f"local rank {local} has no GPU of its own ({gpus} visible): start at most {gpus} "
+                        "processes per node (--nproc_per_node), or hide the GPUs to run on the CPU")
+    return local
 
 
 def rank() -> int:

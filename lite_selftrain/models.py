@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from .config import Fraction, Name, PositiveInt, check_fields
+from .distributed import local_gpu
 from .errors import UserError
 from .store import atomic_dir
 from .tokenizer import build_llm_jp_tokenizer
@@ -140,11 +141,7 @@ def pick_device(spec: str = "auto") -> torch.device:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"model.device is {spec}, but torch sees no CUDA device here (use auto or cpu)")
     if spec == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))  # the launcher's per-node rank: one GPU per process
-        if local >= torch.cuda.device_count():
-            raise UserError(f"process LOCAL_RANK={local} has no GPU of its own ({torch.cuda.device_count()} seen); "
-                            "launch at most one process per GPU")
-        return torch.device("cuda", local)
+        return torch.device("cuda", local_gpu())  # one GPU per process under a launcher
     if spec == "mps" and not torch.backends.mps.is_available():
         raise UserError("model.device is mps, but torch sees no MPS device here (use auto or cpu)")
     return torch.device(spec)
