@@ -15,6 +15,7 @@ every rank reads the run directory rank 0 writes.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Callable, Sequence
@@ -47,7 +48,13 @@ def init() -> bool:
         if cuda:  # before the group: NCCL binds each process to its own GPU
             torch.cuda.set_device(local_gpu())
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=TIMEOUT_MIN))
+        atexit.register(_close)  # left to interpreter teardown, the group's threads may abort the process
     return active()
+
+
+def _close() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def local_gpu() -> int:
