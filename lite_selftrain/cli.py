@@ -140,6 +140,11 @@ def _model_options(f):
     return f
 
 
+def _backend_option(f):
+    return click.option("--backend", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
+                        help="The sampler: ours, or vLLM (installed apart: docs/vllm.md).")(f)
+
+
 def _task_options(f):
     f = click.option("--shots", type=int, default=None, help="Few-shot examples (default: the task's own).")(f)
     f = click.option("--data", default=None, help="Local JSONL / saved dataset (default: the task's own).")(f)
@@ -164,14 +169,16 @@ def _load(model_name, mode, adapter):
 @click.option("--top-p", default=1.0, show_default=True)
 @limit_option
 @click.option("--seed", default=0, show_default=True)
+@_backend_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Samples JSONL (resumable).")
-def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperature, top_k, top_p, limit, seed, out):
+def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperature, top_k, top_p, limit, seed,
+           backend, out):
     """Draw N completions per problem into a JSONL file; a killed run resumes."""
     from .sampling import SamplingConfig, generate, sampled
     from .store import check_writable
     from .tasks import get_task
 
-    cfg = SamplingConfig(n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    cfg = SamplingConfig(n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, backend=backend)
     check_writable(out, folder=False)
     task = get_task(task_name, shots=shots)
     examples = task.load(split, data)[:limit]
@@ -268,18 +275,20 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
               help="Samples per problem for pass@k / maj@k (--num-samples under torchrun).")
 @click.option("--k", "ks", multiple=True, type=int, default=(1, 4, 8), show_default=True)
 @click.option("--temperature", default=0.7, show_default=True, help="Of the sampled part (pass@1 is greedy).")
+@_backend_option
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @unsafe_option
-def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit, n, ks, temperature, out,
+def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit, n, ks, temperature, backend, out,
                  unsafe_sandbox):
     """Greedy pass@1 and sampled pass@k / maj@k on a task split, with per-problem records."""
     from .evaluate import EvalConfig, heldout
+    from .sampling_vllm import VllmServer
     from .store import check_writable
     from .tasks import get_task
 
     default = EvalConfig()
-    cfg = EvalConfig(split=split, limit=limit or None, sample=default.sample.replace(n=n, temperature=temperature),
-                     ks=list(ks))
+    sampling = default.sample.replace(n=n, temperature=temperature, backend=backend)
+    cfg = EvalConfig(split=split, limit=limit or None, sample=sampling, ks=list(ks))
     check_writable(out, folder=True)
     task = get_task(task_name, shots=shots, **({"sandbox": {"unsafe": True}} if unsafe_sandbox else {}))
     examples = task.load(split, data)
@@ -287,7 +296,8 @@ def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit
         click.echo(json.dumps({}))
         return
     model, tok = _load(model_name, mode, adapter)
-    click.echo(json.dumps(heldout(model, tok, task, examples, cfg, Path(out))))
+    with VllmServer(model, tok) as server:  # with backend vllm, one engine for the greedy and sampled parts
+        click.echo(json.dumps(heldout(server, tok, task, examples, cfg, Path(out))))
 
 
 @cli.command()

@@ -36,9 +36,10 @@ from .tokenizer import build_llm_jp_tokenizer
 # presets: Llama shapes. llm-jp-3 shapes follow the published configs (untied lm_head, V = 99,584).
 
 PRESETS: dict[str, dict] = {
-    # a model small enough for unit tests under a second; 2048 positions fit the judge prompt (RoPE: no weights)
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=2048, vocab_size=None),
+    # a model small enough for unit tests under a second; 2048 positions fit the judge prompt (RoPE: no weights);
+    # 2 heads of 32: the smallest head vLLM's CPU attention serves, so its tests run on this preset too
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=2048, vocab_size=None),
     # the CPU demo's model (140k parameters): learns 2-3 term sums from 4k examples in a minute or two
     "demo": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=128, vocab_size=None),
@@ -303,6 +304,61 @@ def save_model(model, path: str | Path, tokenizer=None) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)
+
+
+def save_merged(model, path: str | Path, tokenizer=None) -> Path:
+    """Save `model` as a plain model folder, whatever its mode; atomic. The model in memory is not changed.
+
+    A LoRA adapter is merged into its base, W + s·B·A; a QLoRA base is dequantized first, dequant(W_4bit)
+    + s·B·A: the weights its forward pass computes with, so an engine that loads weights itself (vLLM)
+    serves the policy that was trained, up to float rounding. Weights keep the base's dtype (bf16 on a GPU).
+    """
+    if not is_peft(model):
+        return save_model(model, path, tokenizer)
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    base = model.get_base_model()
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):  # the merged weights are dense
+        delattr(config, "quantization_config")
+    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):  # names and shapes only: the tensors come from `model`
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = {}
+    for key in plain.state_dict():
+        owner, _, leaf = key.rpartition(".")
+        weights[key] = _dense_weight(base.get_submodule(owner), leaf).to(dtype).contiguous()
+    plain.load_state_dict(weights, assign=True)
+    plain.tie_weights()
+    return save_model(plain, path, tokenizer)
+
+
+def _dense_weight(module, leaf: str) -> torch.Tensor:
+    """`module`'s parameter `leaf` as a plain tensor: dequantized, with the active LoRA updates added."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer):
+        return _dequantized(getattr(module, leaf))
+    layer = module.get_base_layer()
+    if leaf != "weight":
+        return _dequantized(getattr(layer, leaf))
+    weight = _dequantized(layer.weight)
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def _dequantized(tensor) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight as the dense tensor its layer multiplies by; any other tensor as it is."""
+    if getattr(tensor, "quant_state", None) is None:
+        return tensor.data
+    import bitsandbytes.functional as bnb
+
+    return bnb.dequantize_4bit(tensor.data, tensor.quant_state)
 
 
 @contextlib.contextmanager

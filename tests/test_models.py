@@ -17,6 +17,7 @@ from lite_selftrain.models import (
     load_model,
     padding_side,
     reference_mode,
+    save_merged,
     save_model,
     save_preset,
 )
@@ -109,6 +110,25 @@ def test_adapter_works_with_plain_peft_and_merge(tmp_path):
     merged = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(**b).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_merged_folder_is_the_policy_that_trained(tmp_path, mode):
+    """What vLLM is handed: a plain folder whose logits are the adapter model's (QLoRA: over its dequantized
+    base, not the float base), and the model in memory still a peft model with its adapter on."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = _perturbed_lora(mode)
+    b = _batch(tok)
+    with torch.no_grad():
+        logits = model(**b).logits
+    save_merged(model, tmp_path / "policy", tok)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    assert not hasattr(plain.config, "quantization_config") and plain.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(**b).logits, logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(model(**b).logits, logits)  # unchanged
 
 
 def test_full_mode_and_local_folder(tmp_path):

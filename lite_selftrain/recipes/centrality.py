@@ -104,14 +104,14 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
     models = Iterates(run, cfg.model)
 
     def evaluate(t):  # iterate t answers; one fixed judge (judge_model, else M_0) grades every iterate
-        model, tok = models.get(t)
-        fixed = models.other(cfg.judge_model, 0)
+        model, tok = models.sampler(t)
+        fixed = models.other_sampler(cfg.judge_model, 0)
         return {**judged_eval(model, tok, test, cfg.judge, cfg.sample, judge_with=fixed),
                 **judged_eval(model, tok, valid, cfg.judge, cfg.sample, judge_with=fixed, prefix="valid_"),
                 "judge": cfg.judge_model or "iteration 0"}
 
     def candidates(t):  # n responses per prompt from M_{t-1}, in the chat template
-        model, tok = models.get(t - 1)
+        model, tok = models.sampler(t - 1)
         return sampled(generate(model, tok, [format_prompt(tok, p) for p in prompts],
                                 cfg.sample.replace(seed=cfg.sample.seed + t), out=run.dir(t) / "samples.jsonl",
                                 progress=progress))
@@ -133,4 +133,5 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
                                                           empty=f"empty dataset: {built['decisions']}"))
         run.once(t, "eval", lambda: evaluate(t))
         run.log(t, "eval", "build", train_note=trained.get("skipped"))
+    models.close()
     return run.finish("valid_judge_score", validation=len(valid))

@@ -30,6 +30,7 @@ Layout of a run directory:
     iter_NN/dataset.jsonl      what the M-step trains on (and dataset.ref_logps.pt, DPO's reference)
     iter_NN/train/             trainer checkpoints and its metrics.jsonl
     iter_NN/model/             the iterate: a peft adapter, or a full model folder
+    iter_NN/policy/            its plain (merged) weights, when backend "vllm" served a LoRA / QLoRA iterate
     iter_NN/eval/              per-problem evaluation records (eval/valid/: the validation split's)
 under <recipe>/ (e.g. rest_em/iter_01/).
 """
@@ -47,7 +48,8 @@ from .. import distributed as dist
 from ..config import to_dict
 from ..errors import UserError
 from ..evaluate import validation_count
-from ..models import ModelConfig, load_model, save_model
+from ..models import PRESETS, ModelConfig, load_model, save_model
+from ..sampling_vllm import VllmServer
 from ..store import RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
 from ..train import TrainConfig, train
 
@@ -137,11 +139,15 @@ class Iterates:
 
     Iteration 0 is the base model (or what a recipe's own iteration-0 training saved); iteration t ≥ 1 is
     what iteration t's train stage saved: a peft adapter on the base, or a full model folder.
+    Sampling goes through `sampler(t)`: a `VllmServer` per policy, whose vLLM engine (backend "vllm") starts
+    at its first call and serves every later one, the iterate's evaluation and the next E-step alike, until
+    training or another iterate closes it; the native backend samples the model in memory.
     """
 
     def __init__(self, run: Run, base: ModelConfig):
         self.run, self.base = run, base
         self.current: tuple[int, Any, Any] | None = None
+        self.servers: dict[str, VllmServer] = {}  # by the folder vLLM loads: one engine per policy
 
     def config(self, iteration: int) -> ModelConfig:
         path = self.run.dir(iteration) / "model"
@@ -154,14 +160,50 @@ class Iterates:
     def get(self, iteration: int):
         """(model, tokenizer) of `iteration`, loaded unless it is the one in memory."""
         if self.current is None or self.current[0] != iteration:
+            self.close()  # the old iterate's engines go with it
             self.current = None  # let the old one go before loading the next
             self.current = (iteration, *load_model(self.config(iteration)))
         return self.current[1], self.current[2]
 
     def fresh_base(self):
         """The base model, loaded afresh (a new adapter), after letting the iterate in memory go."""
+        self.close()
         self.current = None
         return load_model(self.base)
+
+    def sampler(self, iteration: int):
+        """(what `generate` samples iterate `iteration` with, its tokenizer): see the class docstring."""
+        model, tokenizer = self.get(iteration)
+        cfg = self.config(iteration)
+        return self._server(model, tokenizer, self._plain_folder(cfg), self.run.dir(iteration) / "policy"), tokenizer
+
+    def other_sampler(self, name: str | None, iteration: int = 0):
+        """`other(name, iteration)` as a sampler: the fixed judge or prompt writer, on its own engine."""
+        model, tokenizer = self.other(name, iteration)
+        cfg = dataclasses.replace(self.base, name=name, adapter=None) if name else self.config(iteration)
+        folder = self.run.dir(iteration) / ("policy_fixed" if name else "policy")
+        return self._server(model, tokenizer, self._plain_folder(cfg), folder), tokenizer
+
+    def _server(self, model, tokenizer, source: str | None, folder: Path) -> VllmServer:
+        """The server of one policy, the same object until `close`; `folder` receives its merged weights once
+        (a resumed run finds them there)."""
+        key = source or str(folder)
+        if key not in self.servers:
+            self.servers[key] = VllmServer(model, tokenizer, folder=folder, source=source)
+        self.servers[key].model = model  # the same policy, as now in memory: what the native backend samples
+        return self.servers[key]
+
+    def _plain_folder(self, cfg: ModelConfig) -> str | None:
+        """A folder of plain weights vLLM can load as it is: a full model's own; None when it must be merged."""
+        if cfg.mode == "full" and cfg.name not in PRESETS and (Path(cfg.name) / "config.json").exists():
+            return cfg.name
+        return None
+
+    def close(self) -> None:
+        """Stop every vLLM engine and give its memory back: before training, and at the end of a run."""
+        for server in self.servers.values():
+            server.close()
+        self.servers = {}
 
     def other(self, name: str | None, iteration: int = 0):
         """(model, tokenizer) of a fixed model beside the iterate in memory: the model folder or hub id `name`
@@ -179,6 +221,7 @@ class Iterates:
         `reference` is DPO's: "current" (the model as it starts) or "adapter_off" (the base); its log-probs
         are cached beside the dataset, so a resumed run does no second reference pass.
         """
+        self.close()  # the engines' memory back before training
         d = self.run.dir(iteration)
         records = read_jsonl(d / "dataset.jsonl")
         summary = {"skipped": empty}

@@ -82,8 +82,8 @@ def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True,
     train_set, valid_set = split_validation(train_set, cfg.eval.validation_size, cfg.seed)  # chooses the best
     sampling = cfg.sample.for_task(task)
     models = Iterates(run, cfg.model)
-    evaluate = lambda t: {**heldout(*models.get(t), task, test_set, cfg.eval, run.dir(t) / "eval"),
-                          **heldout(*models.get(t), task, valid_set, cfg.eval, run.dir(t) / "eval" / "valid",
+    evaluate = lambda t: {**heldout(*models.sampler(t), task, test_set, cfg.eval, run.dir(t) / "eval"),
+                          **heldout(*models.sampler(t), task, valid_set, cfg.eval, run.dir(t) / "eval" / "valid",
                                     prefix="valid_")}
 
     run.once(0, "eval", lambda: evaluate(0))
@@ -92,7 +92,7 @@ def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True,
         d, problems = run.dir(t), problems_for(train_set, t, cfg.problems_per_iteration, cfg.seed)
         prompts = [task.prompt(p) for p in problems]
         # E-step: N samples per problem from M_{t-1}, each scored 0/1, the correct ones kept
-        run.once(t, "sample", lambda: sampled(generate(*models.get(t - 1), prompts, sampling.replace(
+        run.once(t, "sample", lambda: sampled(generate(*models.sampler(t - 1), prompts, sampling.replace(
             seed=sampling.seed + t), out=d / "samples.jsonl", progress=progress)))
         run.once(t, "score", lambda: write_stage(d / "scored.jsonl", *task.score_samples(
             read_jsonl(d / "samples.jsonl"), problems)))
@@ -103,4 +103,5 @@ def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True,
                                                 progress=progress))
         run.once(t, "eval", lambda: evaluate(t))
         run.log(t, "eval", "build", "score")
+    models.close()
     return run.finish(cfg.eval.select_on, validation=len(valid_set))

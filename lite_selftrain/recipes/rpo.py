@@ -89,8 +89,8 @@ def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, na
     train_set, valid_set = split_validation(train_set, cfg.eval.validation_size, cfg.seed)  # chooses the best
     sampling = cfg.sample.for_task(task)
     models = Iterates(run, cfg.model)
-    evaluate = lambda t: {**heldout(*models.get(t), task, test_set, cfg.eval, run.dir(t) / "eval"),
-                          **heldout(*models.get(t), task, valid_set, cfg.eval, run.dir(t) / "eval" / "valid",
+    evaluate = lambda t: {**heldout(*models.sampler(t), task, test_set, cfg.eval, run.dir(t) / "eval"),
+                          **heldout(*models.sampler(t), task, valid_set, cfg.eval, run.dir(t) / "eval" / "valid",
                                     prefix="valid_")}
 
     run.once(0, "eval", lambda: evaluate(0))
@@ -100,7 +100,7 @@ def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, na
         prompts = [task.prompt(p) for p in problems]
         at_t = sampling.replace(temperature=cfg.temperature(t), seed=sampling.seed + t)
         # N chains of thought per question from M_{t-1}, scored, paired correct vs incorrect
-        run.once(t, "sample", lambda: sampled(generate(*models.get(t - 1), prompts, at_t, out=d / "samples.jsonl",
+        run.once(t, "sample", lambda: sampled(generate(*models.sampler(t - 1), prompts, at_t, out=d / "samples.jsonl",
                                                        progress=progress)))
         run.once(t, "score", lambda: write_stage(d / "scored.jsonl", *task.score_samples(
             read_jsonl(d / "samples.jsonl"), problems)))
@@ -111,4 +111,5 @@ def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, na
                                                 progress=progress))
         run.once(t, "eval", lambda: evaluate(t))
         run.log(t, "eval", "build", "score", temperature=at_t.temperature)
+    models.close()
     return run.finish(cfg.eval.select_on, validation=len(valid_set))

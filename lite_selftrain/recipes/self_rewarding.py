@@ -164,8 +164,8 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
     models = Iterates(run, cfg.model)
 
     def evaluate_judged(t):  # iterate t answers; one fixed judge (judge_model, else M_0) grades every iterate
-        model, tok = models.get(t)
-        fixed = models.other(cfg.judge_model, 0)
+        model, tok = models.sampler(t)
+        fixed = models.other_sampler(cfg.judge_model, 0)
         return {**judged_eval(model, tok, test, cfg.judge, cfg.respond, judge_with=fixed),
                 **judged_eval(model, tok, valid, cfg.judge, cfg.respond, judge_with=fixed, prefix="valid_"),
                 "judge": cfg.judge_model or "iteration 0"}
@@ -174,7 +174,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         return write_stage(run.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift))
 
     def respond(t):  # N answers to each new prompt, in the chat template
-        model, tok = models.get(t - 1)
+        model, tok = models.sampler(t - 1)
         prompts = [format_prompt(tok, r["prompt"]) for r in read_jsonl(run.dir(t) / "prompts.jsonl")]
         return sampled(generate(model, tok, prompts, cfg.respond.replace(seed=cfg.respond.seed + t),
                                 out=run.dir(t) / "samples.jsonl", progress=progress))
@@ -183,10 +183,10 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         new = [r["prompt"] for r in read_jsonl(run.dir(t) / "prompts.jsonl")]
         judging = dataclasses.replace(cfg.judge, sample=cfg.judge.sample.replace(seed=cfg.judge.sample.seed + t))
         return write_stage(run.dir(t) / "judged.jsonl", *judge_samples(
-            *models.get(t - 1), new, read_jsonl(run.dir(t) / "samples.jsonl"), judging))
+            *models.sampler(t - 1), new, read_jsonl(run.dir(t) / "samples.jsonl"), judging))
 
-    measure = (lambda t: evaluate(*models.get(t), t)) if evaluate else evaluate_judged
-    write = prompts or (lambda t: write_prompts(*models.other(cfg.prompt_model, 0), seeds, cfg, t,
+    measure = (lambda t: evaluate(*models.sampler(t), t)) if evaluate else evaluate_judged
+    write = prompts or (lambda t: write_prompts(*models.other_sampler(cfg.prompt_model, 0), seeds, cfg, t,
                                                 run.dir(t) / "prompts_raw.jsonl"))
     pair = pairs or (lambda judged, t: build_pairs(judged))
     if not cfg.skip_sft:  # M_0: SFT of the base model on IFT + EFT
@@ -208,4 +208,5 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         run.once(t, "eval", lambda: measure(t))
         run.log(t, "eval", "prompts", "build", judgments_parsable=run.summaries[t]["judge"]["judgments_parsable"],
                 train_note=trained.get("skipped"))
+    models.close()
     return run.finish(select_on, validation=len(valid) if validation is None else validation)
