@@ -55,7 +55,7 @@ def available() -> bool:
     """True when vllm can be imported."""
     try:
         return importlib.util.find_spec("vllm") is not None
-    except ValueError:  # a module entry set to None: importing it would fail
+    except (ValueError, AttributeError):  # a module entry set to None: importing it would fail
         return False
 
 
@@ -103,6 +103,8 @@ class VllmServer:
     def open(self, cfg=None):
         """The vllm.LLM, started now unless it runs already."""
         if self.llm is None:
+            if not available():
+                raise UserError(MISSING)
             kv = getattr(cfg, "kv_cache_gib", None) or self.kv_cache_gib
             self.llm = start_llm(self.weights(), self._dtype(), kv_cache_gib=kv)
             self.starts += 1
@@ -226,31 +228,51 @@ def _finish(output) -> str:
 
 def _params(cfg, i: int, prompt_len: int, context: int, seeds: bool, logprobs: bool):
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
-    return SamplingParams(n=cfg.n, temperature=cfg.temperature, top_k=cfg.top_k or -1, top_p=cfg.top_p,
+    return SamplingParams(n=1 if cfg.temperature == 0 else cfg.n, temperature=cfg.temperature, top_k=cfg.top_k or -1, top_p=cfg.top_p,
                           max_tokens=max(1, min(cfg.max_new_tokens, context - prompt_len)),  # the native cap
                           stop=list(cfg.stop) or None,
                           seed=mix32((cfg.seed & 0xFFFFFFFF) ^ mix32(i)) if seeds else None,
-                          logprobs=0 if logprobs else None)
+                          logprobs=0 if logprobs else None, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def _group(result, logprobs: bool) -> list[tuple[list[int], str, list[float] | None]]:
+    group = []
+    for o in sorted(result.outputs, key=lambda o: o.index):
+        token_ids = list(o.token_ids)
+        lps = None
+        if logprobs and o.logprobs is not None:
+            lps = [float(step[t].logprob) for step, t in zip(o.logprobs, token_ids)]
+        group.append((token_ids, _finish(o), lps))
+    return group
 
 
 def rows(llm, ids: list[list[int]], pending: set[int], cfg, *,
          logprobs: bool = False) -> Iterator[tuple[int, list[tuple[list[int], str, list[float] | None]]]]:
-    """Yield (prompt index, its n rows (token ids, finish reason, token log-probs)), a chunk at a time."""
+    """Yield (prompt index, its n rows (token ids, finish reason, token log-probs)) as each prompt finishes.
+
+    Up to VLLM_CHUNK prompts are in the engine at once; a prompt is yielded as soon as its n samples end, so
+    the file `generate` streams to grows as it runs (kill-safe). Requests left when the caller stops early
+    are aborted, so the engine serves the next call clean.
+    """
     from vllm.inputs import TokensPrompt
 
-    todo, context = sorted(pending), context_length(llm)
-    seeds = cfg.temperature > 0 and not cpu_build()  # greedy needs no seed
+    engine, todo, context = llm.llm_engine, sorted(pending), context_length(llm)
+    seeds = cfg.temperature > 0 and not cpu_build()  # greedy needs no seed, and vLLM draws it once (n copies)
     for start in range(0, len(todo), VLLM_CHUNK):
-        chunk = todo[start : start + VLLM_CHUNK]
-        params = [_params(cfg, i, len(ids[i]), context, seeds, logprobs) for i in chunk]
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in chunk], params, use_tqdm=False)
-        for i, result in zip(chunk, outputs):
-            group = []
-            for o in sorted(result.outputs, key=lambda o: o.index):
-                token_ids = list(o.token_ids)
-                lps = None
-                if logprobs and o.logprobs is not None:
-                    lps = [float(step[t].logprob) for step, t in zip(o.logprobs, token_ids)]
-                group.append((token_ids, _finish(o), lps))
-            yield i, group
+        chunk, waiting = todo[start : start + VLLM_CHUNK], set()
+        try:
+            for i in chunk:
+                engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids[i]),
+                                   _params(cfg, i, len(ids[i]), context, seeds, logprobs))
+                waiting.add(str(i))
+            while waiting:
+                for result in engine.step():
+                    if result.finished:
+                        waiting.discard(result.request_id)
+                        group = _group(result, logprobs)
+                        yield int(result.request_id), group * cfg.n if cfg.temperature == 0 else group
+        finally:
+            if waiting:
+                engine.abort_request(sorted(waiting))
