@@ -255,7 +255,7 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     from .data import load_records
     from .models import save_model
     from .store import check_writable
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     cfg = load_config(TrainConfig, config_path, overrides)
     check_writable(out, folder=True)
@@ -282,7 +282,7 @@ def eval_command(model_name, mode, adapter, task_name, split, data, shots, limit
                  unsafe_sandbox):
     """Greedy pass@1 and sampled pass@k / maj@k on a task split, with per-problem records."""
     from .evaluate import EvalConfig, heldout
-    from .sampling_vllm import VllmServer
+    from .sampling.vllm_backend import VllmServer
     from .store import check_writable
     from .tasks import get_task
 

@@ -22,7 +22,7 @@ from lite_selftrain.errors import UserError  # noqa: E402
 from lite_selftrain.models import ModelConfig, load_model  # noqa: E402
 from lite_selftrain.recipes import demo, rest_em, rpo  # noqa: E402
 from lite_selftrain.sampling import SamplingConfig, generate  # noqa: E402
-from lite_selftrain.sampling_vllm import VllmServer, cpu_build  # noqa: E402
+from lite_selftrain.sampling.vllm_backend import VllmServer, cpu_build  # noqa: E402
 from lite_selftrain.store import read_jsonl  # noqa: E402
 from lite_selftrain.tasks import get_task  # noqa: E402
 

@@ -49,9 +49,9 @@ from ..config import to_dict
 from ..errors import UserError
 from ..evaluate import validation_count
 from ..models import PRESETS, ModelConfig, load_model, save_model
-from ..sampling_vllm import VllmServer
+from ..sampling.vllm_backend import VllmServer
 from ..store import RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
-from ..train import TrainConfig, train
+from ..training import TrainConfig, train
 
 
 class Run:

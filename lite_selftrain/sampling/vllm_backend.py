@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
+from .. import distributed as dist
+from ..errors import UserError
 from .engine import mix32
-from .errors import UserError
 
 VLLM_CHUNK = 1024  # prompts per vLLM call: large enough to keep its scheduler full
 CPU_KV_CACHE_GIB = 1.0  # the CPU build's KV cache by default: its own default claims 90 % of the RAM
@@ -93,7 +93,7 @@ class VllmServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="lite_selftrain_vllm_")
             self.folder = Path(self._tmp.name) / "policy"
         if not (self.folder / "config.json").exists():
-            from .models import save_merged
+            from ..models import save_merged
 
             if dist.is_main():
                 save_merged(self.model, self.folder, self.tokenizer)
@@ -230,7 +230,8 @@ def _params(cfg, i: int, prompt_len: int, context: int, seeds: bool, logprobs: b
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    return SamplingParams(n=1 if cfg.temperature == 0 else cfg.n, temperature=cfg.temperature, top_k=cfg.top_k or -1, top_p=cfg.top_p,
+    return SamplingParams(n=1 if cfg.temperature == 0 else cfg.n,  # greedy: drawn once, copied n times
+                          temperature=cfg.temperature, top_k=cfg.top_k or -1, top_p=cfg.top_p,
                           max_tokens=max(1, min(cfg.max_new_tokens, context - prompt_len)),  # the native cap
                           stop=list(cfg.stop) or None,
                           seed=mix32((cfg.seed & 0xFFFFFFFF) ^ mix32(i)) if seeds else None,
@@ -272,7 +273,9 @@ def rows(llm, ids: list[list[int]], pending: set[int], cfg, *,
                     if result.finished:
                         waiting.discard(result.request_id)
                         group = _group(result, logprobs)
-                        yield int(result.request_id), group * cfg.n if cfg.temperature == 0 else group
+                        if cfg.temperature == 0:  # n copies of the one greedy row, each its own lists
+                            group = [(list(t), r, lps and list(lps)) for _ in range(cfg.n) for t, r, lps in group]
+                        yield int(result.request_id), group
         finally:
             if waiting:
                 engine.abort_request(sorted(waiting))

@@ -10,7 +10,7 @@ Every caller (recipes, evaluation, the judge, the embedder's candidates) describ
 tokenised as given, with the tokenizer's own special tokens and exactly one BOS (a chat template that writes
 `{{bos_token}}` does not get a second one; chat templates are the caller's job).
 Two backends yield the same rows: `engine.py`, the native one (its own KV cache, one prefill per prompt),
-and `sampling_vllm.py` (vLLM or its CPU build; `model` may then be a `VllmServer` kept open across calls).
+and `vllm_backend.py` (vLLM or its CPU build; `model` may then be a `VllmServer` kept open across calls).
 
 Conventions the trainer relies on:
 - `text` is the completion decoded with special tokens skipped (as it continues the prompt: a leading
@@ -48,11 +48,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from . import distributed as dist
-from .config import Count, Name, PositiveFloat, PositiveInt, check_fields
-from .errors import UserError, UserTypeError
-from .store import JsonlLog, write_jsonl
-from .tokenizer import decode_continuation, encode
+from .. import distributed as dist
+from ..config import Count, Name, PositiveFloat, PositiveInt, check_fields
+from ..errors import UserError, UserTypeError
+from ..models.tokenizer import decode_continuation, encode
+from ..store import JsonlLog, write_jsonl
 
 FREE_TEXT_TOKENS = 256  # max_new_tokens when neither the config nor a task sets one: a few paragraphs
 # 0 is kept as the spelling of greedy decoding (as in vLLM and transformers); NaN, inf and negatives are errors
@@ -167,23 +167,23 @@ def _backend(model, tokenizer, prompts, cfg: SamplingConfig, truncate: bool):
     """(every prompt's token ids, whether samples are seeded, rows(pending, logprobs)) of the configured
     backend, open for the block. A `VllmServer` stays open after it (its owner closes it); a server made
     for this call alone is closed."""
-    from . import sampling_vllm
+    from . import vllm_backend
 
     if cfg.backend == "vllm":
-        server, own = sampling_vllm.served(model, tokenizer)
+        server, own = vllm_backend.served(model, tokenizer)
         try:
             llm = server.open(cfg)
-            ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, sampling_vllm.context_length(llm),
+            ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, vllm_backend.context_length(llm),
                                    truncate)
-            seeded = cfg.temperature == 0 or sampling_vllm.seeded(cfg)
-            yield ids, seeded, lambda pending, logprobs: sampling_vllm.rows(llm, ids, pending, cfg, logprobs=logprobs)
+            seeded = cfg.temperature == 0 or vllm_backend.seeded(cfg)
+            yield ids, seeded, lambda pending, logprobs: vllm_backend.rows(llm, ids, pending, cfg, logprobs=logprobs)
         finally:
             if own:
                 server.close()
         return
     from . import engine
 
-    if isinstance(model, sampling_vllm.VllmServer):  # the native backend samples the server's model in memory
+    if isinstance(model, vllm_backend.VllmServer):  # the native backend samples the server's model in memory
         if model.model is None:
             raise UserError("backend 'native' needs a model in memory; this vLLM server has only a folder")
         model = model.model
