@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"errors", "config", "kernels", "distributed"},
     {"store", "losses"},
-    {"models", "data", "logprobs", "batching", "tokenizer"},
+    {"gguf", "models", "data", "logprobs", "batching", "tokenizer"},
     {"reference", "engine", "sampling_vllm", "tasks", "parallel"},
     {"sampling", "train", "evaluate", "judge", "mbr", "plot"},
     {"recipes"},
