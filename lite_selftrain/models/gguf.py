@@ -23,8 +23,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import UserError
-from .store import atomic_dir
+from ..errors import UserError
+from ..store import atomic_dir
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # the tensor types `gguf` dequantises in numpy and this path was checked with; IQ*/TQ* types are refused
