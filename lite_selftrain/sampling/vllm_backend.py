@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
 import tempfile
 import warnings
@@ -106,16 +107,20 @@ class VllmServer:
             if not available():
                 raise UserError(MISSING)
             kv = getattr(cfg, "kv_cache_gib", None) or self.kv_cache_gib
-            self.llm = start_llm(self.weights(), self._dtype(), kv_cache_gib=kv)
+            folder = self.weights()
+            self.llm = start_llm(folder, self._dtype(folder), kv_cache_gib=kv)
             self.starts += 1
         return self.llm
 
-    def _dtype(self) -> str | None:
-        """The policy's dtype as vLLM names it (float32 on a CPU, bfloat16 on a GPU); None: the folder's own."""
-        if self.model is None:
+    @staticmethod
+    def _dtype(folder: str) -> str | None:
+        """The dtype the folder's config names (vLLM's own "auto" would serve float32 weights in 16 bits);
+        None for a hub id."""
+        config = Path(folder, "config.json")
+        if not config.exists():
             return None
-        dtype = getattr(self.model.config, "dtype", None) or next(self.model.parameters()).dtype
-        return str(dtype).removeprefix("torch.")
+        saved = json.loads(config.read_text())
+        return saved.get("dtype") or saved.get("torch_dtype")
 
     def close(self) -> None:
         """Stop the engine and give back its memory (weights and KV cache)."""
