@@ -190,14 +190,21 @@ def noise(p: float, n: int) -> float:
 
 
 @pytest.mark.parametrize("name, mode", [("rest_em", "lora"), ("rpo", "qlora")])
-def test_recipe_with_vllm_matches_native_within_noise(name, mode, warm, tmp_path, capfd):
+def test_recipe_with_vllm_matches_native_within_noise(name, mode, warm, tmp_path, monkeypatch):
     module, cls = {"rest_em": (rest_em, rest_em.RestEMConfig), "rpo": (rpo, rpo.RPOConfig)}[name]
+    started, real = [], vllm.LLM
+
+    def counted(**options):  # vLLM's own class, each start noted
+        started.append(options["model"])
+        return real(**options)
+
+    monkeypatch.setattr(vllm, "LLM", counted)
     runs = {}
     for backend in ("native", "vllm"):
         cfg = from_dict(cls, recipe_config(name, warm, mode, backend))
         runs[backend] = module.run(cfg, tmp_path / backend, progress=False)[0]
-    starts = capfd.readouterr().out.count("Initializing a V1 LLM engine")
-    assert starts == 2  # one engine per iterate: M_0's served its evaluation and the E-step, M_1's its evaluation
+    # one engine per iterate, on its merged weights: M_0's served its evaluation and the E-step, M_1's its own
+    assert started == [str(tmp_path / "vllm" / name / f"iter_0{t}" / "policy") for t in (0, 1)]
     folder = tmp_path / "vllm" / name
     assert (folder / "iter_00" / "policy" / "config.json").exists() and (folder / "iter_01" / "policy").exists()
     native, served = runs["native"], runs["vllm"]
