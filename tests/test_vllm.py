@@ -217,3 +217,44 @@ def test_recipe_with_vllm_matches_native_within_noise(name, mode, warm, tmp_path
     p = native[1]["test_pass@1"]
     assert abs(served[1]["test_pass@1"] - p) <= noise(p, TASK["n_test"])
     assert served[1]["dataset_size"] > 0 and native[1]["dataset_size"] > 0
+
+
+DATA_PARALLEL = """
+import json, sys
+from lite_selftrain import distributed
+from lite_selftrain.models import load_model, ModelConfig
+from lite_selftrain.sampling import SamplingConfig, generate
+from lite_selftrain.sampling.vllm_backend import VllmServer
+distributed.init()
+model, tok = load_model(ModelConfig(name=sys.argv[1], mode="full"))
+prompts = json.loads(sys.argv[2])
+cfg = SamplingConfig(n=2, temperature=0, max_new_tokens=int(sys.argv[3]), backend="vllm")
+with VllmServer(model, tok, folder=sys.argv[4] + "/policy") as server:
+    groups = generate(server, tok, prompts, cfg, out=sys.argv[4] + "/s.jsonl")
+distributed.barrier()  # the launcher's group outlives the engines
+with open(f"{sys.argv[4]}/rank{distributed.rank()}.json", "w") as f:
+    json.dump([[c.token_ids for c in g] for g in groups], f)
+"""
+
+
+def test_data_parallel_under_torchrun(warm, native, tmp_path):
+    """Two CPU processes, each its own engine in vLLM's external-launcher mode: every rank returns every
+    prompt's greedy samples, those of one process, and one file holds one record per (prompt, sample)."""
+    import os
+    import subprocess
+    import sys
+
+    model, tok = native
+    texts = prompts()[0][:7]  # odd: the ranks get unequal shares and step together
+    want = generate(model, tok, texts, SamplingConfig(n=2, temperature=0, max_new_tokens=16))
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "dp.py"), warm, json.dumps(texts), "16", str(tmp_path)]
+    (tmp_path / "dp.py").write_text(DATA_PARALLEL)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = [[c.token_ids for c in g] for g in want]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+    pairs = sorted((r["prompt_index"], r["sample_index"]) for r in read_jsonl(tmp_path / "s.jsonl"))
+    assert pairs == [(i, j) for i in range(7) for j in range(2)]

@@ -21,8 +21,9 @@ decoding is reproducible on both.
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): its errors reach the caller as one
 line, nothing is spawned, and `close` gives its memory back. Under a launcher (`torchrun`) every rank
-builds its own engine on its own GPU in vLLM's external-launcher data-parallel mode and samples the
-prompts `generate` deals it; the CPU build cannot (see `launcher_options`).
+builds its own engine (on its own GPU, or a CPU process with the CPU build) in vLLM's external-launcher
+data-parallel mode and samples the prompts `generate` deals it; engines step together until every rank's
+requests are done, and closing them keeps the launcher's process group (vLLM's shutdown destroys it).
 
 Simplifications: one policy per server (no vLLM LoRA: a QLoRA policy is exact only over its dequantized
 base, and merged weights decode without LoRA kernels); prompts go to vLLM in chunks of VLLM_CHUNK so
@@ -125,12 +126,14 @@ class VllmServer:
     def close(self) -> None:
         """Stop the engine and give back its memory (weights and KV cache)."""
         if self.llm is not None:
-            engine = self.llm.llm_engine
+            engine, grouped = self.llm.llm_engine, dist.active()
             with _quiet_errors():
                 engine.engine_core.shutdown()
             self.llm = None
             del engine
             gc.collect()
+            if grouped and not dist.active():  # vLLM's shutdown destroys the launcher's process group
+                dist.init()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if self._tmp is not None:
@@ -187,12 +190,9 @@ def explain(folder: str, error: BaseException) -> str:
 
 def launcher_options() -> dict:
     """Under torchrun, one vLLM engine per rank, data parallel (vLLM's external-launcher mode): each rank's
-    engine takes the prompts `generate` deals to that rank. vLLM's CPU build has no external launcher."""
+    engine takes the prompts `generate` deals to that rank (GPUs, or CPU processes with the CPU build)."""
     if dist.world() == 1:
         return {}
-    if cpu_build():
-        raise UserError("backend 'vllm' under torchrun needs GPUs: vLLM's CPU build cannot run its "
-                        "external-launcher data-parallel mode (sample with one process, or backend 'native')")
     return {"distributed_executor_backend": "external_launcher", "data_parallel_size": dist.world(),
             "tensor_parallel_size": 1}
 
@@ -266,14 +266,17 @@ def rows(llm, ids: list[list[int]], pending: set[int], cfg, *,
 
     engine, todo, context = llm.llm_engine, sorted(pending), context_length(llm)
     seeds = cfg.temperature > 0 and not cpu_build()  # greedy needs no seed, and vLLM draws it once (n copies)
-    for start in range(0, len(todo), VLLM_CHUNK):
-        chunk, waiting = todo[start : start + VLLM_CHUNK], set()
+    chunks = [todo[start : start + VLLM_CHUNK] for start in range(0, len(todo), VLLM_CHUNK)]
+    if dist.world() > 1:  # data parallel: every rank steps its engine as often as the busiest one
+        chunks += [[]] * (max(dist.gather(len(chunks))) - len(chunks))
+    for chunk in chunks:
+        waiting = set()
         try:
             for i in chunk:
                 engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids[i]),
                                    _params(cfg, i, len(ids[i]), context, seeds, logprobs))
                 waiting.add(str(i))
-            while waiting:
+            while engine.has_unfinished_requests():  # under data parallel: any rank's requests
                 for result in engine.step():
                     if result.finished:
                         waiting.discard(result.request_id)
