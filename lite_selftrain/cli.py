@@ -248,7 +248,7 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     from .data import load_records
     from .models import save_model
     from .store import check_writable
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     cfg = load_config(TrainConfig, config_path, overrides)
     check_writable(out, folder=True)

@@ -49,7 +49,7 @@ from ..errors import UserError
 from ..evaluate import validation_count
 from ..models import ModelConfig, load_model, save_model
 from ..store import RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
-from ..train import TrainConfig, train
+from ..training import TrainConfig, train
 
 
 class Run:

@@ -26,10 +26,10 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from .config import Fraction, Name, PositiveInt, check_fields
-from .distributed import local_gpu
-from .errors import UserError
-from .store import atomic_dir
+from ..config import Fraction, Name, PositiveInt, check_fields
+from ..distributed import local_gpu
+from ..errors import UserError
+from ..store import atomic_dir
 from .tokenizer import build_llm_jp_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
