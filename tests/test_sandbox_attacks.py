@@ -120,6 +120,67 @@ if os.fork() == 0:
 os.kill(os.getppid(), 9)
 time.sleep(0.3)
 """,
+    "shm_hoard": """import ctypes
+libc = ctypes.CDLL(None)
+libc.shmat.restype = ctypes.c_void_p
+held = 0
+for _ in range(12):  # 64 MiB at a time, detached once filled: 3x the run's memory in all
+    sid = libc.shmget(0, 64 << 20, 0o600)
+    addr = libc.shmat(sid, None, 0) if sid >= 0 else None
+    if addr in (None, ctypes.c_void_p(-1).value):
+        break
+    ctypes.memset(addr, 1, 64 << 20)
+    libc.shmdt(ctypes.c_void_p(addr))
+    held += 64
+print(5 if held > 256 else held)
+""",
+    "fork_memory": """import os
+r, w = os.pipe()
+for _ in range(4):
+    if os.fork() == 0:
+        block = b"x" * (200 << 20)
+        os.write(w, b"1")
+        __import__("time").sleep(2)
+        os._exit(0)
+os.close(w)
+block, got = b"x" * (200 << 20), b""
+while len(got) < 4:
+    chunk = os.read(r, 4)
+    if not chunk:
+        break
+    got += chunk
+print(5 if len(got) == 4 else len(got))  # 1 GB held at once
+""",
+    "keyrings": """import ctypes, os
+libc = ctypes.CDLL(None)
+add_key, keyctl = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+hits = [libc.syscall(add_key, b"user", b"TAG", b"secret", 6, ring) >= 0 for ring in (-3, -4, -5)]
+buf = ctypes.create_string_buffer(4096)
+hits.append(libc.syscall(keyctl, 11, -3, buf, 4096) >= 0)  # KEYCTL_READ the session keyring
+print(5 if any(hits) else hits)
+""",
+    "kernel_interfaces": """import ctypes, os, struct
+libc = ctypes.CDLL(None)
+nr = {"x86_64": (425, 323, 298, 321), "aarch64": (425, 282, 241, 280)}[os.uname().machine]
+io_uring = libc.syscall(nr[0], 1, ctypes.create_string_buffer(120))
+uffd = libc.syscall(nr[1], 1)  # UFFD_USER_MODE_ONLY
+attr = ctypes.create_string_buffer(128)
+struct.pack_into("IIQ", attr, 0, 1, 128, 0)  # a software CPU clock
+perf = libc.syscall(nr[2], attr, 0, -1, -1, 0)
+bpf = libc.syscall(nr[3], 0, ctypes.create_string_buffer(struct.pack("IIII", 2, 4, 4, 1), 72), 72)
+fds = [io_uring, uffd, perf, bpf]
+print(5 if max(fds) >= 0 else fds)
+""",
+    "hold_processes": """import os, time
+for _ in range(64):
+    try:
+        if os.fork() == 0:
+            time.sleep(3)
+            os._exit(0)
+    except OSError:
+        break
+time.sleep(3)
+""",
     "fork_bomb": "import os\nwhile True:\n    os.fork()",
     "fork_then_answer": "import os, time\nfor _ in range(64):\n    if os.fork() == 0:\n        time.sleep(60)\n"
                         "print(5)",
@@ -217,7 +278,8 @@ def listeners():
 def test_attacks_score_zero_leave_nothing_and_spare_their_neighbours(task, listeners, tmp_path):
     port, tag = listeners
     key = int(tag[:6], 16) + 1000
-    correct = "import time\ntime.sleep(0.3)\na, b = map(int, input().split())\nprint(a + b)"
+    correct = ("import threading, time\ntime.sleep(0.5)\nt = threading.Thread(target=time.sleep, args=(0.1,))\n"
+               "t.start()\nt.join()\na, b = map(int, input().split())\nprint(a + b)")  # a thread: a process budget's
     programs = {name: fill(code, tag, key, port) for name, code in ATTACKS.items()}
     names = [n for name in programs for n in (name, "correct")]  # each attack beside a correct program
     rewards = task.rewards([programs.get(n, correct) for n in names], [adds() for _ in names])
