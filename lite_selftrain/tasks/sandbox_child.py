@@ -117,9 +117,9 @@ def _bind_read_only(libc, source: str, target: str) -> None:
     _mount(libc, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
 
 
-def _make_parents(root: str, path: str) -> None:
-    """The folders above `path` under `root`, each with its host folder's mode and (as root) owner: a
-    folder closed to the program's user on the host stays closed inside."""
+def _make_parents(root: str, path: str, owners: bool) -> None:
+    """The folders above `path` under `root`, each with its host folder's mode (and with `owners`, its
+    owner): a folder closed to the program's user on the host stays closed inside."""
     here = ""
     for part in path.split("/")[1:-1]:
         here += "/" + part
@@ -127,7 +127,7 @@ def _make_parents(root: str, path: str) -> None:
             continue
         host = os.stat(here)
         os.mkdir(root + here)
-        if os.geteuid() == 0 and os.getuid() == 0:
+        if owners:
             os.chown(root + here, host.st_uid, host.st_gid)
         os.chmod(root + here, host.st_mode & 0o7777)
 
@@ -138,10 +138,10 @@ def enter_namespaces(libc) -> None:
     uid, gid, user_ns = os.getuid(), os.getgid(), os.geteuid() != 0
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     _call(libc.unshare(flags | (CLONE_NEWUSER if user_ns else 0)), "unshare")
-    if user_ns:  # our own ids, mapped to themselves; gid_map needs setgroups denied first
+    if user_ns:  # our ids as the namespace's root: its IPC limits are root's to set; gid_map needs setgroups denied
         _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        _write("/proc/self/uid_map", f"0 {uid} 1")
+        _write("/proc/self/gid_map", f"0 {gid} 1")
     pid = os.fork()
     if pid == 0:
         libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
@@ -172,7 +172,7 @@ def build_root(libc, job: dict) -> None:
     _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     for path in job["readable"]:
         target = root + path
-        _make_parents(root, path)
+        _make_parents(root, path, owners=bool(job["drop"]))  # under root; a user namespace maps no other id
         if os.path.islink(path):  # e.g. /lib -> usr/lib on a merged-/usr system
             os.symlink(os.readlink(path), target)
             continue
