@@ -28,7 +28,7 @@ COLLIDING = [i * ((1 << 61) - 1) for i in range(42_000)]  # every one hashes to 
 def humaneval():
     task = HumanEvalTask(sandbox=LIMITS)
     try:
-        task.sandbox.isolation
+        assert task.sandbox.isolation.startswith("isolated")
     except UserError as e:
         pytest.skip(f"no OS isolation on this machine: {e}")
     return task
@@ -58,9 +58,9 @@ def test_colliding_hashes_are_given_up_at_a_deadline():
 def test_a_program_writing_colliding_values_itself_scores_zero():
     apps = AppsTask(sandbox=dict(LIMITS, max_output_bytes=1 << 21))
     line = json.dumps({"set": COLLIDING[:1000]})[:-2]  # the program writes the rest itself
-    writer = ("import os\nline = " + repr(line) + " + ''.join(',%d' % (i * ((1 << 61) - 1)) for i in range(1000, 42000))"
-              " + ']}\\n'\nfor fd in range(3, 1024):\n    try:\n        os.write(fd, line.encode())\n"
-              "    except OSError:\n        pass\ndef f(x):\n    return x + 1\n")
+    writer = ("import os\nline = " + repr(line) + " + ''.join(',%d' % (i * ((1 << 61) - 1)) for i in "
+              "range(1000, 42000)) + ']}\\n'\nfor fd in range(3, 1024):\n    try:\n"
+              "        os.write(fd, line.encode())\n    except OSError:\n        pass\ndef f(x):\n    return x + 1\n")
     call = {"question": "q", "input_output": {"fn_name": "f", "inputs": [[1]], "outputs": [[2]]}}
     scored, _ = apps.score_samples([{"prompt_index": 0, "text": writer}], [call])
     assert scored[0]["reward"] == 0.0 and "reward_error" not in scored[0]
