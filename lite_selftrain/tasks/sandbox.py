@@ -30,7 +30,7 @@ Usage:
 Simplifications: one program per set of namespaces, built and torn down each run (a few ms); programs see
 the host's kernel (through a filter that refuses a few of its interfaces only) and its /usr; the new
 root is a chroot on a private mount namespace (its mountinfo lists the sandbox's own mounts only); a
-program the cgroup's memory bound ends is killed (SIGKILL), which `outcome` counts as a timeout.
+program over the cgroup's memory bound is killed (SIGKILL) by the kernel: `memory_exceeded`, an "error".
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class RunResult:
     seconds: float
     values: list = field(default_factory=list)  # results of `calls`, decoded, as many as came before the end
     isolated: bool = True  # ran inside its own namespaces
+    memory_exceeded: bool = False  # the run's cgroup ran out of memory: the kernel killed one of its processes
 
     @property
     def ok(self) -> bool:
@@ -98,7 +99,7 @@ class RunResult:
 
     def outcome(self, passed: bool) -> str:
         """One test's outcome: "pass", "fail" (wrong answer), "timeout" (wall clock or CPU) or "error"."""
-        if self.output_exceeded:
+        if self.output_exceeded or self.memory_exceeded:
             return "error"
         if self.timed_out or self.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
             return "timeout"  # the CPU limit ends a program with SIGXCPU, or SIGKILL a second later
@@ -208,6 +209,7 @@ class Sandbox:
             returncode = proc.wait()
             proc.stdout.close()
             proc.stderr.close()
+            out_of_memory = bool(cgroups) and plan.cgroups.out_of_memory(cgroups)
         finally:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -216,7 +218,7 @@ class Sandbox:
         return RunResult(returncode=returncode, stdout=out.decode("utf-8", errors="replace"),
                          stderr=err.decode("utf-8", errors="replace"), timed_out=timed_out,
                          output_exceeded=exceeded, seconds=time.monotonic() - start, values=values(vals),
-                         isolated=plan.isolate)
+                         isolated=plan.isolate, memory_exceeded=out_of_memory)
 
     def _start(self, plan: Plan, source: str, stdin: str, calls, cgroups: list[str], workdir: str | None):
         """Start the launcher, put it in the run's cgroups, then hand it the job: (process, values pipe)."""

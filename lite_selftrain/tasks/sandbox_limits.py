@@ -143,6 +143,15 @@ class Cgroups:
         for path in dirs:
             _write(f"{path}/cgroup.procs", str(pid))
 
+    def out_of_memory(self, dirs: list[str]) -> bool:
+        """Whether the kernel killed a process of the run for its memory bound."""
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        for path in dirs:
+            with contextlib.suppress(OSError), open(f"{path}/{name}") as f:
+                counts = dict(line.split() for line in f if len(line.split()) == 2)
+                return int(counts.get("oom_kill", 0)) > 0
+        return False
+
     def remove(self, dirs: list[str]) -> None:
         """Remove the run's cgroups; a task still leaving gets a moment (EBUSY), then it is left for later."""
         for path in dirs:

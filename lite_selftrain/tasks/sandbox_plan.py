@@ -131,6 +131,10 @@ def make_plan(cfg) -> Plan:
     groups, why = find_cgroups()
     if groups is not None:
         groups.sweep()
+        try:  # a read-only cgroup file system (some containers) lists the controllers but refuses a folder
+            groups.remove(groups.create(f"lite_selftrain-{os.getpid()}-probe", cfg))
+        except OSError as e:
+            groups, why = None, f"cgroups not writable here ({e.strerror})"
     bounds = groups.describe(cfg) if groups else f"no cgroup ({why}): one process, threads only"
     seccomp = seccomp_filter(one_process=groups is None)
     filtered = "seccomp" if seccomp else "no seccomp filter for this machine"
