@@ -188,31 +188,37 @@ def _own_cgroups() -> dict[str, str]:
     return out
 
 
+def _enable_controllers(parent: str) -> None:
+    """Let `parent`'s children have the memory, pids and cpu controllers (OSError where it may not)."""
+    with open(f"{parent}/cgroup.subtree_control") as f:
+        enabled = f.read().split()
+    missing = [c for c in CONTROLLERS if c not in enabled]
+    if missing:  # refused (EBUSY) where the folder holds processes and is not the hierarchy's root
+        _write(f"{parent}/cgroup.subtree_control", " ".join("+" + c for c in missing))
+
+
 def find_cgroups() -> tuple[Cgroups | None, str]:
-    """The cgroups this machine lets us make per run, or None and why not."""
+    """The cgroups this machine lets us make per run, or None and why not. On v2, under our own cgroup
+    where it may have children with the controllers, else under the hierarchy's root."""
     if os.geteuid() != 0:
         return None, "not root"
     try:
         own = _own_cgroups()
     except OSError:
         return None, "no /proc/self/cgroup"
-    groups = None
     if os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers") and "" in own:  # cgroup v2 alone
-        parent = CGROUP_ROOT + own[""]
-        try:
-            with open(f"{parent}/cgroup.subtree_control") as f:
-                enabled = f.read().split()
-            missing = [c for c in CONTROLLERS if c not in enabled]
-            if missing:  # refused (EBUSY) where our own cgroup holds processes and is not the root
-                _write(f"{parent}/cgroup.subtree_control", " ".join("+" + c for c in missing))
-            groups = Cgroups(2, {"": parent})
-        except OSError as e:
-            return None, f"cgroup v2 controllers unavailable here ({e.strerror})"
-    elif all(os.path.isfile(f"{CGROUP_ROOT}/{c}/cgroup.procs") and c in own for c in CONTROLLERS):  # v1
-        groups = Cgroups(1, {c: f"{CGROUP_ROOT}/{c}{own[c]}".rstrip("/") for c in CONTROLLERS})
-    if groups is None:
-        return None, "no cgroup memory, pids and cpu controllers"
-    return groups, ""
+        why = ""
+        for parent in dict.fromkeys([(CGROUP_ROOT + own[""]).rstrip("/"), CGROUP_ROOT]):
+            try:
+                _enable_controllers(parent)
+                return Cgroups(2, {"": parent}), ""
+            except OSError as e:
+                why = e.strerror
+        return None, f"cgroup v2 controllers unavailable here ({why})"
+    if all(os.path.isfile(f"{CGROUP_ROOT}/{c}/cgroup.procs") and c in own for c in CONTROLLERS):  # v1
+        parents = {c: (CGROUP_ROOT + f"/{c}" + own[c]).rstrip("/") for c in CONTROLLERS}
+        return Cgroups(1, {c: p if os.path.isdir(p) else f"{CGROUP_ROOT}/{c}" for c, p in parents.items()}), ""
+    return None, "no cgroup memory, pids and cpu controllers"
 
 
 __all__ = ["Cgroups", "find_cgroups", "seccomp_filter", "syscall_numbers"]
