@@ -14,9 +14,9 @@ other process it started, setsid or not, and everything it created (files, IPC o
 with the namespaces. A wall-clock deadline kills it from outside; stdout and stderr are read with a cap.
 
 Verdicts are the caller's, from data: stdout for standard-input tasks, and for function calls
-(`run(..., calls=(name, argument lists))`) each result as typed JSON on a pipe of its own, decoded here
-into builtin values (`RunResult.values`). Nothing the program prints can pass for a result, and what it
-is checked against never enters the sandbox.
+(`run(..., calls=(name, argument lists))`) each result as typed JSON on a pipe of its own, decoded into
+builtin values against a deadline (`sandbox_values.py`, `RunResult.values`). Nothing the program
+prints can pass for a result, and what it is checked against never enters the sandbox.
 
 Where no isolation works (no root and no user namespaces), the first run says so in one line and
 raises `UserError`, unless `unsafe=True` (`--unsafe-sandbox`): then programs run with the limits, a
