@@ -135,8 +135,9 @@ def make_plan(cfg) -> Plan:
             groups.remove(groups.create(f"lite_selftrain-{os.getpid()}-probe", cfg))
         except OSError as e:
             groups, why = None, f"cgroups not writable here ({e.strerror})"
-    bounds = groups.describe(cfg) if groups else f"no cgroup ({why}): one process, threads only"
     seccomp = seccomp_filter(one_process=groups is None)
+    bounds = groups.describe(cfg) if groups else f"no cgroup ({why}): " + (
+        "one process, threads only" if seccomp else "memory bounded per process only")
     filtered = "seccomp" if seccomp else "no seccomp filter for this machine"
     how = f"{'namespaces, ' if as_root else ''}{who}{note}; {bounds}; {filtered}"
     return Plan(python, readable_paths(python, prefix), drop, per_run, True, groups, seccomp,
