@@ -5,7 +5,9 @@ secret "needle" the program can only print by finding it. Programs that print 5 
 attack worked. Every attack carries a unique tag in the names of what it tries to leave behind (files,
 processes, SysV IPC keys), and after the runs the host is searched for that tag: in /tmp, /var/tmp,
 /run/lock and /dev/shm, in every process's command line, and in /proc/sysvipc. A listener on
-127.0.0.1 and on an abstract unix socket must have accepted no connection.
+127.0.0.1 and on an abstract unix socket must have accepted no connection. Some attacks go for the
+run's bounds (memory through SysV shared memory or many processes, keyrings, kernel interfaces, the
+process budget): the correct program beside each starts a thread, which a shared budget would refuse.
 """
 
 import json
