@@ -11,6 +11,10 @@ semaphores (the child sets that up), and a seccomp filter refuses the kernel's k
 userfaultfd, perf_event_open and bpf: interfaces no test program needs, which reach past the
 namespaces (the keyrings outlive a run) or have been the way into the kernel's bugs.
 
+Cost: making and removing a run's cgroups takes under a millisecond; moving the launcher into them
+waits for an RCU grace period (the kernel's cgroup_threadgroup_rwsem: a few ms, more on a loaded
+machine), while the launcher's interpreter starts, so that only the excess adds to a run.
+
 Usage:
     groups, why = find_cgroups()              # None and the reason where the machine gives none
     dirs = groups.create("run-1", cfg)        # then groups.enter(dirs, pid) before it starts
