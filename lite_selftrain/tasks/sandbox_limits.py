@@ -29,6 +29,7 @@ import errno
 import os
 import platform
 import struct
+import threading
 import time
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -106,6 +107,8 @@ class Cgroups:
 
     def __init__(self, version: int, parents: dict[str, str]):
         self.version, self.parents = version, parents  # controller (or "" on v2) -> parent folder
+        self._pending: list[str] = []  # cgroups still busy when their run ended
+        self._lock = threading.Lock()
 
     def describe(self, cfg) -> str:
         return (f"cgroup v{self.version}: {cfg.memory_mb} MiB, {cfg.max_processes} tasks, "
@@ -157,9 +160,12 @@ class Cgroups:
         return False
 
     def remove(self, dirs: list[str]) -> None:
-        """Remove the run's cgroups; a task still leaving gets a moment (EBUSY), then it is left for later."""
+        """Remove the run's cgroups. A process still being torn down (a large one the kernel killed) keeps
+        a cgroup busy a while: it gets 20 ms, then it is tried again after each later run."""
+        with self._lock:
+            dirs, self._pending = self._pending + dirs, []
         for path in dirs:
-            for _ in range(50):
+            for _ in range(10):
                 try:
                     os.rmdir(path)
                     break
@@ -169,6 +175,9 @@ class Cgroups:
                     if e.errno != errno.EBUSY:
                         break
                     time.sleep(0.002)
+            else:
+                with self._lock:
+                    self._pending.append(path)
 
     def sweep(self) -> None:
         """Remove the empty cgroups that runs of ended processes left behind."""
