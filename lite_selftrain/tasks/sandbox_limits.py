@@ -35,6 +35,7 @@ import time
 CGROUP_ROOT = "/sys/fs/cgroup"
 CONTROLLERS = ("memory", "pids", "cpu")
 PERIOD_US = 100_000  # the CPU quota's period: the kernel's default
+STALE_SECONDS = 600  # a run's cgroup older than this, of a process not running here, is a leftover
 
 # seccomp: audit architecture and the system call numbers the filter names, per machine
 ARCHES = {
@@ -180,13 +181,15 @@ class Cgroups:
                     self._pending.append(path)
 
     def sweep(self) -> None:
-        """Remove the empty cgroups that runs of ended processes left behind."""
+        """Remove the empty cgroups that runs of ended processes left behind: those of a pid not running
+        here, made over `STALE_SECONDS` ago (a process of another PID namespace may own a new one)."""
         for parent in self.parents.values():
             with contextlib.suppress(OSError):
                 for entry in os.scandir(parent):
                     owner = (entry.name.split("-") + [""])[1]
-                    if entry.name.startswith("lite_selftrain-") and owner.isdigit() and not os.path.exists(
-                            f"/proc/{owner}"):
+                    if (entry.name.startswith("lite_selftrain-") and owner.isdigit()
+                            and not os.path.exists(f"/proc/{owner}")
+                            and entry.stat().st_mtime < time.time() - STALE_SECONDS):
                         self.remove([entry.path])
 
 
