@@ -2,7 +2,8 @@
 nothing but the entry point imports the CLI, and every file and function stays readable (files under 400
 lines, functions under 60 without their docstrings).
 
-`LAYERS` below is the one picture of the package; README.md's `## Layout` section shows the same list.
+`LAYERS` below is the one picture of the package; README.md's `## Layout` section draws the same list
+(checked here).
 Imports are read from the source (every `import` statement, inside functions too), not from what happens
 to be loaded at run time.
 """
@@ -22,6 +23,7 @@ LAYERS = [
      "training.parallel", "training.reference"},
     {"sampling", "training", "evaluate", "judge", "mbr", "plot"},
     {"recipes"},
+    {"demo"},
     {"cli", "__main__"},
 ]
 
@@ -118,6 +120,25 @@ def test_the_checks_see_real_edges():
     assert "lite_selftrain.kernels" in edges["lite_selftrain.training.logprobs"]
     assert "lite_selftrain.training.trainer" in edges["lite_selftrain.training"]
     assert "lite_selftrain.recipes.common" in edges["lite_selftrain.recipes.rest_em"]
+
+
+def readme_layers() -> list[set[str]]:
+    """The layers README.md's `## Layout` picture draws, bottom first: a line's names before its `#`, an
+    indented line continuing the line above."""
+    block = (ROOT / "README.md").read_text().split("\n## Layout\n", 1)[1].split("```")[1]
+    drawn: list[set[str]] = []
+    for line in block.splitlines():
+        names = set(line.split("#")[0].split())
+        if names:
+            if line.startswith(" ") and drawn:
+                drawn[-1] |= names
+            else:
+                drawn.append(names)
+    return drawn[::-1]
+
+
+def test_the_readme_draws_these_layers():
+    assert readme_layers() == LAYERS
 
 
 def test_files_stay_readable():

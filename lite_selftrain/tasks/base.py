@@ -190,7 +190,7 @@ class CodeTask(Task):
         """`reward`, or 0 and why, for any error judging the program (its data are the program's doing)."""
         try:
             return self.reward(completion, example), None
-        except UserError:  # the task's own data is wrong (say, a reference that cannot be recorded)
+        except UserError:  # the task's own data is wrong (say, a gold solution whose calls cannot be recorded)
             raise
         except Exception as e:  # noqa: BLE001 - one sample's fault, never the batch's
             return 0.0, f"{type(e).__name__}: {e}"[:300]
