@@ -164,7 +164,7 @@ class TritonConfig:
     programs_per_sm: int = 2  # vocabulary splits until the forward grid covers each SM twice
     direction_elems: int = 1 << 25  # frozen head: splits' fp32 [S, N, H] accumulators stay under 128 MB
     filter_eps: float = 0.0  # direction only: skip Σ p W tiles whose every p is below this; 0 keeps it exact
-    frozen_head: str = "auto"  # auto: recompute (3.4x faster on an H200), direction when filter_eps > 0
+    frozen_head: str = "auto"  # auto: recompute (the faster on GPUs, docs/kernel.md), direction when filter_eps > 0
 
     def __post_init__(self):
         if self.frozen_head not in ("auto", "direction", "recompute"):

@@ -160,9 +160,8 @@ def function_lengths(path: Path) -> dict[str, int]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             lines = node.end_lineno - node.lineno + 1
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                lines -= first.end_lineno - first.lineno + 1
+            if ast.get_docstring(node, clean=False) is not None:
+                lines -= node.body[0].end_lineno - node.body[0].lineno + 1
             key = f"{path.relative_to(ROOT)}:{node.name}"
             out[key] = max(out.get(key, 0), lines)
     return out

@@ -123,7 +123,7 @@ class ParallelModel:
         set_optimizer_state_dict(self.net, optimizer, optim_state_dict=state, options=options)
 
     def close(self) -> None:
-        """Drop the wrapping; after FSDP2, the caller's model holds the trained weights, on its device, on every rank."""
+        """Unwrap; after FSDP2, the caller's model holds the trained weights, on its device, on every rank."""
         if self.kind == "fsdp":
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
