@@ -111,7 +111,7 @@ def _disable_dropout(model) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the metrics window and the loop
+# the loop
 
 
 @dataclass
@@ -148,9 +148,7 @@ class _Loop:
                     t0 = time.perf_counter()
                     epoch, k = divmod(step, self.steps_per_epoch)
                     if epoch not in plans:
-                        plans = {epoch: plan_epoch([e.length for e in self.examples], step_size=cfg.batch_size
-                                                   * cfg.grad_accum, micro_size=cfg.batch_size,
-                                                   window=cfg.group_window, seed=cfg.seed, epoch=epoch)}
+                        plans = {epoch: self.plan(epoch)}
                     self.step(step, plans[epoch][k], t0)
                     if bar is not None:
                         bar.update(1)
@@ -163,6 +161,12 @@ class _Loop:
         finally:
             if bar is not None:
                 bar.close()
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's steps, each a list of micro-batches of example indices: a function of (seed, epoch)."""
+        cfg = self.cfg
+        return plan_epoch([e.length for e in self.examples], step_size=cfg.batch_size * cfg.grad_accum,
+                          micro_size=cfg.batch_size, window=cfg.group_window, seed=cfg.seed, epoch=epoch)
 
     def step(self, step: int, step_micro: list[list[int]], t0: float) -> None:
         """One optimiser step over `step_micro` (micro-batches of example indices); NaN/inf steps are skipped."""
@@ -231,6 +235,7 @@ class _Loop:
         return totals, tokens
 
     def log_line(self, log: JsonlLog, step: int, bar) -> None:
+        """The metrics line at `step`, appended by rank 0; the window starts again."""
         self.last = self.window.line(step, self.steps_per_epoch, self.scheduler.get_last_lr()[0], self.counters,
                                      self.device)
         self.window = MetricsWindow()
@@ -240,6 +245,7 @@ class _Loop:
             bar.set_postfix(loss=f"{self.last.get('loss', float('nan')):.4f}")
 
     def summary(self, data_stats: dict, ref_source: str | None, resumed_from: int) -> dict:
+        """The finished run: its totals, the data's counts and the last line's losses."""
         c = self.counters
         return {
             "objective": self.cfg.objective, "steps": self.total, "optimizer_steps": self.total - c.skipped,
