@@ -80,30 +80,6 @@ def test_greedy_records_match_the_native_engine(native, server):
     assert server.starts == 1  # every call on the one engine
 
 
-QUESTIONS = ["Hi!", "What is 2 + 3?", "Name a colour.", "Say yes or no: is the sky blue?",
-             "Write one short sentence about a cat that likes to sleep in the sun all afternoon.",
-             "What is 27 plus 82? Answer with a number."]
-
-
-def test_smollm2_greedy_matches_the_native_engine():
-    """A real model (SmolLM2-135M-Instruct, fp32, in its chat template): the same greedy tokens, the same
-    end-of-turn stops, the same log-probs to float rounding."""
-    from lite_selftrain.models import format_prompt, gguf
-
-    model, tok = load_model(ModelConfig(name="smollm2-135m-instruct", mode="full", device="cpu"))
-    texts = [format_prompt(tok, q) for q in QUESTIONS]
-    cfg = SamplingConfig(temperature=0, max_new_tokens=24, stop=("\n\n",))
-    want = generate(model, tok, texts, cfg, logprobs=True)
-    with VllmServer(tokenizer=tok, source=str(gguf.resolve("smollm2-135m-instruct"))) as server:
-        got = generate(server, tok, texts, cfg.replace(backend="vllm"), logprobs=True)
-    assert [g[0].token_ids for g in got] == [w[0].token_ids for w in want]
-    assert [g[0].text for g in got] == [w[0].text for w in want]
-    assert [g[0].finish_reason for g in got] == [w[0].finish_reason for w in want]
-    assert {w[0].finish_reason for w in want} >= {"eos", "length"}
-    for g, w in zip(got, want):
-        assert g[0].token_logprobs == pytest.approx(w[0].token_logprobs, abs=1e-3)
-
-
 def test_samples_per_prompt_and_a_resumed_file(server, native, tmp_path):
     tok = native[1]
     texts, task = prompts()
@@ -125,6 +101,32 @@ def test_samples_per_prompt_and_a_resumed_file(server, native, tmp_path):
     assert sorted(pairs) == [(i, j) for i in range(len(texts)) for j in range(3)]  # one record each
     assert [[c.to_dict() for c in g] for g in again[:5]] == [[c.to_dict() for c in g] for g in groups[:5]]
     assert server.starts == 1
+
+
+QUESTIONS = ["Hi!", "What is 2 + 3?", "Name a colour.", "Say yes or no: is the sky blue?",
+             "Write one short sentence about a cat that likes to sleep in the sun all afternoon.",
+             "What is 27 plus 82? Answer with a number."]
+
+
+def test_smollm2_greedy_matches_the_native_engine():
+    """After the tests on the module's server: closing an engine ends vLLM's process-wide state (see
+    `VllmServer.close`).
+    A real model (SmolLM2-135M-Instruct, fp32, in its chat template): the same greedy tokens, the same
+    end-of-turn stops, the same log-probs to float rounding."""
+    from lite_selftrain.models import format_prompt, gguf
+
+    model, tok = load_model(ModelConfig(name="smollm2-135m-instruct", mode="full", device="cpu"))
+    texts = [format_prompt(tok, q) for q in QUESTIONS]
+    cfg = SamplingConfig(temperature=0, max_new_tokens=24, stop=("\n\n",))
+    want = generate(model, tok, texts, cfg, logprobs=True)
+    with VllmServer(tokenizer=tok, source=str(gguf.resolve("smollm2-135m-instruct"))) as server:
+        got = generate(server, tok, texts, cfg.replace(backend="vllm"), logprobs=True)
+    assert [g[0].token_ids for g in got] == [w[0].token_ids for w in want]
+    assert [g[0].text for g in got] == [w[0].text for w in want]
+    assert [g[0].finish_reason for g in got] == [w[0].finish_reason for w in want]
+    assert {w[0].finish_reason for w in want} >= {"eos", "length"}
+    for g, w in zip(got, want):
+        assert g[0].token_logprobs == pytest.approx(w[0].token_logprobs, abs=1e-3)
 
 
 def test_a_killed_sample_command_resumes(warm, tmp_path):

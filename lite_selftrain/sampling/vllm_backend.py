@@ -124,7 +124,9 @@ class VllmServer:
         return saved.get("dtype") or saved.get("torch_dtype")
 
     def close(self) -> None:
-        """Stop the engine and give back its memory (weights and KV cache)."""
+        """Stop the engine and give back its memory (weights and KV cache). vLLM's shutdown also ends its
+        process-wide parallel state, which every engine of the process shares: close a process's servers
+        together (the recipes do), not one while another still samples."""
         if self.llm is not None:
             engine, grouped = self.llm.llm_engine, dist.active()
             with _quiet_errors():
