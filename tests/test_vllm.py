@@ -240,8 +240,9 @@ with open(f"{sys.argv[4]}/rank{distributed.rank()}.json", "w") as f:
 
 
 def test_data_parallel_under_torchrun(warm, native, tmp_path):
-    """Two CPU processes, each its own engine in vLLM's external-launcher mode: every rank returns every
-    prompt's greedy samples, those of one process, and one file holds one record per (prompt, sample)."""
+    """Two processes, each its own engine in vLLM's external-launcher mode: on GPUs every rank returns every
+    prompt's greedy samples and one file holds one record per (prompt, sample); vLLM's CPU build is refused
+    in one line (its data-parallel ranks hang at random there)."""
     import os
     import subprocess
     import sys
@@ -249,11 +250,14 @@ def test_data_parallel_under_torchrun(warm, native, tmp_path):
     model, tok = native
     texts = prompts()[0][:7]  # odd: the ranks get unequal shares and step together
     want = generate(model, tok, texts, SamplingConfig(n=2, temperature=0, max_new_tokens=16))
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(tmp_path / "dp.py"), warm, json.dumps(texts), "16", str(tmp_path)]
     (tmp_path / "dp.py").write_text(DATA_PARALLEL)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if cpu_build():
+        assert done.returncode != 0 and "under torchrun needs GPUs" in done.stderr, done.stderr[-3000:]
+        return
     assert done.returncode == 0, done.stderr[-3000:]
     expected = [[c.token_ids for c in g] for g in want]
     for rank in (0, 1):

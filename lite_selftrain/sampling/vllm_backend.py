@@ -21,9 +21,9 @@ decoding is reproducible on both.
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): its errors reach the caller as one
 line, nothing is spawned, and `close` gives its memory back. Under a launcher (`torchrun`) every rank
-builds its own engine (on its own GPU, or a CPU process with the CPU build) in vLLM's external-launcher
-data-parallel mode and samples the prompts `generate` deals it; engines step together until every rank's
+builds its own engine on its own GPU in vLLM's external-launcher data-parallel mode and samples the prompts `generate` deals it; engines step together until every rank's
 requests are done, and closing them keeps the launcher's process group (vLLM's shutdown destroys it).
+The CPU build is refused there: its data-parallel ranks hang at random at the end of sampling.
 
 Simplifications: one policy per server (no vLLM LoRA: a QLoRA policy is exact only over its dequantized
 base, and merged weights decode without LoRA kernels); prompts go to vLLM in chunks of VLLM_CHUNK so
@@ -192,9 +192,13 @@ def explain(folder: str, error: BaseException) -> str:
 
 def launcher_options() -> dict:
     """Under torchrun, one vLLM engine per rank, data parallel (vLLM's external-launcher mode): each rank's
-    engine takes the prompts `generate` deals to that rank (GPUs, or CPU processes with the CPU build)."""
+    engine takes the prompts `generate` deals to that rank; refused on the CPU build (the message says why)."""
     if dist.world() == 1:
         return {}
+    if cpu_build():
+        raise UserError("backend 'vllm' under torchrun needs GPUs: vLLM's CPU build starts its external-launcher "
+                        "data-parallel engines, but their ranks hang at random at the end of sampling (2 of 4 runs "
+                        "on 2 CPU processes); sample with one process, or with backend 'native'")
     return {"distributed_executor_backend": "external_launcher", "data_parallel_size": dist.world(),
             "tensor_parallel_size": 1}
 
