@@ -21,8 +21,9 @@ decoding is reproducible on both.
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): its errors reach the caller as one
 line, nothing is spawned, and `close` gives its memory back. Under a launcher (`torchrun`) every rank
-builds its own engine on its own GPU in vLLM's external-launcher data-parallel mode and samples the prompts `generate` deals it; engines step together until every rank's
-requests are done, and closing them keeps the launcher's process group (vLLM's shutdown destroys it).
+builds its own engine on its own GPU in vLLM's external-launcher data-parallel mode and samples the
+prompts `generate` deals it; engines step together until every rank's requests are done, and closing
+them keeps the launcher's process group (vLLM's shutdown destroys it).
 The CPU build is refused there: its data-parallel ranks hang at random at the end of sampling.
 
 Simplifications: one policy per server (no vLLM LoRA: a QLoRA policy is exact only over its dequantized
