@@ -113,7 +113,10 @@ def _recipe_command(name: str, help: str):
         if unsafe_sandbox:  # recorded in the run's config like any other task option
             if not hasattr(cfg, "task_options"):
                 raise UserError(f"--unsafe-sandbox: {name} runs no model-written code")
-            cfg.task_options = {**cfg.task_options, "sandbox": {**cfg.task_options.get("sandbox", {}), "unsafe": True}}
+            sandbox = cfg.task_options.get("sandbox", {})
+            if not isinstance(sandbox, dict):
+                raise UserError(f"--unsafe-sandbox: task_options.sandbox must be a table, got {sandbox!r}")
+            cfg.task_options = {**cfg.task_options, "sandbox": {**sandbox, "unsafe": True}}
         records, best = module.run(cfg, out, restart=restart, progress=_main_rank())
         if _main_rank():
             _print_table(records)
@@ -167,7 +170,7 @@ def _load(model_name, mode, adapter):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Samples JSONL (resumable).")
 def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperature, top_k, top_p, limit, seed, out):
     """Draw N completions per problem into a JSONL file; a killed run resumes."""
-    from .sampling import SamplingConfig, generate, sampled
+    from .sampling import SamplingConfig, check_resumable, generate, sampled
     from .store import check_writable
     from .tasks import get_task
 
@@ -175,6 +178,7 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
     check_writable(out, folder=False)
     task = get_task(task_name, shots=shots)
     examples = task.load(split, data)[:limit]
+    check_resumable(out, len(examples), n)  # an existing --out resumes: it must be this job's own samples
     cfg = cfg.for_task(task)
     model, tok = _load(model_name, mode, adapter)
     groups = generate(model, tok, [task.prompt(ex) for ex in examples], cfg, out=Path(out), progress=_main_rank())
@@ -189,13 +193,13 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
 @unsafe_option
 def score(task_name, split, data, shots, limit, samples, out, unsafe_sandbox):
     """Add a reward to every sample of a samples file."""
-    from .store import SAMPLE_FIELDS, check_writable, read_jsonl, write_jsonl
+    from .store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, check_stage_out, read_jsonl, write_jsonl
     from .tasks import get_task
 
-    check_writable(out, folder=False)
+    check_stage_out(out, SCORED_FIELDS, "a scored samples file")  # a rerun replaces it
     task = get_task(task_name, shots=shots, **({"sandbox": {"unsafe": True}} if unsafe_sandbox else {}))
     problems = task.load(split, data)[:limit]
-    scored, info = task.score_samples(read_jsonl(samples, SAMPLE_FIELDS, len(problems)), problems)
+    scored, info = task.score_samples(read_jsonl(samples, SAMPLE_FIELDS, len(problems), SAMPLE_KEY), problems)
     if _main_rank():
         write_jsonl(Path(out), scored)
     click.echo(json.dumps(info))
@@ -213,13 +217,14 @@ def score(task_name, split, data, shots, limit, samples, out, unsafe_sandbox):
 def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_per_problem, scored, out):
     """Turn scored samples into a training set: ReST-EM's kept samples or RPO's pairs."""
     from .recipes import rest_em, rpo
-    from .store import SCORED_FIELDS, check_writable, read_jsonl, write_jsonl
+    from .store import SAMPLE_KEY, SCORED_FIELDS, TRAIN_FIELDS, check_stage_out, read_jsonl, write_jsonl
     from .tasks import get_task
 
-    check_writable(out, folder=False)
+    objective = "rwnll" if recipe == "rest-em" else "dpo_nll"
+    check_stage_out(out, TRAIN_FIELDS[objective], f"a {recipe} training set")  # a rerun replaces it
     task = get_task(task_name, shots=shots)
     prompts = [task.prompt(p) for p in task.load(split, data)[:limit]]
-    records = read_jsonl(scored, SCORED_FIELDS, len(prompts))
+    records = read_jsonl(scored, SCORED_FIELDS, len(prompts), SAMPLE_KEY)
     if recipe == "rest-em":
         cfg = rest_em.RestEMConfig(task=task_name, max_per_problem=max_per_problem)
         records, info = rest_em.keep_correct(cfg, prompts, records, 1)
@@ -229,11 +234,6 @@ def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_p
     if _main_rank():
         write_jsonl(Path(out), records)
     click.echo(json.dumps(info))
-
-
-TRAIN_FIELDS = {"sft": {"prompt": "string", "response": "string"},  # what each objective reads of a record
-                "rwnll": {"prompt": "string", "response": "string", "reward?": "number"},
-                "dpo_nll": {"prompt": "string", "chosen": "string", "rejected": "string"}}
 
 
 @cli.command(name="train")
@@ -246,11 +246,12 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     """Fine-tune on a dataset (objective sft, rwnll or dpo_nll); resumes from its checkpoints."""
     from .config import load_config
     from .data import load_records
-    from .models import save_model
-    from .store import check_writable
-    from .train import TrainConfig, train
+    from .models import ModelConfig, save_model
+    from .store import TRAIN_FIELDS, check_writable
+    from .train import TrainConfig, check_trainable, train
 
     cfg = load_config(TrainConfig, config_path, overrides)
+    check_trainable(ModelConfig(name=model_name, mode=mode, adapter=adapter), cfg)
     check_writable(out, folder=True)
     records = load_records(data, need=TRAIN_FIELDS[cfg.objective])  # bad data fails before the model is loaded
     model, tok = _load(model_name, mode, adapter)

@@ -51,7 +51,7 @@ from pydantic import Field
 from . import distributed as dist
 from .config import Count, Name, PositiveInt, check_fields
 from .errors import UserError, UserTypeError
-from .store import JsonlLog, write_jsonl
+from .store import COMPLETION_FIELDS, SAMPLE_KEY, JsonlLog, write_jsonl
 from .tokenizer import decode_continuation, encode
 
 FREE_TEXT_TOKENS = 256  # max_new_tokens when neither the config nor a task sets one: a few paragraphs
@@ -200,18 +200,49 @@ def rank_file(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.name}.rank{rank}")
 
 
-def _resume(log: JsonlLog, num_prompts: int, n: int) -> dict[int, list[Completion]]:
+def _streams(path: Path) -> list[Path]:
+    """`path` and the rank streams beside it (whatever the world size was)."""
+    return [path, *sorted(path.parent.glob(glob.escape(path.name) + ".rank*"))]
+
+
+def _check_fits(path: Path, records: list[dict], num_prompts: int, n: int, logprobs: bool) -> None:
+    """Refuse records another job wrote: a sample index past n, more than the last prompt written cut short
+    (whole prompts are appended: only a kill leaves one partial), logprobs missing when they are asked for."""
+    counts: dict[int, int] = {}
+    for r in records:
+        i, j = r["prompt_index"], r["sample_index"]
+        if j >= n or r["num_tokens"] != len(r["token_ids"]):
+            raise UserError(f"{path}: a record for prompt {i}, sample {j} does not fit this job "
+                            f"({num_prompts} prompts, n={n}); was the file written by another sampling job?")
+        if logprobs and r.get("logprob") is None:
+            raise UserError(f"{path}: prompt {i}, sample {j} has no logprob: the file was sampled without "
+                            "logprobs=True (use another file)")
+        counts[i] = counts.get(i, 0) + 1
+    short = [i for i, c in counts.items() if c < n and i != records[-1]["prompt_index"]]
+    if short:
+        raise UserError(f"{path}: prompt {short[0]} has {counts[short[0]]} of n={n} samples and was not the last "
+                        "one written; was the file written by another sampling job (another n)?")
+
+
+def check_resumable(path: str | Path, num_prompts: int, n: int, *, logprobs: bool = False) -> None:
+    """One `UserError` if `generate(out=path)` could not resume from `path` (and the rank streams beside it):
+    a line that is not a sample record, or records of another job. Reads only; a missing file is fine."""
+    for part in _streams(Path(path)):
+        records = JsonlLog(part).read(COMPLETION_FIELDS, num_prompts, SAMPLE_KEY)
+        if records:
+            _check_fits(part, records, num_prompts, n, logprobs)
+
+
+def _resume(log: JsonlLog, num_prompts: int, n: int, logprobs: bool = False) -> dict[int, list[Completion]]:
     """Completed prompts in `log` and in the rank streams beside it; torn lines, partial prompts and
-    duplicates are removed, and the rank streams folded into `log` (rewritten atomically, then deleted)."""
-    parts = sorted(log.path.parent.glob(glob.escape(log.path.name) + ".rank*"))  # whatever the world size was
+    duplicates are removed, and the rank streams folded into `log` (rewritten atomically, then deleted).
+    Every file is checked (`check_resumable`) before any of them changes."""
+    check_resumable(log.path, num_prompts, n, logprobs=logprobs)
+    parts = _streams(log.path)[1:]
     records = log.recover() + [r for part in parts for r in JsonlLog(part).recover()]  # each cuts a torn line
     by_prompt: dict[int, dict[int, dict]] = {}
     for r in records:
-        i, j = r.get("prompt_index"), r.get("sample_index")
-        if not (isinstance(i, int) and isinstance(j, int) and 0 <= i < num_prompts and 0 <= j < n):
-            raise UserError(f"{log.path}: a record for prompt {i}, sample {j} does not fit this job "
-                            f"({num_prompts} prompts, n={n}); was the file written by another sampling job?")
-        by_prompt.setdefault(i, {}).setdefault(j, r)  # a duplicate keeps its first copy
+        by_prompt.setdefault(r["prompt_index"], {}).setdefault(r["sample_index"], r)  # a duplicate keeps its first
     complete = {i: got for i, got in by_prompt.items() if len(got) == n}
     if parts or len(complete) * n != len(records):  # partial prompts, duplicates or streams: complete prompts
         _write_merged(log, {i: [got[j] for j in range(n)] for i, got in complete.items()})
@@ -224,7 +255,7 @@ def _write_merged(log: JsonlLog, groups: dict[int, list]) -> None:
     records = [r if isinstance(r, dict) else {"prompt_index": i, "sample_index": j, **r.to_dict()}
                for i in sorted(groups) for j, r in enumerate(groups[i])]
     write_jsonl(log.path, records)
-    for part in log.path.parent.glob(glob.escape(log.path.name) + ".rank*"):
+    for part in _streams(log.path)[1:]:
         part.unlink(missing_ok=True)
 
 
@@ -286,7 +317,7 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | Non
     if not prompts:  # N = 0: nothing to sample, and no file touched
         return []
     log = out if isinstance(out, JsonlLog) or out is None else JsonlLog(out)
-    done = dist.main_first(_resume, log, len(prompts), cfg.n) if log is not None else {}  # rank 0 reads, all get it
+    done = dist.main_first(_resume, log, len(prompts), cfg.n, logprobs) if log is not None else {}  # rank 0 reads
     pending = set(range(len(prompts))) - set(done)
     if not pending:
         return [done[i] for i in range(len(prompts))]

@@ -30,7 +30,7 @@ from ..judge import JudgeConfig, judged_eval
 from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, sampled
-from ..store import read_jsonl
+from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
 from .common import Iterates, Run, split_validation, write_stage
@@ -117,8 +117,8 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
                                 progress=progress))
 
     def selection(t):  # the most central candidate (or pair) by M_{t-1}'s own embeddings
-        records, decisions, info = build(cfg, *models.get(t - 1), prompts, originals,
-                                         read_jsonl(run.dir(t) / "samples.jsonl"))
+        samples = read_jsonl(run.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(prompts), SAMPLE_KEY)
+        records, decisions, info = build(cfg, *models.get(t - 1), prompts, originals, samples)
         write_stage(run.dir(t) / "decisions.jsonl", decisions, {})
         return write_stage(run.dir(t) / "dataset.jsonl", records, info)
 

@@ -48,7 +48,7 @@ from ..config import to_dict
 from ..errors import UserError
 from ..evaluate import validation_count
 from ..models import ModelConfig, load_model, save_model
-from ..store import RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
+from ..store import TRAIN_FIELDS, RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
 from ..train import TrainConfig, train
 
 
@@ -180,7 +180,7 @@ class Iterates:
         are cached beside the dataset, so a resumed run does no second reference pass.
         """
         d = self.run.dir(iteration)
-        records = read_jsonl(d / "dataset.jsonl")
+        records = read_jsonl(d / "dataset.jsonl", TRAIN_FIELDS[cfg.objective])
         summary = {"skipped": empty}
         if records:  # on every rank: the trainer splits the batches across ranks (DDP)
             summary = train(model, tokenizer, records, dataclasses.replace(cfg, reference=reference), d / "train",

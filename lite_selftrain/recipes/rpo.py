@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
 from ..sampling import SamplingConfig, Temperature, generate, group_by_prompt, sampled
-from ..store import read_jsonl
+from ..store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
 from .common import Iterates, Run, problems_for, split_validation, write_stage
@@ -103,9 +103,9 @@ def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, na
         run.once(t, "sample", lambda: sampled(generate(*models.get(t - 1), prompts, at_t, out=d / "samples.jsonl",
                                                        progress=progress)))
         run.once(t, "score", lambda: write_stage(d / "scored.jsonl", *task.score_samples(
-            read_jsonl(d / "samples.jsonl"), problems)))
+            read_jsonl(d / "samples.jsonl", SAMPLE_FIELDS, len(problems), SAMPLE_KEY), problems)))
         run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *build_pairs(
-            cfg, prompts, read_jsonl(d / "scored.jsonl"), t)))
+            cfg, prompts, read_jsonl(d / "scored.jsonl", SCORED_FIELDS, len(prompts), SAMPLE_KEY), t)))
         # DPO + NLL from M_{t-1}, whose log-probs before the first step are the reference
         run.once(t, "train", lambda: models.fit(t, *models.get(t - 1), cfg.train, reference="current",
                                                 progress=progress))

@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..judge import JudgeConfig, eft_example, judge, judged_eval
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
-from ..store import read_jsonl
+from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
 from ..train import TrainConfig
 from .common import Iterates, Run, split_validation, write_stage
@@ -70,6 +70,7 @@ class SelfRewardConfig:
 
 
 EFT_FIELDS = {"prompt": "string", "response": "string", "score": "number", "justification?": "string"}
+JUDGED_FIELDS = {**COMPLETION_FIELDS, "prompt": "string", "score": "number|null"}  # what pairing reads
 
 
 def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict]) -> tuple[list[dict], dict]:
@@ -175,15 +176,16 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
 
     def respond(t):  # N answers to each new prompt, in the chat template
         model, tok = models.get(t - 1)
-        prompts = [format_prompt(tok, r["prompt"]) for r in read_jsonl(run.dir(t) / "prompts.jsonl")]
+        new = read_jsonl(run.dir(t) / "prompts.jsonl", {"prompt": "string"})
+        prompts = [format_prompt(tok, r["prompt"]) for r in new]
         return sampled(generate(model, tok, prompts, cfg.respond.replace(seed=cfg.respond.seed + t),
                                 out=run.dir(t) / "samples.jsonl", progress=progress))
 
     def judge_answers(t):  # k judgments of every answer by M_{t-1} itself
-        new = [r["prompt"] for r in read_jsonl(run.dir(t) / "prompts.jsonl")]
+        new = [r["prompt"] for r in read_jsonl(run.dir(t) / "prompts.jsonl", {"prompt": "string"})]
         judging = dataclasses.replace(cfg.judge, sample=cfg.judge.sample.replace(seed=cfg.judge.sample.seed + t))
-        return write_stage(run.dir(t) / "judged.jsonl", *judge_samples(
-            *models.get(t - 1), new, read_jsonl(run.dir(t) / "samples.jsonl"), judging))
+        samples = read_jsonl(run.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(new), SAMPLE_KEY)
+        return write_stage(run.dir(t) / "judged.jsonl", *judge_samples(*models.get(t - 1), new, samples, judging))
 
     measure = (lambda t: evaluate(*models.get(t), t)) if evaluate else evaluate_judged
     write = prompts or (lambda t: write_prompts(*models.other(cfg.prompt_model, 0), seeds, cfg, t,
@@ -201,7 +203,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         run.once(t, "respond", lambda: respond(t))
         run.once(t, "judge", lambda: judge_answers(t))
         built = run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *pair(
-            read_jsonl(d / "judged.jsonl"), t)))
+            read_jsonl(d / "judged.jsonl", JUDGED_FIELDS, unique=SAMPLE_KEY), t)))
         # DPO on (best, worst) from M_{t-1}, which is the reference
         trained = run.once(t, "train", lambda: models.fit(t, *models.get(t - 1), cfg.train, reference="current",
                                                           progress=progress, empty=f"no pairs: {built['dropped']}"))
