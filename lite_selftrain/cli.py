@@ -251,7 +251,7 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     from .train import TrainConfig, check_trainable, train
 
     cfg = load_config(TrainConfig, config_path, overrides)
-    check_trainable(ModelConfig(name=model_name, mode=mode, adapter=adapter), cfg)
+    check_trainable(ModelConfig(name=model_name, mode=mode, adapter=adapter), ("", cfg))
     check_writable(out, folder=True)
     records = load_records(data, need=TRAIN_FIELDS[cfg.objective])  # bad data fails before the model is loaded
     model, tok = _load(model_name, mode, adapter)

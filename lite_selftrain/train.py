@@ -93,6 +93,15 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
 
 
+def check_trainable(model, *trainings: tuple[str, TrainConfig]) -> None:
+    """Refuse, when a config is read, a model (a `models.ModelConfig`) that a training config cannot train;
+    each training is (its key prefix in messages, e.g. "train.", its config). FSDP shards a full model."""
+    for prefix, cfg in trainings:
+        if cfg.parallel == "fsdp" and model.mode != "full":
+            raise UserError(f"{prefix}parallel fsdp is for full fine-tuning (model.mode full), not model.mode "
+                            f"{model.mode}: adapters train with {prefix}parallel ddp")
+
+
 # ----------------------------------------------------------------------------------------------------
 # optimiser, schedule, dropout
 

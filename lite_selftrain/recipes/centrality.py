@@ -32,7 +32,7 @@ from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, sampled
 from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
-from ..train import TrainConfig
+from ..train import TrainConfig, check_trainable
 from .common import Iterates, Run, split_validation, write_stage
 
 
@@ -55,6 +55,7 @@ class CentralityConfig:
     judge_model: Name | None = None  # the fixed judge of every iterate's held-out answers; None: M_0
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("train.", self.train))
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be 'sft' or 'dpo', not '{self.objective}'")
         wanted = "sft" if self.objective == "sft" else "dpo_nll"

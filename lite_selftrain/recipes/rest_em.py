@@ -26,7 +26,7 @@ from ..models import ModelConfig
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, read_jsonl
 from ..tasks import get_task
-from ..train import TrainConfig
+from ..train import TrainConfig, check_trainable
 from .common import Iterates, Run, problems_for, split_validation, write_stage
 
 
@@ -48,6 +48,7 @@ class RestEMConfig:
 
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("train.", self.train))
         if self.train.objective not in ("rwnll", "sft"):
             raise UserError("ReST-EM trains with objective 'rwnll' (or 'sft')")
 

@@ -29,7 +29,7 @@ from ..models import ModelConfig
 from ..sampling import SamplingConfig, Temperature, generate, group_by_prompt, sampled
 from ..store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, read_jsonl
 from ..tasks import get_task
-from ..train import TrainConfig
+from ..train import TrainConfig, check_trainable
 from .common import Iterates, Run, problems_for, split_validation, write_stage
 
 
@@ -52,6 +52,7 @@ class RPOConfig:
 
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("train.", self.train))
         if self.train.objective != "dpo_nll":
             raise UserError("Iterative RPO trains with objective 'dpo_nll' (alpha = 0 gives plain DPO)")
 

@@ -33,7 +33,7 @@ from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
-from ..train import TrainConfig
+from ..train import TrainConfig, check_trainable
 from .common import Iterates, Run, split_validation, write_stage
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
@@ -67,6 +67,7 @@ class SelfRewardConfig:
 
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("sft.", self.sft), ("train.", self.train))
 
 
 EFT_FIELDS = {"prompt": "string", "response": "string", "score": "number", "justification?": "string"}
