@@ -18,6 +18,7 @@ Simplifications: one adapter per model; LoRA targets every linear projection but
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from .config import Fraction, Name, PositiveInt, check_fields
+from .config import Fraction, Name, PositiveFloat, PositiveInt, check_fields, check_value
 from .distributed import local_gpu
 from .errors import UserError
 from .store import atomic_dir
@@ -168,6 +169,39 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
+# decoders whose native-engine samples equal transformers' own greedy decoding (tests/test_models.py checks each)
+SERVED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "phi3", "olmo", "granite",
+                      "stablelm", "gpt_neox", "gpt2")
+
+
+def check_architecture(model_type, where) -> None:
+    """A one-line error for a model the sampling engine does not serve (an encoder, an unknown type)."""
+    if model_type not in SERVED_MODEL_TYPES:
+        raise UserError(f"{where}: model_type {json.dumps(model_type)} is not an architecture the sampling engine "
+                        f"serves ({', '.join(SERVED_MODEL_TYPES)})")
+
+
+def _read_json_table(path: Path) -> dict:
+    """A JSON file that must hold an object (a config); anything else is one `UserError` naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object of settings, not {type(data).__name__}")
+    return data
+
+
+def check_model_folder(path: Path) -> None:
+    """The check of every model folder before anything loads from it: a config.json that is an object
+    naming an architecture the engine serves. (Its weights are checked as they load: `_load_base`.)"""
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model folder (no config.json)")
+    check_architecture(_read_json_table(path / "config.json").get("model_type"), path)
+
+
 def _resolve_source(name: str) -> tuple[str, bool]:
     """(where to load from, is_local). Presets are written to a per-user cache folder once."""
     if name in PRESETS:
@@ -175,8 +209,7 @@ def _resolve_source(name: str) -> tuple[str, bool]:
         return str(cache / "presets" / name), True
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise UserError(f"{path} is not a model folder (no config.json)")
+        check_model_folder(path)
         return str(path), True
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model path not found: {name}")
@@ -217,11 +250,22 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}  # this rank's GPU
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except _load_errors() as e:
         where = "" if local else " (offline? pass a local model folder instead)"
         raise UserError(f"could not load model '{cfg.name}'{where}: {_first_line(e)}") from None
+    check_architecture(model.config.model_type, cfg.name)
+    _check_loaded(cfg.name, info)
     return model if cfg.mode == "qlora" else model.to(device)
+
+
+def _check_loaded(name: str, info: dict) -> None:
+    """Refuse weights that do not fit the config: a missing one would be left at its random init."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:
+            raise UserError(f"model '{name}': its weights do not match its config ({len(keys)} "
+                            f"{kind.replace('_', ' ')}, e.g. {keys[0]})")
 
 
 def load_model(cfg: ModelConfig):
@@ -242,11 +286,10 @@ def load_model(cfg: ModelConfig):
             raise UserError("model.adapter needs mode lora or qlora")
         return model, tokenizer
     if cfg.adapter:
-        if not Path(cfg.adapter, "adapter_config.json").exists():
-            raise UserError(f"not a peft adapter folder: {cfg.adapter}")
+        check_adapter_folder(Path(cfg.adapter))
         try:
             model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
-        except _load_errors() as e:
+        except (*_load_errors(), TypeError, AttributeError) as e:  # a field of the wrong type deep in peft
             raise UserError(f"{cfg.adapter}: a damaged peft adapter folder ({_first_line(e)})") from None
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -255,6 +298,23 @@ def load_model(cfg: ModelConfig):
             torch.manual_seed(cfg.seed)
             model = get_peft_model(model, lora)
     return model, tokenizer
+
+
+# what a LoRA adapter_config.json's numbers must be; the rest is peft's to check
+ADAPTER_FIELDS = {"r": PositiveInt, "lora_alpha": PositiveFloat, "lora_dropout": Fraction}
+
+
+def check_adapter_folder(path: Path) -> None:
+    """An adapter folder's config, before peft reads it: an object, with LoRA's numbers in range."""
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"not a peft adapter folder: {path}")
+    try:
+        config = _read_json_table(path / "adapter_config.json")
+        for key, annotation in ADAPTER_FIELDS.items():
+            if key in config:
+                check_value(config[key], annotation, key)
+    except UserError as e:
+        raise UserError(f"{path}: a damaged peft adapter folder ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
