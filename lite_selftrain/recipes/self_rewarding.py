@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..batching import sampled_ids
 from ..config import Count, Name, PositiveInt, check_fields
@@ -74,11 +75,27 @@ EFT_FIELDS = {"prompt": "string", "response": "string", "score": "number", "just
 JUDGED_FIELDS = {**COMPLETION_FIELDS, "prompt": "string", "score": "number|null"}  # what pairing reads
 
 
-def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict]) -> tuple[list[dict], dict]:
-    """M_0's data: IFT in the chat template, and EFT judge prompts as `judge()` will prompt them."""
-    eft = [eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]),
-                       cfg.judge.template)
-           for r in (read_jsonl(cfg.eft_path, EFT_FIELDS) if cfg.eft_path else [])]
+def eft_examples(cfg: SelfRewardConfig) -> list[dict]:
+    """The EFT data as judge-training records, every line checked (fields, a score within the rubric's
+    range): read with the other inputs, before the run starts, a bad line names its file and line."""
+    if not cfg.eft_path:
+        return []
+    records = read_jsonl(cfg.eft_path, EFT_FIELDS)
+    text = Path(cfg.eft_path).read_text(encoding="utf-8")
+    lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]  # read_jsonl skips blanks
+    out = []
+    for r, lineno in zip(records, lines):
+        try:
+            out.append(eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]),
+                                   cfg.judge.template))
+        except ValueError as e:
+            raise UserError(f"{cfg.eft_path}:{lineno}: {e}") from None
+    return out
+
+
+def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict], eft: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """M_0's data: IFT in the chat template, and EFT judge prompts (`eft_examples`) as `judge()` will prompt them."""
+    eft = eft_examples(cfg) if eft is None else eft
     records = [{"prompt": format_prompt(tok, r["prompt"]), "response": r["response"]} for r in ift]
     records += [{"prompt": format_prompt(tok, r["prompt"]) if cfg.judge.chat else r["prompt"],
                  "response": r["response"]} for r in eft]
@@ -151,6 +168,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
     if not (cfg.eft_path or cfg.no_eft or cfg.skip_sft):
         raise UserError("self-rewarding trains its judge on EFT data: set eft_path (prompt, response, "
                         "justification, score), or no_eft = true to train M_0 on instructions alone")
+    eft = eft_examples(cfg)  # every input is checked before the run folder is bound
     run = Run(out, name, cfg, restart=restart)
     task = get_task("instruct")
     ift = task.load("train", cfg.ift_path)
@@ -173,7 +191,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
                 "judge": cfg.judge_model or "iteration 0"}
 
     def sft_data():  # M_0's data, tokenised as judge() and generate() will prompt
-        return write_stage(run.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift))
+        return write_stage(run.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift, eft))
 
     def respond(t):  # N answers to each new prompt, in the chat template
         model, tok = models.get(t - 1)

@@ -66,7 +66,13 @@ class Task:
                 records += load_records(path if path is not None else self.hub, split, config=config, need=need)
             except UserError as e:
                 raise UserError(f"task {self.name}: {e}") from None
-        return [self.prepare(r) for r in records]
+        prepared = []
+        for i, record in enumerate(records):
+            try:
+                prepared.append(self.prepare(record))
+            except UserError as e:
+                raise type(e)(f"task {self.name}: {path or self.hub} record {i + 1}: {e}") from None
+        return prepared
 
     def prepare(self, record: dict) -> dict:
         """Normalise one loaded record (e.g. decode a JSON-string field); the identity by default."""
