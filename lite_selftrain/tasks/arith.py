@@ -89,7 +89,7 @@ class ArithTask(Task):
     stop = ("\n",)  # references are one line; few-shot examples are separated by newlines
 
     def __init__(self, terms: Terms | list[int] = 3, digits: PositiveInt = 1, style: str = "sums",
-                 seed: int = 0, shots: Count = 0, **options):
+                 seed: int = 0, shots: Count | None = None, **options):
         super().__init__(shots)
         self.config = ArithConfig(terms=terms, digits=digits, style=style, seed=seed, **options)
         self.max_new_tokens = self.longest_reference_len(self.config.terms[1]) + 2  # + margin for end token
