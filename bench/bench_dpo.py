@@ -74,7 +74,7 @@ def _model(args):
 
 def _run_lite(args, model, tok, pairs, out: Path) -> dict:
     from lite_selftrain.store import JsonlLog
-    from lite_selftrain.train import TrainConfig, train
+    from lite_selftrain.training import TrainConfig, train
 
     cfg = TrainConfig(objective="dpo_nll", nll_norm="token", lr=1e-5, max_steps=args.warmup + args.steps,
                       batch_size=args.pairs, grad_accum=1, log_every=1, checkpoint_every=10_000,

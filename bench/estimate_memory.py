@@ -56,7 +56,7 @@ from pathlib import Path
 
 from lite_selftrain.config import load_config as load_recipe_config
 from lite_selftrain.recipes import RECIPES, load_recipe
-from lite_selftrain.sampling import FREE_TEXT_TOKENS
+from lite_selftrain.sampling.generate import FREE_TEXT_TOKENS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -404,8 +404,8 @@ def measure_saved(preset: str, layers: int, tokens: int = 256, checkpointing: bo
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lite_selftrain.logprobs import sequence_logprobs
     from lite_selftrain.models import PRESETS, ModelConfig, build_tokenizer, load_model
+    from lite_selftrain.training.logprobs import sequence_logprobs
 
     spec = {**PRESETS[preset], "num_hidden_layers": layers, "vocab_size": 260}  # the vocabulary is outside layers
     with tempfile.TemporaryDirectory() as folder:

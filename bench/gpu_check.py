@@ -60,7 +60,7 @@ def _qlora_steps(preset: str, folder: Path, *, pairs=4, seq=1024, steps=3) -> di
     import torch
 
     from lite_selftrain.models import ModelConfig, build_model, load_model, preset_tokenizer
-    from lite_selftrain.train import TrainConfig, train
+    from lite_selftrain.training import TrainConfig, train
 
     t0 = time.perf_counter()
     with torch.device("cuda"):  # random init on the GPU: seconds, not minutes

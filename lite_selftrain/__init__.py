@@ -3,7 +3,7 @@
 Recipes (lite_selftrain.recipes): ReST-EM, Iterative RPO, Self-Rewarding LM, embedding-centrality
 self-selection. The parts they are built from are re-exported here, imported on first use so that
 `lite-selftrain --help` does not pay for torch and transformers. The functions named like their
-modules (`train.train`, `evaluate.evaluate`, `judge.judge`) are imported from those modules.
+modules (`evaluate.evaluate`, `judge.judge`) are imported from those modules.
 """
 
 import importlib
@@ -15,8 +15,8 @@ _EXPORTS = {
     "maj_at_k": "evaluate", "pass_at_k": "evaluate",
     "parse_score": "judge",
     "fused_logprob": "kernels", "naive_logprob": "kernels",
-    "sequence_logprobs": "logprobs",
-    "dpo_nll_loss": "losses", "reward_weighted_nll": "losses",
+    "sequence_logprobs": "training.logprobs",
+    "dpo_nll_loss": "training.losses", "reward_weighted_nll": "training.losses",
     "centrality": "mbr", "embed": "mbr", "select": "mbr",
     "ModelConfig": "models", "build_model": "models", "build_tokenizer": "models", "load_model": "models",
     "reference_mode": "models", "save_model": "models",
@@ -24,7 +24,7 @@ _EXPORTS = {
     "EvalConfig": "evaluate", "JudgeConfig": "judge",
     "RunStore": "store",
     "get_task": "tasks",
-    "TrainConfig": "train",
+    "TrainConfig": "training", "train": "training",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -247,8 +247,9 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     from .config import load_config
     from .data import load_records
     from .models import ModelConfig, save_model
+    from .recipes.common import check_trainable
     from .store import TRAIN_FIELDS, check_writable
-    from .train import TrainConfig, check_trainable, train
+    from .training import TrainConfig, train
 
     cfg = load_config(TrainConfig, config_path, overrides)
     check_trainable(ModelConfig(name=model_name, mode=mode, adapter=adapter), ("", cfg))

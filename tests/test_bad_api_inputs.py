@@ -14,7 +14,7 @@ from lite_selftrain.models import ModelConfig, load_model, pick_device, save_mod
 from lite_selftrain.recipes import self_rewarding
 from lite_selftrain.sampling import SamplingConfig, generate
 from lite_selftrain.tasks import get_task
-from lite_selftrain.train import TrainConfig
+from lite_selftrain.training import TrainConfig
 
 H, W, T = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
 

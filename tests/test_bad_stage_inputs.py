@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lite_selftrain.kernels import fused_logprob
 
 from lite_selftrain.config import from_dict
-from lite_selftrain.kernels import fused_logprob
 from lite_selftrain.models import ModelConfig, load_model, save_model, save_preset
 from lite_selftrain.recipes import self_rewarding
 from lite_selftrain.recipes.centrality import CentralityConfig
@@ -66,7 +66,8 @@ CLI_CASES = [  # (id, command line with {t} for the case's folder, text the one 
                           "{t}/scored_inf.jsonl", "--out", "{t}/d.jsonl"],
      "scored_inf.jsonl:2: 'reward' must be a finite number, got Infinity"),
     ("build-nan-reward", ["build", "--recipe", "rpo", "--task", "arith", "--limit", "2", "--scored",
-                          "{t}/scored_nan.jsonl", "--out", "{t}/d.jsonl"], "scored_nan.jsonl:1: 'reward' must be a finite"),
+                          "{t}/scored_nan.jsonl", "--out", "{t}/d.jsonl"],
+     "scored_nan.jsonl:1: 'reward' must be a finite"),
     ("build-neginf-reward", ["build", "--recipe", "rpo", "--task", "arith", "--limit", "2", "--scored",
                              "{t}/scored_neginf.jsonl", "--out", "{t}/d.jsonl"], "scored_neginf.jsonl:1"),
     ("build-duplicate", ["build", "--recipe", "rest-em", "--task", "arith", "--limit", "2", "--scored",

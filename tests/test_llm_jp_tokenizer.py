@@ -12,12 +12,12 @@ import random
 import pytest
 import torch
 
-from lite_selftrain.batching import encode_records, sampled_ids
 from lite_selftrain.mbr import embed
 from lite_selftrain.models import build_model, format_prompt, load_tokenizer
-from lite_selftrain.sampling import SamplingConfig, generate, tokenize_prompts
-from lite_selftrain.tokenizer import LLM_JP_MODEL, build_llm_jp_tokenizer, decode_continuation, encode
-from lite_selftrain.train import TrainConfig, train
+from lite_selftrain.models.tokenizer import LLM_JP_MODEL, build_llm_jp_tokenizer, decode_continuation, encode
+from lite_selftrain.sampling.generate import SamplingConfig, generate, tokenize_prompts
+from lite_selftrain.training import TrainConfig, train
+from lite_selftrain.training.batching import encode_records, sampled_ids
 
 RARE = "龘"  # U+9F98: no piece of its own, so it is written as the byte pieces <0xE9> <0xBE> <0x98>
 QUESTIONS = ["日本の首都は？", "富士山の高さは？", "一番大きい湖は？", "好きな漢字は？"]

@@ -10,8 +10,8 @@ The reference is `model(...).logits` → log_softmax → gather → masked sum, 
 import pytest
 import torch
 
-from lite_selftrain.logprobs import sequence_logprobs, token_logprobs
 from lite_selftrain.models import ModelConfig, load_model, reference_mode
+from lite_selftrain.training.logprobs import sequence_logprobs, token_logprobs
 
 B, T = 3, 14
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lite_selftrain.losses import dpo_nll_loss, reward_weighted_nll
+from lite_selftrain.training.losses import dpo_nll_loss, reward_weighted_nll
 
 PC = [-10.0, -20.0, -7.5, -3.0]  # policy log-probs of chosen responses
 PR = [-12.0, -18.0, -9.0, -30.0]  # ... of rejected

@@ -254,7 +254,7 @@ def scoring_judge(tmp_path_factory, instruct_file):
     """A tiny model trained to answer every judge prompt with "Score: 4" (a random one never scores)."""
     from lite_selftrain.judge import judge_prompt
     from lite_selftrain.models import build_model, build_tokenizer, save_model
-    from lite_selftrain.train import TrainConfig, train
+    from lite_selftrain.training import TrainConfig, train
 
     tok = build_tokenizer()
     model = build_model("tiny", vocab_size=len(tok), seed=3)

@@ -17,10 +17,10 @@ import time
 import pytest
 import torch
 
-from lite_selftrain.engine import draw, mix32, uniforms
 from lite_selftrain.errors import UserError
 from lite_selftrain.models import ModelConfig, build_model, build_tokenizer, load_model, reference_mode
 from lite_selftrain.sampling import Completion, SamplingConfig, generate
+from lite_selftrain.sampling.engine import draw, mix32, uniforms
 from lite_selftrain.store import JsonlLog
 
 PROMPTS = ["The cat sat", "1+2=", "a much longer prompt about nothing", "hi", "x y z"]

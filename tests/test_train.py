@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lite_selftrain.batching import collate, encode_records, plan_epoch
 from lite_selftrain.errors import UserError
-from lite_selftrain.logprobs import split_body_head
 from lite_selftrain.models import ModelConfig, build_tokenizer, load_model
-from lite_selftrain.reference import compute_reference_logps
 from lite_selftrain.store import JsonlLog
-from lite_selftrain.train import TrainConfig, lr_factor, train
+from lite_selftrain.training.batching import collate, encode_records, plan_epoch
+from lite_selftrain.training.logprobs import split_body_head
+from lite_selftrain.training.reference import compute_reference_logps
+from lite_selftrain.training.trainer import TrainConfig, lr_factor, train
 
 SFT = [{"prompt": f"{a}+{b}=", "response": f"{a + b}" + " ok" * (a % 3), "reward": [1.0, 0.5, 0.0, 2.0][a % 4]}
        for a, b in [(3, 4), (12, 30), (7, 7), (101, 5), (9, 1), (48, 2)]]
@@ -289,9 +289,9 @@ _SCRIPT = textwrap.dedent(f"""
     import json, sys, time
     import torch
     torch.set_num_threads(1)
-    from lite_selftrain.logprobs import split_body_head
+    from lite_selftrain.training.logprobs import split_body_head
     from lite_selftrain.models import ModelConfig, load_model
-    from lite_selftrain.train import TrainConfig, train
+    from lite_selftrain.training import TrainConfig, train
 
     torch.manual_seed(0)
     model, tok = load_model(ModelConfig(name="tiny", mode="full"))

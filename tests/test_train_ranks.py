@@ -102,7 +102,7 @@ def test_sigkilled_two_rank_fsdp_run_resumes_to_the_same_weights(two_ranks, tmp_
 def test_bad_parallel_settings_are_user_errors(tmp_path, mode, parallel, message):
     from lite_selftrain.errors import UserError
     from lite_selftrain.models import ModelConfig, load_model
-    from lite_selftrain.train import TrainConfig, train
+    from lite_selftrain.training import TrainConfig, train
 
     with pytest.raises(UserError, match=message):
         model, tok = load_model(ModelConfig(name="tiny", mode=mode))

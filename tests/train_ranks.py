@@ -35,9 +35,9 @@ def trained_weights(model) -> dict:
 
 
 def run(name: str, out_dir: Path, kill: bool = False) -> tuple[dict, dict]:
-    from lite_selftrain.logprobs import split_body_head
     from lite_selftrain.models import ModelConfig, load_model
-    from lite_selftrain.train import TrainConfig, train
+    from lite_selftrain.training import TrainConfig, train
+    from lite_selftrain.training.logprobs import split_body_head
 
     mode, data, cfg = SCENARIOS[name]
     model, tok = load_model(ModelConfig(name="tiny", mode=mode))

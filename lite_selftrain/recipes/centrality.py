@@ -23,7 +23,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..batching import sampled_ids
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..judge import JudgeConfig, judged_eval
@@ -32,8 +31,9 @@ from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, sampled
 from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
-from ..train import TrainConfig, check_trainable
-from .common import Iterates, Run, split_validation, write_stage
+from ..training import TrainConfig
+from ..training.batching import sampled_ids
+from .common import Iterates, Run, check_trainable, split_validation, write_stage
 
 
 @dataclass

@@ -49,7 +49,7 @@ from ..errors import UserError
 from ..evaluate import validation_count
 from ..models import ModelConfig, load_model, save_model
 from ..store import TRAIN_FIELDS, RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
-from ..train import TrainConfig, train
+from ..training import TrainConfig, train
 
 
 class Run:
@@ -193,6 +193,15 @@ class Iterates:
 
 # ----------------------------------------------------------------------------------------------------
 # small pieces of the loops
+
+
+def check_trainable(model, *trainings: tuple[str, TrainConfig]) -> None:
+    """Refuse, when a config is read, a model (a `models.ModelConfig`) that a training config cannot train;
+    each training is (its key prefix in messages, e.g. "train.", its config). FSDP shards a full model."""
+    for prefix, cfg in trainings:
+        if cfg.parallel == "fsdp" and model.mode != "full":
+            raise UserError(f"{prefix}parallel fsdp is for full fine-tuning (model.mode full), not model.mode "
+                            f"{model.mode}: adapters train with {prefix}parallel ddp")
 
 
 def write_stage(path: Path, records: list[dict], info: dict) -> dict:

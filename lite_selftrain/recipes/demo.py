@@ -42,10 +42,10 @@ from ..errors import UserError
 from ..evaluate import EvalConfig
 from ..models import ModelConfig, build_model, build_tokenizer, save_model
 from ..plot import plot_metrics
-from ..sampling import SamplingConfig, Temperature, group_by_prompt
+from ..sampling.generate import SamplingConfig, Temperature, group_by_prompt
 from ..store import RunStore, sweep_temporaries
 from ..tasks import get_task
-from ..train import TrainConfig, train
+from ..training import TrainConfig, train
 from . import demo_self_reward, rest_em, rpo
 from .demo_selection import central_pick, majority_pick, random_pick
 

@@ -48,7 +48,7 @@ from ..models import ModelConfig, load_model
 from ..sampling import SamplingConfig, generate, group_by_prompt
 from ..store import RunStore, read_jsonl, write_jsonl
 from ..tasks import get_task
-from ..train import TrainConfig
+from ..training import TrainConfig
 from . import self_rewarding
 from .common import problems_for, split_validation
 from .self_rewarding import build_pairs

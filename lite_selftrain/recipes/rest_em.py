@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..batching import sampled_ids
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
@@ -26,8 +25,9 @@ from ..models import ModelConfig
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, read_jsonl
 from ..tasks import get_task
-from ..train import TrainConfig, check_trainable
-from .common import Iterates, Run, problems_for, split_validation, write_stage
+from ..training import TrainConfig
+from ..training.batching import sampled_ids
+from .common import Iterates, Run, check_trainable, problems_for, split_validation, write_stage
 
 
 @dataclass

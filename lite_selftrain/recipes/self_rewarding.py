@@ -26,7 +26,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..batching import sampled_ids
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..judge import JudgeConfig, eft_example, judge, judged_eval
@@ -34,8 +33,9 @@ from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
-from ..train import TrainConfig, check_trainable
-from .common import Iterates, Run, split_validation, write_stage
+from ..training import TrainConfig
+from ..training.batching import sampled_ids
+from .common import Iterates, Run, check_trainable, split_validation, write_stage
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
 

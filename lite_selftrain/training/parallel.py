@@ -30,9 +30,9 @@ import copy
 
 import torch
 
-from . import distributed as dist
+from .. import distributed as dist
+from ..models import split_body_head
 from .logprobs import sequence_logprobs
-from .models import split_body_head
 
 PARALLEL = ("ddp", "fsdp")
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import fused_logprob
-from .models import split_body_head
+from ..kernels import fused_logprob
+from ..models import split_body_head
 
 
 def _linear_weight(linear) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -43,15 +43,15 @@ from typing import Literal
 
 import torch
 
-from . import distributed as dist
+from .. import distributed as dist
+from ..config import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, check_fields
+from ..errors import UserError
+from ..models import autocast_context, is_peft, training_mode
+from ..store import JsonlLog, atomic_write_bytes, atomic_write_json, sweep_temporaries, write_jsonl
 from .batching import OBJECTIVES, collate, data_fingerprint, encode_records, plan_epoch
-from .config import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, check_fields
-from .errors import UserError
 from .losses import NLL_NORMS, dpo_nll_loss, reward_weighted_nll
-from .models import autocast_context, is_peft, training_mode
 from .parallel import Engine, sum_over_ranks
 from .reference import REFERENCES, reference_logps_for
-from .store import JsonlLog, atomic_write_bytes, atomic_write_json, sweep_temporaries, write_jsonl
 
 PAIR_METRICS = ("reward_chosen", "reward_rejected", "reward_acc", "margin", "logp_chosen", "logp_rejected")
 
@@ -91,15 +91,6 @@ class TrainConfig:
                                      ("reference", self.reference, REFERENCES)):
             if value not in allowed:
                 raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
-
-
-def check_trainable(model, *trainings: tuple[str, TrainConfig]) -> None:
-    """Refuse, when a config is read, a model (a `models.ModelConfig`) that a training config cannot train;
-    each training is (its key prefix in messages, e.g. "train.", its config). FSDP shards a full model."""
-    for prefix, cfg in trainings:
-        if cfg.parallel == "fsdp" and model.mode != "full":
-            raise UserError(f"{prefix}parallel fsdp is for full fine-tuning (model.mode full), not model.mode "
-                            f"{model.mode}: adapters train with {prefix}parallel ddp")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Every caller (recipes, evaluation, the judge, the embedder's candidates) describ
 tokenised as given, with the tokenizer's own special tokens and exactly one BOS (a chat template that writes
 `{{bos_token}}` does not get a second one; chat templates are the caller's job).
 Two backends yield the same rows: `engine.py`, the native one (its own KV cache, one prefill per prompt),
-and `sampling_vllm.py` (vLLM, when it and a GPU are present).
+and `vllm_backend.py` (vLLM, when it and a GPU are present).
 
 Conventions the trainer relies on:
 - `text` is the completion decoded with special tokens skipped (as it continues the prompt: a leading
@@ -48,11 +48,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from . import distributed as dist
-from .config import Count, Name, PositiveInt, check_fields
-from .errors import UserError, UserTypeError
-from .store import COMPLETION_FIELDS, SAMPLE_KEY, JsonlLog, write_jsonl
-from .tokenizer import decode_continuation, encode
+from .. import distributed as dist
+from ..config import Count, Name, PositiveInt, check_fields
+from ..errors import UserError, UserTypeError
+from ..models.tokenizer import decode_continuation, encode
+from ..store import COMPLETION_FIELDS, SAMPLE_KEY, JsonlLog, write_jsonl
 
 FREE_TEXT_TOKENS = 256  # max_new_tokens when neither the config nor a task sets one: a few paragraphs
 # 0 is kept as the spelling of greedy decoding (as in vLLM and transformers); NaN, inf and negatives are errors
@@ -164,12 +164,12 @@ def _completion(tokenizer, stops: tuple[str, ...], token_ids: list[int], reason:
 def _backend(model, tokenizer, prompts, cfg: SamplingConfig, truncate: bool):
     """(every prompt's token ids, rows(pending, logprobs)) of the configured backend, open for the block."""
     if cfg.backend == "vllm":
-        from . import sampling_vllm
+        from . import vllm_backend
 
-        with sampling_vllm.engine(model, tokenizer) as llm:
-            ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, sampling_vllm.context_length(llm),
+        with vllm_backend.engine(model, tokenizer) as llm:
+            ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, vllm_backend.context_length(llm),
                                    truncate)
-            yield ids, lambda pending, logprobs: sampling_vllm.rows(llm, ids, pending, cfg, logprobs=logprobs)
+            yield ids, lambda pending, logprobs: vllm_backend.rows(llm, ids, pending, cfg, logprobs=logprobs)
         return
     from . import engine
 

@@ -36,9 +36,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .errors import UserError
-from .models import split_body_head, training_mode
-from .tokenizer import decode_continuation
+from ..errors import UserError
+from ..models import split_body_head, training_mode
+from ..models.tokenizer import decode_continuation
 
 SERVED_ATTENTION = ("eager", "sdpa")  # both take an additive 4-D float mask
 FINISH = ("length", "eos", "stop")  # index = the per-row code the decode loop keeps

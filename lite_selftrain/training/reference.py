@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
+from .. import distributed as dist
+from ..errors import UserError
+from ..models import autocast_context, reference_mode, training_mode
+from ..store import atomic_write_bytes
 from .batching import collate, data_fingerprint, encode_records
-from .errors import UserError
 from .logprobs import sequence_logprobs
-from .models import autocast_context, reference_mode, training_mode
-from .store import atomic_write_bytes
 
 REFERENCES = ("adapter_off", "current")
 

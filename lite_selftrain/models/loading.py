@@ -27,10 +27,10 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from .config import Fraction, Name, PositiveFloat, PositiveInt, check_fields, check_value
-from .distributed import local_gpu
-from .errors import UserError
-from .store import atomic_dir
+from ..config import Fraction, Name, PositiveFloat, PositiveInt, check_fields, check_value
+from ..distributed import local_gpu
+from ..errors import UserError
+from ..store import atomic_dir
 from .tokenizer import build_llm_jp_tokenizer
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 
 import torch
 
-from . import distributed as dist
+from .. import distributed as dist
+from ..errors import UserError
 from .engine import mix32
-from .errors import UserError
 
 VLLM_CHUNK = 1024  # prompts per vLLM call: large enough to keep its scheduler full
 

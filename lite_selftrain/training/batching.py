@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
-from .tokenizer import decode_continuation, encode
+from ..errors import UserError
+from ..models.tokenizer import decode_continuation, encode
 
 OBJECTIVES = ("sft", "rwnll", "dpo_nll")
 

@@ -1,0 +1,9 @@
+"""Sampling: n completions per prompt behind one `generate`, whichever backend runs.
+
+`generate.py` is the front door (`SamplingConfig`, `generate`, resumable sample files), `engine.py`
+the native KV-cache decoder, `vllm_backend.py` the vLLM backend.
+"""
+
+from .generate import Completion, SamplingConfig, check_resumable, generate, group_by_prompt, sampled
+
+__all__ = ["Completion", "SamplingConfig", "check_resumable", "generate", "group_by_prompt", "sampled"]
