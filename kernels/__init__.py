@@ -53,6 +53,8 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> N
         raise ValueError(f"shapes do not match: expected hidden (..., H), weight (V, H), targets (...), bias (V,); "
                          f"got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets "
                          f"{tuple(targets.shape)}" + (f", bias {tuple(bias.shape)}" if bias is not None else ""))
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an integer token id, not {type(ignore_index).__name__}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a number, not {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):

@@ -168,16 +168,16 @@ def test_sample_refuses_a_one_line_foreign_file_without_cutting_it(tmp_path, cap
 # the Python API
 
 
-def _model_type(tmp, model_type):
+def _model_type(tmp, model_type, **fields):
     save_preset("tiny", tmp / "m")
     config = json.loads((tmp / "m" / "config.json").read_text())
-    (tmp / "m" / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    (tmp / "m" / "config.json").write_text(json.dumps({**config, "model_type": model_type, **fields}))
     return lambda: load_model(ModelConfig(name=str(tmp / "m"), mode="full"))
 
 
-def _config_text(tmp, text):
+def _config_text(tmp, text, name="config.json"):
     save_preset("tiny", tmp / "m")
-    (tmp / "m" / "config.json").write_text(text)
+    (tmp / "m" / name).write_text(text)
     return lambda: load_model(ModelConfig(name=str(tmp / "m"), mode="full"))
 
 
@@ -226,6 +226,18 @@ API_CASES = [  # (id, callable or factory of tmp_path, exception type, text of t
     ("model-missing-weight", _missing_weight, ValueError, "1 missing keys, e.g. model.norm.weight"),
     ("model-config-list", lambda t: _config_text(t, "[1, 2]"), ValueError, "must hold a JSON object"),
     ("model-config-string", lambda t: _config_text(t, '"llama"'), ValueError, "must hold a JSON object"),
+    ("model-field-type", lambda t: _model_type(t, "llama", hidden_size="64"), ValueError,
+     "config.json: a damaged model config"),
+    ("model-heads", lambda t: _model_type(t, "llama", num_attention_heads=3), ValueError, "a damaged model config"),
+    ("model-dtype", lambda t: _model_type(t, "llama", dtype="float99", torch_dtype="float99"), ValueError,
+     "a damaged model config"),
+    ("model-vocab", lambda t: _model_type(t, "llama", vocab_size=10), ValueError, "could not load model"),
+    ("model-generation-config", lambda t: _config_text(t, "[1]", "generation_config.json"), ValueError,
+     "generation_config.json must hold a JSON object"),
+    ("model-tokenizer-config", lambda t: _config_text(t, "[1]", "tokenizer_config.json"), ValueError,
+     "tokenizer_config.json must hold a JSON object"),
+    ("model-special-tokens", lambda t: _config_text(t, "7", "special_tokens_map.json"), ValueError,
+     "special_tokens_map.json must hold a JSON object"),
     ("adapter-r-string", lambda t: _adapter_field(t, "r", "sixteen"), ValueError,
      'a damaged peft adapter folder (r must be a positive integer, got "sixteen")'),
     ("adapter-alpha", lambda t: _adapter_field(t, "lora_alpha", -2), ValueError, "lora_alpha"),
@@ -247,6 +259,12 @@ API_CASES = [  # (id, callable or factory of tmp_path, exception type, text of t
     ("logprob-meta-targets", lambda: fused_logprob(H, W, T.to("meta")), ValueError, "targets on meta"),
     ("logprob-float8", lambda: fused_logprob(H.to(torch.float8_e4m3fn), W, T), TypeError, "float8"),
     ("logprob-triton-cpu", lambda: fused_logprob(H, W, T, impl="triton"), ValueError, "needs CUDA tensors"),
+    ("logprob-ignore-index", lambda: fused_logprob(H, W, T, ignore_index="pad"), TypeError, "ignore_index"),
+    ("logprob-ignore-float", lambda: fused_logprob(H, W, T, ignore_index=0.5), TypeError, "ignore_index"),
+    ("generate-out-folder", lambda t: lambda: generate(None, None, ["a"], out=t), ValueError,
+     "exists and is a folder, not a file"),
+    ("task-shots-past-exemplars", lambda: get_task("arc", shots=5), ValueError, "task arc has 4 few-shot exemplars"),
+    ("task-math-shots", lambda: get_task("math", shots=9), ValueError, "shots must be 0..4, not 9"),
     ("task-shots-bool", lambda: get_task("arith", shots=True), TypeError, "task arith: shots must be an integer"),
     ("task-shots-float", lambda: get_task("gsm8k", shots=2.0), TypeError, "shots"),
     ("task-math-timeout", lambda: get_task("math", timeout=-1), ValueError, "timeout must be a positive number"),

@@ -159,14 +159,19 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
-    """What loading a damaged folder raises: a bad JSON file, a truncated or mismatched weights file."""
+    """What loading a damaged folder raises: a bad JSON file, a truncated or mismatched weights file, a config
+    field of the wrong type (transformers' strict config classes, or a TypeError / AttributeError deeper in),
+    an attention implementation whose package is missing."""
+    from huggingface_hub import errors
     from safetensors import SafetensorError
 
-    return OSError, ValueError, KeyError, RuntimeError, SafetensorError
+    strict = getattr(errors, "StrictDataclassError", OSError)  # huggingface_hub >= 0.35 checks config fields
+    return OSError, ValueError, KeyError, RuntimeError, SafetensorError, strict, TypeError, AttributeError, ImportError
 
 
 def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    """The error's first two lines as one (strict-config errors put the field's problem on the second)."""
+    return f"{type(e).__name__}: {' '.join(line.strip() for line in str(e).strip().splitlines()[:2])[:240]}"
 
 
 # decoders whose native-engine samples equal transformers' own greedy decoding (tests/test_models.py checks each)
@@ -194,12 +199,25 @@ def _read_json_table(path: Path) -> dict:
     return data
 
 
+CONFIG_FILES = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+
 def check_model_folder(path: Path) -> None:
     """The check of every model folder before anything loads from it: a config.json that is an object
-    naming an architecture the engine serves. (Its weights are checked as they load: `_load_base`.)"""
+    naming an architecture the engine serves, and its other config files objects too. (Its fields are
+    checked by transformers as it loads, its weights against the config by `_check_loaded`.)"""
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model folder (no config.json)")
+    from transformers import AutoConfig
+
     check_architecture(_read_json_table(path / "config.json").get("model_type"), path)
+    for name in CONFIG_FILES:
+        if (path / name).exists():
+            _read_json_table(path / name)
+    try:  # transformers checks each field's type and range as it reads them
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    except _load_errors() as e:
+        raise UserError(f"{path / 'config.json'}: a damaged model config ({_first_line(e)})") from None
 
 
 def _resolve_source(name: str) -> tuple[str, bool]:
@@ -262,8 +280,7 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
 def _check_loaded(name: str, info: dict) -> None:
     """Refuse weights that do not fit the config: a missing one would be left at its random init."""
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(map(str, info.get(kind) or ()))
-        if keys:
+        if keys := sorted(map(str, info.get(kind) or ())):
             raise UserError(f"model '{name}': its weights do not match its config ({len(keys)} "
                             f"{kind.replace('_', ' ')}, e.g. {keys[0]})")
 
@@ -289,7 +306,7 @@ def load_model(cfg: ModelConfig):
         check_adapter_folder(Path(cfg.adapter))
         try:
             model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
-        except (*_load_errors(), TypeError, AttributeError) as e:  # a field of the wrong type deep in peft
+        except _load_errors() as e:
             raise UserError(f"{cfg.adapter}: a damaged peft adapter folder ({_first_line(e)})") from None
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

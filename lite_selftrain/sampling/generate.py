@@ -52,7 +52,7 @@ from .. import distributed as dist
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError, UserTypeError
 from ..models.tokenizer import decode_continuation, encode
-from ..store import COMPLETION_FIELDS, SAMPLE_KEY, JsonlLog, write_jsonl
+from ..store import COMPLETION_FIELDS, SAMPLE_KEY, JsonlLog, check_writable, write_jsonl
 
 FREE_TEXT_TOKENS = 256  # max_new_tokens when neither the config nor a task sets one: a few paragraphs
 # 0 is kept as the spelling of greedy decoding (as in vLLM and transformers); NaN, inf and negatives are errors
@@ -316,6 +316,8 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | Non
     prompts = list(prompts)
     if not prompts:  # N = 0: nothing to sample, and no file touched
         return []
+    if out is not None:  # a folder, or a path inside a file, is one line here, not an OSError mid-run
+        check_writable(out.path if isinstance(out, JsonlLog) else out, folder=False, what="out")
     log = out if isinstance(out, JsonlLog) or out is None else JsonlLog(out)
     done = dist.main_first(_resume, log, len(prompts), cfg.n, logprobs) if log is not None else {}  # rank 0 reads
     pending = set(range(len(prompts))) - set(done)

@@ -35,6 +35,7 @@ class Task:
     stop: tuple[str, ...] = ()  # strings that end a completion during sampling
     needs_judge: bool = False  # True when rewards come from lite_selftrain.judge, not reward()
     default_shots: int = 0  # solved examples before the question; reasoning tasks prompt base models 4-shot
+    exemplars: list | None = None  # the fixed few-shot exemplars, where a task has them: shots may not exceed them
     hub: str | None = None  # the public dataset's hub name, used when no path is given
     hub_configs: tuple[str | None, ...] = (None,)  # its configurations (subsets), loaded one after another
     fields: tuple[str, ...] = ()  # the record fields the task reads
@@ -42,6 +43,9 @@ class Task:
     def __init__(self, shots: Count | None = None):
         self.check_options(shots=shots)
         self.shots = self.default_shots if shots is None else shots
+        if self.exemplars is not None and self.shots > len(self.exemplars):
+            raise UserError(f"task {self.name} has {len(self.exemplars)} few-shot exemplars; shots must be "
+                            f"0..{len(self.exemplars)}, not {self.shots}")
 
     def check_options(self, **options) -> None:
         """Check each option against its annotation in the task's constructor (`timeout: PositiveFloat`):

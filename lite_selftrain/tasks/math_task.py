@@ -208,6 +208,7 @@ class MathTask(Task):
                    "number_theory", "prealgebra", "precalculus")
     fields = ("problem", "solution")
     default_shots = 4  # the papers prompt base models 4-shot
+    exemplars = EXEMPLARS
 
     def __init__(self, timeout: PositiveFloat = 5.0, workers: Count = 0, shots: Count | None = None):
         super().__init__(shots)
