@@ -199,6 +199,17 @@ def _adapter_field(tmp, key, value):
     return lambda: load_model(ModelConfig(name="tiny", adapter=str(tmp / "a")))
 
 
+def _adapter_missing_weight(tmp):
+    from safetensors.torch import load_file, save_file
+
+    model, tok = load_model(ModelConfig(name="tiny"))
+    save_model(model, tmp / "a", tok)
+    weights = load_file(tmp / "a" / "adapter_model.safetensors")
+    weights.pop(sorted(weights)[0])
+    save_file(weights, tmp / "a" / "adapter_model.safetensors", metadata={"format": "pt"})
+    return lambda: load_model(ModelConfig(name="tiny", adapter=str(tmp / "a")))
+
+
 def _resume_from(tmp, change):
     """A samples file from a real job, its first record changed by `change`, resumed."""
     model, tok = load_model(ModelConfig(name="tiny", mode="full"))
@@ -240,6 +251,7 @@ API_CASES = [  # (id, callable or factory of tmp_path, exception type, text of t
      "special_tokens_map.json must hold a JSON object"),
     ("adapter-r-string", lambda t: _adapter_field(t, "r", "sixteen"), ValueError,
      'a damaged peft adapter folder (r must be a positive integer, got "sixteen")'),
+    ("adapter-missing-weight", _adapter_missing_weight, ValueError, "a damaged peft adapter folder (1 missing weights"),
     ("adapter-alpha", lambda t: _adapter_field(t, "lora_alpha", -2), ValueError, "lora_alpha"),
     ("adapter-dropout", lambda t: _adapter_field(t, "lora_dropout", 3), ValueError, "lora_dropout"),
     ("resume-no-token-ids", lambda t: _resume_from(t, lambda r: r.pop("token_ids")), ValueError,

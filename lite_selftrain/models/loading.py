@@ -18,7 +18,6 @@ Simplifications: one adapter per model; LoRA targets every linear projection but
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,19 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from ..config import Fraction, Name, PositiveFloat, PositiveInt, check_fields, check_value
+from ..config import Fraction, Name, PositiveInt, check_fields
 from ..distributed import local_gpu
 from ..errors import UserError
 from ..store import atomic_dir
+from .folders import (
+    check_adapter_folder,
+    check_adapter_loaded,
+    check_architecture,
+    check_loaded,
+    check_model_folder,
+    first_line,
+    load_errors,
+)
 from .tokenizer import build_llm_jp_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,68 +166,6 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 # loading
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What loading a damaged folder raises: a bad JSON file, a truncated or mismatched weights file, a config
-    field of the wrong type (transformers' strict config classes, or a TypeError / AttributeError deeper in),
-    an attention implementation whose package is missing."""
-    from huggingface_hub import errors
-    from safetensors import SafetensorError
-
-    strict = getattr(errors, "StrictDataclassError", OSError)  # huggingface_hub >= 0.35 checks config fields
-    return OSError, ValueError, KeyError, RuntimeError, SafetensorError, strict, TypeError, AttributeError, ImportError
-
-
-def _first_line(e: BaseException) -> str:
-    """The error's first two lines as one (strict-config errors put the field's problem on the second)."""
-    return f"{type(e).__name__}: {' '.join(line.strip() for line in str(e).strip().splitlines()[:2])[:240]}"
-
-
-# decoders whose native-engine samples equal transformers' own greedy decoding (tests/test_models.py checks each)
-SERVED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "phi3", "olmo", "granite",
-                      "stablelm", "gpt_neox", "gpt2")
-
-
-def check_architecture(model_type, where) -> None:
-    """A one-line error for a model the sampling engine does not serve (an encoder, an unknown type)."""
-    if model_type not in SERVED_MODEL_TYPES:
-        raise UserError(f"{where}: model_type {json.dumps(model_type)} is not an architecture the sampling engine "
-                        f"serves ({', '.join(SERVED_MODEL_TYPES)})")
-
-
-def _read_json_table(path: Path) -> dict:
-    """A JSON file that must hold an object (a config); anything else is one `UserError` naming it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object of settings, not {type(data).__name__}")
-    return data
-
-
-CONFIG_FILES = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
-
-
-def check_model_folder(path: Path) -> None:
-    """The check of every model folder before anything loads from it: a config.json that is an object
-    naming an architecture the engine serves, and its other config files objects too. (Its fields are
-    checked by transformers as it loads, its weights against the config by `_check_loaded`.)"""
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a model folder (no config.json)")
-    from transformers import AutoConfig
-
-    check_architecture(_read_json_table(path / "config.json").get("model_type"), path)
-    for name in CONFIG_FILES:
-        if (path / name).exists():
-            _read_json_table(path / name)
-    try:  # transformers checks each field's type and range as it reads them
-        AutoConfig.from_pretrained(path, local_files_only=True)
-    except _load_errors() as e:
-        raise UserError(f"{path / 'config.json'}: a damaged model config ({_first_line(e)})") from None
-
-
 def _resolve_source(name: str) -> tuple[str, bool]:
     """(where to load from, is_local). Presets are written to a per-user cache folder once."""
     if name in PRESETS:
@@ -244,9 +190,9 @@ def load_tokenizer(name: str):
         source, local = _resolve_source(name)
         try:
             tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        except _load_errors() as e:
+        except load_errors() as e:
             where = "" if local else " (offline? pass a local model folder instead)"
-            raise UserError(f"could not load the tokenizer of '{name}'{where}: {_first_line(e)}") from None
+            raise UserError(f"could not load the tokenizer of '{name}'{where}: {first_line(e)}") from None
     if tok.pad_token is None:  # a pad id is needed for batching; it never reaches a loss
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
@@ -269,20 +215,12 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}  # this rank's GPU
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
-    except _load_errors() as e:
+    except load_errors() as e:
         where = "" if local else " (offline? pass a local model folder instead)"
-        raise UserError(f"could not load model '{cfg.name}'{where}: {_first_line(e)}") from None
+        raise UserError(f"could not load model '{cfg.name}'{where}: {first_line(e)}") from None
     check_architecture(model.config.model_type, cfg.name)
-    _check_loaded(cfg.name, info)
+    check_loaded(cfg.name, info)
     return model if cfg.mode == "qlora" else model.to(device)
-
-
-def _check_loaded(name: str, info: dict) -> None:
-    """Refuse weights that do not fit the config: a missing one would be left at its random init."""
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        if keys := sorted(map(str, info.get(kind) or ())):
-            raise UserError(f"model '{name}': its weights do not match its config ({len(keys)} "
-                            f"{kind.replace('_', ' ')}, e.g. {keys[0]})")
 
 
 def load_model(cfg: ModelConfig):
@@ -306,8 +244,9 @@ def load_model(cfg: ModelConfig):
         check_adapter_folder(Path(cfg.adapter))
         try:
             model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
-        except _load_errors() as e:
-            raise UserError(f"{cfg.adapter}: a damaged peft adapter folder ({_first_line(e)})") from None
+        except load_errors() as e:
+            raise UserError(f"{cfg.adapter}: a damaged peft adapter folder ({first_line(e)})") from None
+        check_adapter_loaded(model, Path(cfg.adapter))
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
@@ -315,23 +254,6 @@ def load_model(cfg: ModelConfig):
             torch.manual_seed(cfg.seed)
             model = get_peft_model(model, lora)
     return model, tokenizer
-
-
-# what a LoRA adapter_config.json's numbers must be; the rest is peft's to check
-ADAPTER_FIELDS = {"r": PositiveInt, "lora_alpha": PositiveFloat, "lora_dropout": Fraction}
-
-
-def check_adapter_folder(path: Path) -> None:
-    """An adapter folder's config, before peft reads it: an object, with LoRA's numbers in range."""
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"not a peft adapter folder: {path}")
-    try:
-        config = _read_json_table(path / "adapter_config.json")
-        for key, annotation in ADAPTER_FIELDS.items():
-            if key in config:
-                check_value(config[key], annotation, key)
-    except UserError as e:
-        raise UserError(f"{path}: a damaged peft adapter folder ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
