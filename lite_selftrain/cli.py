@@ -178,10 +178,11 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
     check_writable(out, folder=False)
     task = get_task(task_name, shots=shots)
     examples = task.load(split, data)[:limit]
-    check_resumable(out, len(examples), n)  # an existing --out resumes: it must be this job's own samples
+    prompts = [task.prompt(ex) for ex in examples]
+    check_resumable(out, prompts, n)  # an existing --out resumes: it must hold this job's own samples
     cfg = cfg.for_task(task)
     model, tok = _load(model_name, mode, adapter)
-    groups = generate(model, tok, [task.prompt(ex) for ex in examples], cfg, out=Path(out), progress=_main_rank())
+    groups = generate(model, tok, prompts, cfg, out=Path(out), progress=_main_rank())
     click.echo(json.dumps(sampled(groups)))
 
 

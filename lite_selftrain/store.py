@@ -145,8 +145,8 @@ FINISH_REASONS = ("eos", "stop", "length")  # how a completion ended (sampling.C
 SAMPLE_FIELDS = {"prompt_index": "index", "sample_index?": "index", "text": "string", "token_ids?": "ids",
                  "finish_reason?": "finish"}  # what scoring reads of a samples file
 SCORED_FIELDS = {**SAMPLE_FIELDS, "reward": "number", "finish_reason": "finish"}  # what building reads
-COMPLETION_FIELDS = {"prompt_index": "index", "sample_index": "index", "text": "string", "token_ids": "ids",
-                     "num_tokens": "index", "finish_reason": "finish", "logprob?": "number|null",
+COMPLETION_FIELDS = {"prompt_index": "index", "sample_index": "index", "prompt_hash?": "string", "text": "string",
+                     "token_ids": "ids", "num_tokens": "index", "finish_reason": "finish", "logprob?": "number|null",
                      "token_logprobs?": "numbers|null"}  # what a resumed sampling job reads back
 _IDS = {"response_ids?": "ids", "chosen_ids?": "ids", "rejected_ids?": "ids"}  # the sampler's own tokens
 TRAIN_FIELDS = {"sft": {"prompt": "string", "response": "string", **_IDS},  # what each objective reads

@@ -147,6 +147,9 @@ def test_sample_resumes_from_its_out_and_score_and_build_rerun(tmp_path, capsys)
     with pytest.raises(SystemExit):  # another n: refused, the file untouched
         main([*sample[:-1], "3", "--out", out])
     assert "another sampling job" in capsys.readouterr().err and out.read_text() == whole
+    with pytest.raises(SystemExit):  # other prompts (the test split's), as many: refused, the file untouched
+        main([*sample, "--split", "test", "--out", out])
+    assert "is not this job's prompt 0" in capsys.readouterr().err and out.read_text() == whole
     scored, built = tmp_path / "sc.jsonl", tmp_path / "d.jsonl"
     for _ in range(2):  # the second run replaces its own output
         main(["score", "--task", "arith", "--limit", "3", "--samples", out, "--out", scored])
@@ -262,6 +265,8 @@ API_CASES = [  # (id, callable or factory of tmp_path, exception type, text of t
      "'sample_index' must be an integer index"),
     ("resume-num-tokens", lambda t: _resume_from(t, lambda r: r.update(num_tokens=99)), ValueError,
      "another sampling job"),
+    ("resume-other-prompt", lambda t: _resume_from(t, lambda r: r.update(prompt_hash="0" * 16)), ValueError,
+     "s.jsonl: prompt 0 of the file is not this job's prompt 0"),
     ("resume-duplicate", lambda t: _resume_from(t, lambda r: r.update(sample_index=1)), ValueError,
      "s.jsonl:2: a second record for prompt_index 0, sample_index 1"),
     ("eft-score-7", lambda t: _eft(t, 7), ValueError, "e.jsonl:3: score must be within 0..5, not 7"),
