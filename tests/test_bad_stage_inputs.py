@@ -56,6 +56,9 @@ FILES = {
     "apps_samples.jsonl": '{"prompt_index": 0, "sample_index": 0, "text": "print(3)"}\n',
     "notes.txt": "my notes, not samples\n",
     "dataset.jsonl": '{"prompt": "p", "response": "r", "reward": 1.0}\n',
+    "dataset_inf.jsonl": '{"prompt": "p", "response": "r", "reward": Infinity}\n',
+    "badmodel/config.json": "[1, 2]",
+    "bertmodel/config.json": '{"model_type": "bert"}',
 }
 
 CLI_CASES = [  # (id, command line with {t} for the case's folder, text the one error line must contain)
@@ -101,6 +104,15 @@ CLI_CASES = [  # (id, command line with {t} for the case's folder, text the one 
      "train.parallel fsdp is for full fine-tuning (model.mode full), not model.mode qlora"),
     ("train-fsdp-lora", ["train", "--data", "{t}/dataset.jsonl", "--set", "parallel='fsdp'", "--out", "{t}/run"],
      "parallel fsdp is for full fine-tuning"),
+    ("train-inf-reward", ["train", "--data", "{t}/dataset_inf.jsonl", "--set", "objective='rwnll'", "--out",
+                          "{t}/run"], "dataset_inf.jsonl:1: 'reward' must be a finite number"),
+    ("recipe-model-config", ["rest-em", "--config", REST, "--out", "{t}/run", "--set", "model.name='{t}/badmodel'"],
+     "badmodel/config.json must hold a JSON object of settings, not list"),
+    ("recipe-judge-model", ["self-reward", "--config", EX / "self_reward_oasst_150m.toml", "--out", "{t}/run",
+                            "--set", "no_eft=true", "--set", "judge_model='{t}/bertmodel'"],
+     'model_type "bert" is not an architecture'),
+    ("sample-model-type", ["sample", "--task", "arith", "--model", "{t}/bertmodel", "--out", "{t}/s.jsonl"],
+     'model_type "bert"'),
     ("recipe-shots-bool", ["rest-em", "--config", REST, "--out", "{t}/run", "--set", "task_options={shots=true}"],
      "task gsm8k: shots must be an integer >= 0, got true"),
     ("recipe-math-timeout", ["rest-em", "--config", REST, "--out", "{t}/run", "--set", "task='math'", "--set",
@@ -117,6 +129,7 @@ def _snapshot(tmp: Path) -> set:
 @pytest.mark.parametrize("args, expected", [pytest.param(a, e, id=i) for i, a, e in CLI_CASES])
 def test_cli_bad_stage_input(tmp_path, capsys, args, expected):
     for name, text in FILES.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
     before = _snapshot(tmp_path)
     with pytest.raises(SystemExit) as stop:
