@@ -141,6 +141,8 @@ class ModelConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.adapter and self.mode == "full":
+            raise UserError("model.adapter needs model.mode lora or qlora (an adapter trains on a frozen base)")
 
 
 def pick_device(spec: str = "auto") -> torch.device:
