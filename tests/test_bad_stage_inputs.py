@@ -306,7 +306,7 @@ API_CASES = [  # (id, callable or factory of tmp_path, exception type, text of t
     ("task-math-workers", lambda: get_task("math", workers=-2), ValueError, "workers must be an integer >= 0"),
     ("sandbox-workers", lambda: get_task("apps", sandbox={"workers": -3}), ValueError, "sandbox.workers"),
     ("sandbox-scratch", lambda: get_task("humaneval", sandbox={"scratch_mb": 0}), ValueError, "sandbox.scratch_mb"),
-    ("sandbox-user", lambda: get_task("apps", sandbox={"user": ""}), ValueError, "sandbox.user"),
+    ("sandbox-cpus", lambda: get_task("apps", sandbox={"cpus": 0}), ValueError, "sandbox.cpus must be a positive"),
     ("recipe-fsdp-lora", lambda: from_dict(CentralityConfig, {"train": {"parallel": "fsdp"}}), ValueError,
      "train.parallel fsdp is for full fine-tuning"),
     ("recipe-sft-fsdp", lambda: from_dict(self_rewarding.SelfRewardConfig, {"sft": {"parallel": "fsdp"}}),
