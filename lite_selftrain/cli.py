@@ -194,13 +194,16 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
 @unsafe_option
 def score(task_name, split, data, shots, limit, samples, out, unsafe_sandbox):
     """Add a reward to every sample of a samples file."""
+    from .sampling import check_prompts
     from .store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, check_stage_out, read_jsonl, write_jsonl
     from .tasks import get_task
 
     check_stage_out(out, SCORED_FIELDS, "a scored samples file")  # a rerun replaces it
     task = get_task(task_name, shots=shots, **({"sandbox": {"unsafe": True}} if unsafe_sandbox else {}))
     problems = task.load(split, data)[:limit]
-    scored, info = task.score_samples(read_jsonl(samples, SAMPLE_FIELDS, len(problems), SAMPLE_KEY), problems)
+    records = read_jsonl(samples, SAMPLE_FIELDS, len(problems), SAMPLE_KEY)
+    check_prompts(samples, records, [task.prompt(p) for p in problems])
+    scored, info = task.score_samples(records, problems)
     if _main_rank():
         write_jsonl(Path(out), scored)
     click.echo(json.dumps(info))
@@ -218,6 +221,7 @@ def score(task_name, split, data, shots, limit, samples, out, unsafe_sandbox):
 def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_per_problem, scored, out):
     """Turn scored samples into a training set: ReST-EM's kept samples or RPO's pairs."""
     from .recipes import rest_em, rpo
+    from .sampling import check_prompts
     from .store import SAMPLE_KEY, SCORED_FIELDS, TRAIN_FIELDS, check_stage_out, read_jsonl, write_jsonl
     from .tasks import get_task
 
@@ -226,6 +230,7 @@ def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_p
     task = get_task(task_name, shots=shots)
     prompts = [task.prompt(p) for p in task.load(split, data)[:limit]]
     records = read_jsonl(scored, SCORED_FIELDS, len(prompts), SAMPLE_KEY)
+    check_prompts(scored, records, prompts)
     if recipe == "rest-em":
         cfg = rest_em.RestEMConfig(task=task_name, max_per_problem=max_per_problem)
         records, info = rest_em.keep_correct(cfg, prompts, records, 1)

@@ -50,6 +50,7 @@ FILES = {
     "scored_ids.jsonl": '{"prompt_index": 0, "sample_index": 0, "text": "a", "finish_reason": "eos", "reward": 1, '
                         '"token_ids": ["x"]}\n',
     "scored_negsample.jsonl": scored(0, -1),
+    "samples_hashed.jsonl": scored(0, 0).replace("{", '{"prompt_hash": "0123456789abcdef", ', 1),
     "samples_twice.jsonl": '{"prompt_index": 0, "sample_index": 1, "text": "a"}\n' * 2,
     "apps_badjson.jsonl": '{"question": "q", "input_output": "{not json"}\n',
     "apps_inputs.jsonl": '{"question": "q", "input_output": {"inputs": "1 2", "outputs": ["3"]}}\n',
@@ -82,6 +83,10 @@ CLI_CASES = [  # (id, command line with {t} for the case's folder, text the one 
                    "{t}/scored_ids.jsonl", "--out", "{t}/d.jsonl"], "'token_ids' must be a list of token ids"),
     ("build-negative-sample", ["build", "--recipe", "rest-em", "--task", "arith", "--limit", "2", "--scored",
                                "{t}/scored_negsample.jsonl", "--out", "{t}/d.jsonl"], "'sample_index' must be"),
+    ("score-other-prompts", ["score", "--task", "arith", "--limit", "2", "--samples", "{t}/samples_hashed.jsonl",
+                             "--out", "{t}/s.jsonl"], "samples_hashed.jsonl: prompt 0 of the file is not this job's"),
+    ("build-other-prompts", ["build", "--recipe", "rpo", "--task", "arith", "--limit", "2", "--scored",
+                             "{t}/samples_hashed.jsonl", "--out", "{t}/d.jsonl"], "is not this job's prompt 0"),
     ("score-duplicate", ["score", "--task", "arith", "--limit", "2", "--samples", "{t}/samples_twice.jsonl",
                          "--out", "{t}/s.jsonl"], "samples_twice.jsonl:2: a second record"),
     ("score-apps-json", ["score", "--task", "apps", "--data", "{t}/apps_badjson.jsonl", "--samples",

@@ -211,20 +211,33 @@ def prompt_hashes(prompts: Sequence[str]) -> list[str]:
     return [hashlib.sha256(p.encode("utf-8", "surrogatepass")).hexdigest()[:16] for p in prompts]
 
 
+def check_prompts(path: str | Path, records: list[dict], prompts: Sequence[str]) -> None:
+    """Records that keep their prompt's hash (samples, scored samples) must be of `prompts`, index by index:
+    a stage reading another job's file would pair its samples with the wrong problems. Files from before
+    prompt hashes are taken on trust."""
+    _check_hashes(path, records, prompt_hashes(prompts))
+
+
+def _check_hashes(path, records: list[dict], keys: list[str]) -> None:
+    for r in records:
+        i = r["prompt_index"]
+        if r.get("prompt_hash", keys[i]) != keys[i]:
+            raise UserError(f"{path}: prompt {i} of the file is not this job's prompt {i}; was it sampled by another "
+                            "job? (give the task, split, data and shots it was sampled with)")
+
+
 def _record(i: int, j: int, completion: Completion, keys: list[str]) -> dict:
     return {"prompt_index": i, "sample_index": j, "prompt_hash": keys[i], **completion.to_dict()}
 
 
 def _check_fits(path: Path, records: list[dict], keys: list[str], n: int, logprobs: bool) -> None:
-    """Refuse records another job wrote: another prompt at an index (files from before prompt hashes are
-    taken on trust), a sample index past n, more than the last prompt written cut short (whole prompts are
-    appended: only a kill leaves one partial), logprobs missing when they are asked for."""
+    """Refuse records another job wrote: another prompt at an index (`check_prompts`), a sample index past n,
+    more than the last prompt written cut short (whole prompts are appended: only a kill leaves one partial),
+    logprobs missing when they are asked for."""
+    _check_hashes(path, records, keys)
     counts: dict[int, int] = {}
     for r in records:
         i, j = r["prompt_index"], r["sample_index"]
-        if r.get("prompt_hash", keys[i]) != keys[i]:
-            raise UserError(f"{path}: prompt {i} of the file is not this job's prompt {i}; was the file written by "
-                            "another sampling job (another task, data or prompt)?")
         if j >= n or r["num_tokens"] != len(r["token_ids"]):
             raise UserError(f"{path}: a record for prompt {i}, sample {j} does not fit this job "
                             f"({len(keys)} prompts, n={n}); was the file written by another sampling job?")
