@@ -208,7 +208,7 @@ def iter_jsonl_lines(path: Path, text: str, need: dict[str, str] | None = None,
                      prompts: int | None = None, unique: tuple[str, ...] = ()) -> Iterator[dict]:
     """Parse complete JSONL lines, naming the file and line of the first bad one."""
     seen: dict[tuple, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON keeps U+2028, U+0085 raw
         if not line.strip():
             continue
         try:
