@@ -8,11 +8,11 @@ from lite_selftrain.tasks import get_task
 
 
 def test_problems_are_deterministic_and_splits_never_share_numbers():
-    task = get_task("chat_arith", model="llm-jp-3-150m", ops="+-x")
+    task = get_task("chat_arith", model="llm-jp-3-150m", ops="+-x", varied=True)
     train, test = task.load("train", n=400), task.load("test", n=200)
     assert task.load("test", n=200) == test and len(test) == 200
     assert not {(e["op"], *e["numbers"]) for e in train} & {(e["op"], *e["numbers"]) for e in test}
-    assert {e["op"] for e in test} == {"+", "-", "x"}
+    assert {e["op"] for e in test} == {"+", "-", "x"} and len({e["question"].split()[1] for e in test}) > 3
     for e in test:
         a, b = e["numbers"]
         assert int(e["answer"]) == {"+": a + b, "-": a - b, "x": a * b}[e["op"]]
@@ -30,14 +30,6 @@ def test_problems_are_deterministic_and_splits_never_share_numbers():
 def test_answer_is_read_from_a_sentence_reply(reply, answer):
     task = get_task("chat_arith", model="llm-jp-3-150m")
     assert task.extract_answer(reply) == answer
-
-
-def test_prompt_is_one_user_turn_of_the_models_template():
-    task = get_task("chat_arith", model="llm-jp-3-150m")
-    ex = task.load("test", n=1)[0]
-    prompt = task.prompt(ex)
-    assert prompt.count(ex["question"]) == 1 and not prompt.endswith(ex["question"])  # wrapped, once
-    assert prompt.count("<s>") <= 1
 
 
 def test_bad_options_and_a_model_without_template_are_one_line():

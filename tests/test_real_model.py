@@ -73,6 +73,16 @@ def test_chat_template_applied_once(real):
     assert prompt.count("<|im_start|>system") == 1 and prompt.endswith("<|im_start|>assistant\n")
 
 
+def test_chat_arith_prompt_is_one_user_turn(real_folder):
+    from lite_selftrain.tasks import get_task
+
+    task = get_task("chat_arith", model=NAME)
+    ex = task.load("test", n=1)[0]
+    prompt = task.prompt(ex)
+    assert prompt.count(ex["question"]) == 1 and prompt.count("<|im_start|>") == 3
+    assert prompt.endswith(f"<|im_start|>user\n{ex['question']}<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_engine_greedy_matches_hf_generate(real):
     """8 chat prompts of different lengths in ONE left-padded batch: the same greedy token ids."""
     model, tok = real

@@ -42,6 +42,7 @@ CHAINS = ("rest_em", "rpo", "control")
 class RealDemoConfig:
     model: Name = "smollm2-135m-instruct"  # a real instruction model that runs on a CPU (135M parameters)
     ops: Name = "+"  # addition: greedy pass@1 starts near 30 %, and sampled replies are often right
+    varied: bool = False  # the plain question "What is a + b?"; true: several phrasings (harder: ~3 % at first)
     digits: PositiveInt = 2  # two 2-digit numbers: carries make it hard enough to improve on
     max_new_tokens: PositiveInt = 64  # its usual reply is one or two sentences (30-50 tokens)
     test_problems: PositiveInt = 300  # held-out greedy pass@1 within about ±3 points
@@ -77,7 +78,7 @@ def chain_configs(cfg: RealDemoConfig) -> dict:
     knobs = dict(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, batch_size=cfg.sample_batch)
     common = dict(
         task="chat_arith",
-        task_options={"model": cfg.model, "ops": cfg.ops, "digits": cfg.digits, "seed": cfg.seed,
+        task_options={"model": cfg.model, "ops": cfg.ops, "digits": cfg.digits, "varied": cfg.varied, "seed": cfg.seed,
                       "max_new_tokens": cfg.max_new_tokens, "n_test": cfg.test_problems,
                       "n_train": cfg.iterations * cfg.problems_per_iteration + cfg.validation_problems},
         problems_per_iteration=cfg.problems_per_iteration, iterations=cfg.iterations,

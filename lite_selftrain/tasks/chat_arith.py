@@ -6,7 +6,8 @@
     task.reward("To add 27 and 82 ... The answer is 109.", ex)    # 1.0
 
 A problem is two numbers and an operation (`+`: two `digits`-digit numbers; `-`: the larger first; `x`: a
-`digits`-digit number times a one-digit one), asked in one of several phrasings. The prompt is the
+`digits`-digit number times a one-digit one), asked plainly ("What is 27 + 82?") or, with `varied`, in
+one of several phrasings ("Add 27 and 82.", "If you have 27 apples and get 82 more, ..."). The prompt is the
 question alone, wrapped as a user turn by the chat template of `model` (any `model.name`: its tokenizer
 is loaded once, on the first prompt); the model replies in its own words and the reply ends at its
 end-of-turn token. The answer is read as GSM8K's is (`tasks/gsm8k.py`): `#### N`, `\\boxed{N}`,
@@ -24,13 +25,13 @@ import zlib
 from ..errors import UserError
 from .gsm8k import GSM8KTask
 
-PHRASINGS = {  # {a} and {b} are the numbers; several wordings, so a model cannot learn one surface form
-    "+": ["What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?",
+PHRASINGS = {  # {a} and {b} are the numbers; the first of each is the plain one, the rest come with varied=True
+    "+": ["What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?",
           "Compute {a} + {b}.", "If you have {a} apples and get {b} more, how many apples do you have?"],
-    "-": ["What is {a} minus {b}?", "What is {a} - {b}?", "Subtract {b} from {a}.",
+    "-": ["What is {a} - {b}?", "What is {a} minus {b}?", "Subtract {b} from {a}.",
           "What is the difference between {a} and {b}?", "If you have {a} apples and give away {b}, how many "
                                                          "are left?"],
-    "x": ["What is {a} times {b}?", "What is {a} x {b}?", "Multiply {a} by {b}.",
+    "x": ["What is {a} x {b}?", "What is {a} times {b}?", "Multiply {a} by {b}.",
           "What is the product of {a} and {b}?", "If {a} boxes hold {b} pens each, how many pens are there?"],
 }
 _SPLITS = ("train", "validation", "test")
@@ -48,8 +49,8 @@ class ChatArithTask(GSM8KTask):
     hub, hub_configs, fields, default_shots = None, (None,), (), 0
 
     def __init__(self, model: str = "smollm2-135m-instruct", ops: str = "+", digits: int = 2,
-                 max_new_tokens: int = 64, n_train: int = 2000, n_test: int = 300, test_every: int = 5,
-                 seed: int = 0, shots: int = 0):
+                 varied: bool = False, max_new_tokens: int = 64, n_train: int = 2000, n_test: int = 300,
+                 test_every: int = 5, seed: int = 0, shots: int = 0):
         super().__init__(shots)
         if self.shots:
             raise UserError("chat_arith is zero-shot (shots = 0): the chat model answers the question alone")
@@ -62,7 +63,9 @@ class ChatArithTask(GSM8KTask):
                 raise UserError(f"chat_arith {key} must be a positive integer, not {v!r}")
         if not isinstance(test_every, int) or test_every < 2:
             raise UserError(f"chat_arith test_every must be an integer >= 2, not {test_every!r}")
-        self.model, self.ops, self.digits, self.seed = model, ops, digits, seed
+        if not isinstance(varied, bool):
+            raise UserError(f"chat_arith varied must be true or false, not {varied!r}")
+        self.model, self.ops, self.digits, self.seed, self.varied = model, ops, digits, seed, varied
         self.max_new_tokens = max_new_tokens  # a sentence or two: the model's usual reply to such a question
         self.n_train, self.n_test, self.test_every = n_train, n_test, test_every
         self._tokenizer = None
@@ -77,7 +80,7 @@ class ChatArithTask(GSM8KTask):
         low, top = 10 ** (self.digits - 1), 10**self.digits - 1
         a, b = rng.randint(low, top), rng.randint(low, top) if op != "x" else rng.randint(2, 9)
         a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
-        return self.make(op, a, b, rng.randrange(len(PHRASINGS[op])))
+        return self.make(op, a, b, rng.randrange(len(PHRASINGS[op])) if self.varied else 0)
 
     def load(self, split: str = "train", path=None, *, n: int | None = None) -> list[dict]:
         """`n` problems of `split`, deterministic in (seed, split); validation comes from the train side."""
