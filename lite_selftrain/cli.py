@@ -155,7 +155,7 @@ def _model_options(f):
     f = click.option("--adapter", default=None, help="A peft adapter folder to load on the model.")(f)
     f = click.option("--mode", type=click.Choice(["full", "lora", "qlora"]), default="lora", show_default=True)(f)
     f = click.option("--model", "model_name", default="tiny", show_default=True,
-                     help="Preset name, local model folder, or hub id.")(f)
+                     help="Preset, named model (smollm2-135m-instruct), model folder, .gguf file, or hub id.")(f)
     return f
 
 
@@ -163,7 +163,8 @@ def _task_options(f):
     f = click.option("--shots", type=int, default=None, help="Few-shot examples (default: the task's own).")(f)
     f = click.option("--data", default=None, help="Local JSONL / saved dataset (default: the task's own).")(f)
     f = click.option("--split", default="train", show_default=True)(f)
-    f = click.option("--task", "task_name", required=True, help="gsm8k, math, arc, humaneval, apps, instruct, arith")(f)
+    f = click.option("--task", "task_name", required=True,
+                     help="gsm8k, math, arc, humaneval, apps, instruct, arith, chat_arith")(f)
     return f
 
 

@@ -140,6 +140,6 @@ def run_real_demo(cfg: RealDemoConfig, out, *, restart: bool = False, progress: 
 def summarize(records: list[dict]) -> str:
     base = next(r["test_pass@1"] for r in records if r["iteration"] == 0)
     pick = chosen(records)
-    return (f"greedy test pass@1: {records[0]['recipe'] and 'base'} {100 * base:.1f}%; "
+    return (f"greedy test pass@1 of the iteration chosen on validation: base {100 * base:.1f}%; "
             + ", ".join(f"{name} {100 * r['test_pass@1']:.1f}% (iteration {r['iteration']}, "
                         f"{100 * (r['test_pass@1'] - base):+.1f} points)" for name, r in pick.items()))
