@@ -166,19 +166,33 @@ def test_sampled_ids_train_and_model_stops_at_im_end(real_folder, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_unsupported_gguf_architecture_is_one_line(tmp_path):
+def write_gguf(path, arch):
     import numpy as np
     from gguf import GGUFWriter
 
-    path = tmp_path / "other.gguf"
-    writer = GGUFWriter(str(path), "gpt2")
+    writer = GGUFWriter(str(path), arch)
     writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_unsupported_gguf_architecture_is_one_line(tmp_path):
+    path = write_gguf(tmp_path / "other.gguf", "gpt2")
     with pytest.raises(UserError, match=r"architecture 'gpt2' is not supported \(supported: llama\)"):
         load_model(ModelConfig(name=str(path), mode="full", device="cpu"))
+
+
+def test_failed_conversion_leaves_no_folder(tmp_path):
+    """A Llama file without its metadata fails inside the conversion: one line, and no cached folder."""
+    from lite_selftrain.models import gguf
+
+    path = write_gguf(tmp_path / "broken.gguf", "llama")
+    with pytest.raises(UserError, match="could not convert"):
+        gguf.gguf_folder(path)
+    assert not list((gguf.cache_root() / "gguf").glob("broken-*"))
 
 
 def test_unknown_named_model_package_is_one_line(monkeypatch):
