@@ -2,8 +2,8 @@
 
     fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, impl="auto")
 
-impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "chunked" (pure torch, bounded memory),
-"naive" (the reference), "auto" (triton on CUDA when triton is installed, chunked otherwise).
+impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "chunked" (pure torch, bounded memory), "naive"
+(the plain one every other is tested against), "auto" (triton on CUDA when triton is installed, else chunked).
 This package imports torch and triton only, and triton only when the triton path runs: on a machine
 without it (macOS), everything but impl="triton" works.
 """
@@ -13,7 +13,7 @@ import math
 import torch
 
 from .chunked import ChunkConfig, chunked_logprob
-from .reference import naive_logprob
+from .naive import naive_logprob
 
 IMPLS = ("auto", "triton", "chunked", "naive")
 

@@ -178,7 +178,7 @@ def read_jsonl(path: str | Path, need: dict[str, str] | None = None, prompts: in
 def iter_jsonl_lines(path: Path, text: str, need: dict[str, str] | None = None,
                      prompts: int | None = None) -> Iterator[dict]:
     """Parse complete JSONL lines, naming the file and line of the first bad one."""
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON keeps U+2028, U+0085 raw
         if not line.strip():
             continue
         try:

@@ -1,7 +1,7 @@
 """Sampling: n completions per prompt behind one `generate`, whichever backend runs.
 
 `generate.py` is the front door (`SamplingConfig`, `generate`, resumable sample files), `engine.py`
-the native KV-cache decoder, `vllm_backend.py` the vLLM backend.
+the native KV-cache decoder (`stops.py`: where its rows end), `vllm_backend.py` the vLLM backend.
 """
 
 from .generate import Completion, SamplingConfig, generate, group_by_prompt, sampled

@@ -5,34 +5,12 @@
     groups = generate(model, tokenizer, prompts, cfg, out="samples.jsonl", progress=True)
     groups[i][j].text        # sample j of prompt i
 
-Every caller (recipes, evaluation, the judge, the embedder's candidates) describes its sampling with a
-`SamplingConfig`; `cfg.for_task(task)` adds a task's stop strings and answer length. Prompts are
-tokenised as given, with the tokenizer's own special tokens and exactly one BOS (a chat template that writes
-`{{bos_token}}` does not get a second one; chat templates are the caller's job).
-Two backends yield the same rows: `engine.py`, the native one (its own KV cache, one prefill per prompt),
-and `vllm_backend.py` (vLLM, when it and a GPU are present).
-
-Conventions the trainer relies on:
-- `text` is the completion decoded with special tokens skipped (as it continues the prompt: a leading
-  SentencePiece `▁` is a space), without the EOS token and cut right BEFORE the first stop string;
-  `token_ids` are the generated ids up to and including the EOS or the token that completed the stop
-  string (all `max_new_tokens` of them for "length"). A finished row trains as prompt + text + EOS; a row
-  that ended with EOS trains on its `token_ids` themselves (`batching.sampled_ids`).
-- `logprob` (with `logprobs=True`) is the model's own log M(y|x) = Σ over `token_ids` of log_softmax of the
-  raw logits (temperature 1, no top-k/top-p), as `logprobs.sequence_logprobs` computes it; `token_logprobs`
-  lists the terms. It does not depend on the sampling knobs, greedy included.
-
-Kill safety (`out`): records {"prompt_index", "sample_index", **completion} are appended in whole
-prompts, one write and fsync per `batch_size` finished prompts or per second, whichever comes first. On
-restart a torn last line is cut off, a prompt with fewer than n records is dropped (the file is rewritten
-atomically) and sampled again, finished prompts are not; a resumed job returns exactly what an
-uninterrupted one would.
-
-Several processes (`torchrun`, see `distributed.py`): every rank calls `generate` with the same prompts;
-each samples every world()-th of the engine's batches (whole batches, so the samples are those of one
-process) into its own stream `samples.jsonl.rank<r>`, and every rank returns all the groups. At the end
-rank 0 writes `samples.jsonl` whole, in prompt order, then deletes the streams; a resume (under any number
-of processes) first folds whatever streams a killed run left into `samples.jsonl`, one record per sample.
+Every caller describes its sampling with a `SamplingConfig`; `cfg.for_task(task)` adds a task's stop
+strings and answer length. Two backends yield the same rows: `engine.py`, the native one, and
+`vllm_backend.py` (vLLM, when it and a GPU are present). With `out`, records are appended in whole prompts
+and a killed job resumes to exactly what an uninterrupted one returns; under a launcher each rank samples
+its share of the batches. What a completion's fields mean (the trainer relies on them), kill safety and
+ranks: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -166,7 +144,7 @@ def _backend(model, tokenizer, prompts, cfg: SamplingConfig, truncate: bool):
     if cfg.backend == "vllm":
         from . import vllm_backend
 
-        with vllm_backend.engine(model, tokenizer) as llm:
+        with vllm_backend.open_llm(model, tokenizer) as llm:
             ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, vllm_backend.context_length(llm),
                                    truncate)
             yield ids, lambda pending, logprobs: vllm_backend.rows(llm, ids, pending, cfg, logprobs=logprobs)

@@ -108,14 +108,14 @@ class AppsTask(CodeTask):
         kind = "\nUse Call-Based format" if call else "\nUse Standard Input format"
         return f"\nQUESTION:\n{example['question']}\n{starter}{kind}\nANSWER:\n"
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         solutions = example.get("solutions") or []
         if isinstance(solutions, str):
             solutions = json.loads(solutions) if solutions.strip() else []
         return solutions[0] if solutions else ""
 
     def gold_answer(self, example: dict) -> str:
-        return normalize_code(self.reference(example))
+        return normalize_code(self.solution(example))
 
     def program(self, completion: str, example: dict) -> str:
         """The completion's code after the harness's imports: what runs for every test."""

@@ -29,7 +29,7 @@ class Task:
     """Base class: subclasses set the class attributes and the prompt / answer methods."""
 
     name: str = ""
-    max_new_tokens: int = 512  # long enough for the longest reference solution of the task
+    max_new_tokens: int = 512  # long enough for the longest gold solution of the task
     stop: tuple[str, ...] = ()  # strings that end a completion during sampling
     needs_judge: bool = False  # True when rewards come from lite_selftrain.judge, not reward()
     default_shots: int = 0  # solved examples before the question; reasoning tasks prompt base models 4-shot
@@ -65,9 +65,13 @@ class Task:
         """The prompt of one example, after `self.shots` solved examples for the few-shot tasks."""
         raise NotImplementedError
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         """The gold response text (a worked solution, or a program)."""
         raise NotImplementedError
+
+    def reference(self, example: dict) -> str:
+        """The old name of `solution`, kept so that code written against it runs on."""
+        return self.solution(example)
 
     def extract_answer(self, text: str) -> str | None:
         """The normalised final answer of a response, None if it gives none."""
@@ -186,7 +190,7 @@ class CodeTask(Task):
         """`reward`, or 0 and why, for any error judging the program (its data are the program's doing)."""
         try:
             return self.reward(completion, example), None
-        except UserError:  # the task's own data is wrong (say, a reference that cannot be recorded)
+        except UserError:  # the task's own data is wrong (say, a gold solution whose calls cannot be recorded)
             raise
         except Exception as e:  # noqa: BLE001 - one sample's fault, never the batch's
             return 0.0, f"{type(e).__name__}: {e}"[:300]

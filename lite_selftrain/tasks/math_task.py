@@ -227,7 +227,7 @@ class MathTask(Task):
     def prompt(self, example: dict) -> str:
         return few_shot(EXEMPLARS, self.shots, self.name) + f"Problem:\n{example['problem']}\n\nSolution:\n"
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         return example["solution"]
 
     def raw_answer(self, text: str) -> str | None:
