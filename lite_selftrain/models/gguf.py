@@ -115,8 +115,12 @@ def gguf_folder(file: str | Path) -> Path:
     if (folder / "config.json").exists():
         return folder
     check_gguf(path)
-    with atomic_dir(folder) as tmp:
-        convert(path, tmp)
+    try:
+        with atomic_dir(folder) as tmp:  # a failed or killed conversion leaves no folder behind
+            convert(path, tmp)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path.name}: could not convert this GGUF file ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
     return folder
 
 

@@ -29,11 +29,11 @@ from ..judge import JudgeConfig, judged_eval
 from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, sampled
-from ..store import read_jsonl
+from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
 from ..training.batching import sampled_ids
-from .common import Iterates, Run, split_validation, write_stage
+from .common import Iterates, Run, check_trainable, split_validation, write_stage
 
 
 @dataclass
@@ -55,6 +55,7 @@ class CentralityConfig:
     judge_model: Name | None = None  # the fixed judge of every iterate's held-out answers; None: M_0
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("train.", self.train))
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be 'sft' or 'dpo', not '{self.objective}'")
         wanted = "sft" if self.objective == "sft" else "dpo_nll"
@@ -117,8 +118,8 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
                                 progress=progress))
 
     def selection(t):  # the most central candidate (or pair) by M_{t-1}'s own embeddings
-        records, decisions, info = build(cfg, *models.get(t - 1), prompts, originals,
-                                         read_jsonl(run.dir(t) / "samples.jsonl"))
+        samples = read_jsonl(run.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(prompts), SAMPLE_KEY)
+        records, decisions, info = build(cfg, *models.get(t - 1), prompts, originals, samples)
         write_stage(run.dir(t) / "decisions.jsonl", decisions, {})
         return write_stage(run.dir(t) / "dataset.jsonl", records, info)
 

@@ -48,9 +48,9 @@ from .. import distributed as dist
 from ..config import to_dict
 from ..errors import UserError
 from ..evaluate import validation_count
-from ..models import PRESETS, ModelConfig, load_model, save_model
+from ..models import PRESETS, ModelConfig, check_adapter_folder, check_model_folder, load_model, save_model
 from ..sampling.vllm_backend import VllmServer
-from ..store import RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
+from ..store import TRAIN_FIELDS, RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
 from ..training import TrainConfig, train
 
 
@@ -60,6 +60,7 @@ class Run:
     def __init__(self, out: str | Path, recipe: str, config: Any, *, restart: bool = False):
         self.store = RunStore(out)
         self.recipe = recipe
+        check_model_folders(config)  # a damaged model folder is refused before the run folder is bound
         self.config = self.store.check_config({"recipe": recipe, **to_dict(config)}, restart=restart)
         self.restart, self.bound = restart, False
         self.summaries: dict[int, dict[str, dict]] = {}  # iteration -> stage -> summary, as logged
@@ -223,7 +224,7 @@ class Iterates:
         """
         self.close()  # the engines' memory back before training
         d = self.run.dir(iteration)
-        records = read_jsonl(d / "dataset.jsonl")
+        records = read_jsonl(d / "dataset.jsonl", TRAIN_FIELDS[cfg.objective])
         summary = {"skipped": empty}
         if records:  # on every rank: the trainer splits the batches across ranks (DDP)
             summary = train(model, tokenizer, records, dataclasses.replace(cfg, reference=reference), d / "train",
@@ -236,6 +237,28 @@ class Iterates:
 
 # ----------------------------------------------------------------------------------------------------
 # small pieces of the loops
+
+
+def check_model_folders(config: Any) -> None:
+    """The local model and adapter folders a recipe config names (model, prompt_model, judge_model), checked
+    as `models.check_model_folder` checks them; names of presets, hub ids and missing paths are left to loading."""
+    model = getattr(config, "model", None)
+    names = [model.name] if isinstance(model, ModelConfig) else []
+    names += [name for key in ("prompt_model", "judge_model") if isinstance(name := getattr(config, key, None), str)]
+    for name in names:
+        if name not in PRESETS and Path(name).expanduser().is_dir():
+            check_model_folder(Path(name).expanduser())
+    if isinstance(model, ModelConfig) and model.adapter and Path(model.adapter).is_dir():
+        check_adapter_folder(Path(model.adapter))
+
+
+def check_trainable(model, *trainings: tuple[str, TrainConfig]) -> None:
+    """Refuse, when a config is read, a model (a `models.ModelConfig`) that a training config cannot train;
+    each training is (its key prefix in messages, e.g. "train.", its config). FSDP shards a full model."""
+    for prefix, cfg in trainings:
+        if cfg.parallel == "fsdp" and model.mode != "full":
+            raise UserError(f"{prefix}parallel fsdp is for full fine-tuning (model.mode full), not model.mode "
+                            f"{model.mode}: adapters train with {prefix}parallel ddp")
 
 
 def write_stage(path: Path, records: list[dict], info: dict) -> dict:

@@ -23,11 +23,11 @@ from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
-from ..store import read_jsonl
+from ..store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
 from ..training.batching import sampled_ids
-from .common import Iterates, Run, problems_for, split_validation, write_stage
+from .common import Iterates, Run, check_trainable, problems_for, split_validation, write_stage
 
 
 @dataclass
@@ -48,6 +48,7 @@ class RestEMConfig:
 
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("train.", self.train))
         if self.train.objective not in ("rwnll", "sft"):
             raise UserError("ReST-EM trains with objective 'rwnll' (or 'sft')")
 
@@ -95,9 +96,9 @@ def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True,
         run.once(t, "sample", lambda: sampled(generate(*models.sampler(t - 1), prompts, sampling.replace(
             seed=sampling.seed + t), out=d / "samples.jsonl", progress=progress)))
         run.once(t, "score", lambda: write_stage(d / "scored.jsonl", *task.score_samples(
-            read_jsonl(d / "samples.jsonl"), problems)))
+            read_jsonl(d / "samples.jsonl", SAMPLE_FIELDS, len(problems), SAMPLE_KEY), problems)))
         run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *keep(
-            cfg, prompts, read_jsonl(d / "scored.jsonl"), t)))
+            cfg, prompts, read_jsonl(d / "scored.jsonl", SCORED_FIELDS, len(prompts), SAMPLE_KEY), t)))
         # M-step: the BASE model, afresh, trained on them with the reward-weighted NLL
         run.once(t, "train", lambda: models.fit(t, *models.fresh_base(), cfg.train, reference="adapter_off",
                                                 progress=progress))

@@ -26,11 +26,11 @@ from ..errors import UserError
 from ..evaluate import EvalConfig, heldout
 from ..models import ModelConfig
 from ..sampling.generate import SamplingConfig, Temperature, generate, group_by_prompt, sampled
-from ..store import read_jsonl
+from ..store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
 from ..training.batching import sampled_ids
-from .common import Iterates, Run, problems_for, split_validation, write_stage
+from .common import Iterates, Run, check_trainable, problems_for, split_validation, write_stage
 
 
 @dataclass
@@ -52,6 +52,7 @@ class RPOConfig:
 
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("train.", self.train))
         if self.train.objective != "dpo_nll":
             raise UserError("Iterative RPO trains with objective 'dpo_nll' (alpha = 0 gives plain DPO)")
 
@@ -103,9 +104,9 @@ def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, na
         run.once(t, "sample", lambda: sampled(generate(*models.sampler(t - 1), prompts, at_t, out=d / "samples.jsonl",
                                                        progress=progress)))
         run.once(t, "score", lambda: write_stage(d / "scored.jsonl", *task.score_samples(
-            read_jsonl(d / "samples.jsonl"), problems)))
+            read_jsonl(d / "samples.jsonl", SAMPLE_FIELDS, len(problems), SAMPLE_KEY), problems)))
         run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *build_pairs(
-            cfg, prompts, read_jsonl(d / "scored.jsonl"), t)))
+            cfg, prompts, read_jsonl(d / "scored.jsonl", SCORED_FIELDS, len(prompts), SAMPLE_KEY), t)))
         # DPO + NLL from M_{t-1}, whose log-probs before the first step are the reference
         run.once(t, "train", lambda: models.fit(t, *models.get(t - 1), cfg.train, reference="current",
                                                 progress=progress))

@@ -24,17 +24,18 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..judge import JudgeConfig, eft_example, judge, judged_eval
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
-from ..store import read_jsonl
+from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
 from ..training.batching import sampled_ids
-from .common import Iterates, Run, split_validation, write_stage
+from .common import Iterates, Run, check_trainable, split_validation, write_stage
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
 
@@ -67,16 +68,34 @@ class SelfRewardConfig:
 
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("sft.", self.sft), ("train.", self.train))
 
 
 EFT_FIELDS = {"prompt": "string", "response": "string", "score": "number", "justification?": "string"}
+JUDGED_FIELDS = {**COMPLETION_FIELDS, "prompt": "string", "score": "number|null"}  # what pairing reads
 
 
-def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict]) -> tuple[list[dict], dict]:
-    """M_0's data: IFT in the chat template, and EFT judge prompts as `judge()` will prompt them."""
-    eft = [eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]),
-                       cfg.judge.template)
-           for r in (read_jsonl(cfg.eft_path, EFT_FIELDS) if cfg.eft_path else [])]
+def eft_examples(cfg: SelfRewardConfig) -> list[dict]:
+    """The EFT data as judge-training records, every line checked (fields, a score within the rubric's
+    range): read with the other inputs, before the run starts, a bad line names its file and line."""
+    if not cfg.eft_path:
+        return []
+    records = read_jsonl(cfg.eft_path, EFT_FIELDS)
+    text = Path(cfg.eft_path).read_text(encoding="utf-8")
+    lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]  # read_jsonl skips blanks
+    out = []
+    for r, lineno in zip(records, lines):
+        try:
+            out.append(eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]),
+                                   cfg.judge.template))
+        except ValueError as e:
+            raise UserError(f"{cfg.eft_path}:{lineno}: {e}") from None
+    return out
+
+
+def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict], eft: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """M_0's data: IFT in the chat template, and EFT judge prompts (`eft_examples`) as `judge()` will prompt them."""
+    eft = eft_examples(cfg) if eft is None else eft
     records = [{"prompt": format_prompt(tok, r["prompt"]), "response": r["response"]} for r in ift]
     records += [{"prompt": format_prompt(tok, r["prompt"]) if cfg.judge.chat else r["prompt"],
                  "response": r["response"]} for r in eft]
@@ -149,6 +168,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
     if not (cfg.eft_path or cfg.no_eft or cfg.skip_sft):
         raise UserError("self-rewarding trains its judge on EFT data: set eft_path (prompt, response, "
                         "justification, score), or no_eft = true to train M_0 on instructions alone")
+    eft = eft_examples(cfg)  # every input is checked before the run folder is bound
     run = Run(out, name, cfg, restart=restart)
     task = get_task("instruct")
     ift = task.load("train", cfg.ift_path)
@@ -171,19 +191,20 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
                 "judge": cfg.judge_model or "iteration 0"}
 
     def sft_data():  # M_0's data, tokenised as judge() and generate() will prompt
-        return write_stage(run.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift))
+        return write_stage(run.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift, eft))
 
     def respond(t):  # N answers to each new prompt, in the chat template
         model, tok = models.sampler(t - 1)
-        prompts = [format_prompt(tok, r["prompt"]) for r in read_jsonl(run.dir(t) / "prompts.jsonl")]
+        new = read_jsonl(run.dir(t) / "prompts.jsonl", {"prompt": "string"})
+        prompts = [format_prompt(tok, r["prompt"]) for r in new]
         return sampled(generate(model, tok, prompts, cfg.respond.replace(seed=cfg.respond.seed + t),
                                 out=run.dir(t) / "samples.jsonl", progress=progress))
 
     def judge_answers(t):  # k judgments of every answer by M_{t-1} itself
-        new = [r["prompt"] for r in read_jsonl(run.dir(t) / "prompts.jsonl")]
+        new = [r["prompt"] for r in read_jsonl(run.dir(t) / "prompts.jsonl", {"prompt": "string"})]
         judging = dataclasses.replace(cfg.judge, sample=cfg.judge.sample.replace(seed=cfg.judge.sample.seed + t))
-        return write_stage(run.dir(t) / "judged.jsonl", *judge_samples(
-            *models.sampler(t - 1), new, read_jsonl(run.dir(t) / "samples.jsonl"), judging))
+        samples = read_jsonl(run.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(new), SAMPLE_KEY)
+        return write_stage(run.dir(t) / "judged.jsonl", *judge_samples(*models.sampler(t - 1), new, samples, judging))
 
     measure = (lambda t: evaluate(*models.sampler(t), t)) if evaluate else evaluate_judged
     write = prompts or (lambda t: write_prompts(*models.other_sampler(cfg.prompt_model, 0), seeds, cfg, t,
@@ -201,7 +222,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         run.once(t, "respond", lambda: respond(t))
         run.once(t, "judge", lambda: judge_answers(t))
         built = run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *pair(
-            read_jsonl(d / "judged.jsonl"), t)))
+            read_jsonl(d / "judged.jsonl", JUDGED_FIELDS, unique=SAMPLE_KEY), t)))
         # DPO on (best, worst) from M_{t-1}, which is the reference
         trained = run.once(t, "train", lambda: models.fit(t, *models.get(t - 1), cfg.train, reference="current",
                                                           progress=progress, empty=f"no pairs: {built['dropped']}"))

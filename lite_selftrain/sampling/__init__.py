@@ -4,6 +4,7 @@
 the native KV-cache decoder (`stops.py`: where its rows end), `vllm_backend.py` the vLLM backend.
 """
 
-from .generate import Completion, SamplingConfig, generate, group_by_prompt, sampled
+from .generate import Completion, SamplingConfig, check_prompts, check_resumable, generate, group_by_prompt, sampled
 
-__all__ = ["Completion", "SamplingConfig", "generate", "group_by_prompt", "sampled"]
+__all__ = ["Completion", "SamplingConfig", "check_prompts", "check_resumable", "generate", "group_by_prompt",
+           "sampled"]

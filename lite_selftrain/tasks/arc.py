@@ -58,6 +58,7 @@ class ArcTask(Task):
     hub, hub_configs = "allenai/ai2_arc", ("ARC-Challenge",)
     fields = ("question", "choices", "answerKey")
     default_shots = 4  # the papers prompt base models 4-shot
+    exemplars = EXEMPLARS
 
     def prompt(self, example: dict) -> str:
         options = "".join(f"{letter}. {text}\n" for letter, text in zip(string.ascii_uppercase,

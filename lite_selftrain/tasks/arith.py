@@ -30,7 +30,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from ..config import PositiveInt, check_fields
+from ..config import Count, PositiveInt, check_fields
 from ..errors import UserError
 from ..store import read_jsonl
 from .base import Task
@@ -88,8 +88,8 @@ class ArithTask(Task):
     needs_judge = False
     stop = ("\n",)  # solutions are one line; few-shot examples are separated by newlines
 
-    def __init__(self, terms: int | tuple[int, int] = 3, digits: int = 1, style: str = "sums",
-                 seed: int = 0, shots: int = 0, **options):
+    def __init__(self, terms: Terms | list[int] = 3, digits: PositiveInt = 1, style: str = "sums",
+                 seed: int = 0, shots: Count | None = None, **options):
         super().__init__(shots)
         self.config = ArithConfig(terms=terms, digits=digits, style=style, seed=seed, **options)
         self.max_new_tokens = self.longest_solution_len(self.config.terms[1]) + 2  # + margin for end token

@@ -118,6 +118,7 @@ class GSM8KTask(Task):
     hub, hub_configs = "openai/gsm8k", ("main",)
     fields = ("question", "answer")
     default_shots = 4  # the papers prompt base models 4-shot
+    exemplars = EXEMPLARS
 
     def prompt(self, example: dict) -> str:
         return few_shot(EXEMPLARS, self.shots, self.name) + f"Question: {example['question']}\nAnswer:\n"

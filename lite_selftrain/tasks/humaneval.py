@@ -28,8 +28,10 @@ import json
 import math
 import re
 
+from ..config import Count
 from ..errors import UserError
 from .base import CodeTask, code_block, normalize_code
+from .sandbox import SandboxConfig
 
 # appended to the gold program: runs the tests on a stand-in that records every call
 _RECORDER = """
@@ -82,7 +84,7 @@ class HumanEvalTask(CodeTask):
     hub = "openai/openai_humaneval"  # one split, "test"
     fields = ("prompt", "canonical_solution", "test", "entry_point")
 
-    def __init__(self, sandbox=None, shots: int | None = None):
+    def __init__(self, sandbox: SandboxConfig | dict | None = None, shots: Count | None = None):
         super().__init__(sandbox, shots)
         self._expected: dict[str, tuple[list, list]] = {}  # problem key -> (argument lists, gold results)
 
