@@ -1,4 +1,4 @@
-"""The package's shape: imports flow one way (cli → recipes → parts → models, store → kernels), no cycles,
+"""The package's shape: imports flow one way (cli → demo → recipes → parts → models, store → kernels), no cycles,
 nothing but the entry point imports the CLI, and every file stays readable (under 400 lines).
 
 Imports are read from the source (every `import` statement, inside functions too), not from what happens
@@ -19,6 +19,7 @@ LAYERS = [
     {"sampling.engine", "sampling.vllm_backend", "tasks", "training.parallel", "training.reference"},
     {"sampling", "training", "evaluate", "judge", "mbr", "plot"},
     {"recipes"},
+    {"demo"},
     {"cli", "__main__"},
 ]
 

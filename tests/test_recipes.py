@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from lite_selftrain import demo
 from lite_selftrain.config import from_dict, to_dict
+from lite_selftrain.demo.selection import blind_pick
 from lite_selftrain.errors import UserError
-from lite_selftrain.recipes import RECIPES, demo, load_recipe, rest_em, rpo, self_rewarding
-from lite_selftrain.recipes.common import split_validation
+from lite_selftrain.recipes import RECIPES, load_recipe, rest_em, rpo, self_rewarding
+from lite_selftrain.recipes.shared import Scored, split_validation
 from lite_selftrain.tasks import get_task
 
 NAMES = {"rest-em": "rest_em", "rpo": "rpo", "self-reward": "self_reward", "centrality": "centrality"}  # folders
@@ -199,15 +201,15 @@ def test_build_rules_on_hand_made_samples():
     scored = [s(0, 0, "3#3", 1.0), s(0, 1, "3#3", 1.0), s(0, 2, "4#4", 0.0), s(0, 3, "3#3", 1.0, "length"),
               s(1, 0, "7#7", 1.0), s(1, 1, "7#7", 1.0), s(2, 0, "9#9", 0.0)]
     prompts = [task.prompt(p) for p in problems]
-    cfg = rest_em.RestEMConfig(task="arith", max_per_problem=1)
-    records, info = rest_em.keep_correct(cfg, prompts, scored, 1)
+    batch = Scored(1, prompts, scored)
+    records, info = rest_em.keep_correct(batch, max_per_problem=1, seed=0)
     assert [r["response"] for r in records] == ["3#3", "7#7"]  # the cap, and correct finished samples only
     assert [r["prompt"] for r in records] == ["1+2=", "3+4="]
     assert info["dropped"] == {"too_long": 1, "no_correct": 1}
-    pairs, info = rpo.build_pairs(rpo.RPOConfig(task="arith", pairs_per_problem=5), prompts, scored, 1)
+    pairs, info = rpo.correct_vs_incorrect(batch, pairs_per_problem=5, seed=0)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3#3", "4#4")]  # distinct texts: one pair
     assert info["dropped"] == {"too_long": 1, "no_correct": 1, "no_incorrect": 1}
-    blind, info = demo.blind_pick([2])(cfg, prompts, scored, 1)  # the demo's control
+    blind, info = blind_pick([2], max_per_problem=1, seed=0)(batch)  # the demo's control
     assert len(blind) == 2 and all(r["reward"] == 1.0 for r in blind)
     assert info["correct_kept"] == sum(r["response"] != "4#4" and r["response"] != "9#9" for r in blind)
 
@@ -221,9 +223,12 @@ def test_self_reward_pairs_skip_ties_and_unparsable():
               s(1, 0, 3.0), s(1, 1, 3.0),  # tie
               s(2, 0, None), s(2, 1, 2.0),  # one parsable judgment only
               s(3, 0, 5.0, "length"), s(3, 1, 1.0)]  # one finished answer only
-    pairs, info = self_rewarding.build_pairs(judged)
+    pairs, info = self_rewarding.best_vs_worst(judged)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a00", "a02")]
-    assert info["dropped"] == {"too_long": 1, "unparsable_judgment": 1, "tie": 1}
+    assert info["dropped"] == {"too_long": 1, "unparsable_judgment": 1, "tie": 1, "same_text": 0}
+    same = [{**s(4, 0, 5.0), "text": "x"}, {**s(4, 1, 1.0), "text": "x"}]  # one text judged twice, differently
+    pairs, info = self_rewarding.best_vs_worst(same)
+    assert pairs == [] and info["dropped"]["same_text"] == 1
 
 
 def test_validation_split_is_carved_from_training_problems():
