@@ -4,6 +4,7 @@ A killed-and-resumed run must end with exactly the metrics of an uninterrupted o
 are skipped, the sampler and the trainer pick up where they stopped, and every random draw is seeded.
 """
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -295,3 +296,39 @@ def test_config_round_trips_through_dicts():
         _, cls = load_recipe(name)
         cfg = cls()
         assert from_dict(cls, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name, objective", [("rpo", None), ("centrality", "sft"), ("centrality", "dpo")])
+def test_a_run_folder_made_before_config_version_resumes(tmp_path, name, objective):
+    """Version 1 wrote no config_version, replaced train.reference by the recipe's own when training (its
+    stored value did nothing), ignored alpha under SFT, and centrality had no seed: such a folder resumes
+    with the config that does what it did, keeps its config.json, and still refuses a different one."""
+    from lite_selftrain.recipes.centrality import CentralityConfig
+    from lite_selftrain.recipes.common import Run
+    from lite_selftrain.store import RunStore, atomic_write_json
+
+    cfg = rpo.RPOConfig(task="arith") if name == "rpo" else CentralityConfig(objective=objective)
+    old = json.loads(json.dumps({"recipe": name, **to_dict(cfg)}))
+    old["train"]["reference"] = "adapter_off"  # version 1's TrainConfig default, never used by these recipes
+    if name == "centrality":
+        del old["seed"]
+        old["train"]["alpha"] = 1.0 if objective == "sft" else 0.0  # dpo: version 1 stored the α it forced
+    atomic_write_json(tmp_path / "config.json", old)
+    RunStore(tmp_path).mark_done(f"{name}/00/eval", {})
+    Run(tmp_path, name, cfg).bind()
+    assert json.loads((tmp_path / "config.json").read_text()) == old
+    with pytest.raises(UserError, match="different config"):
+        Run(tmp_path, name, dataclasses.replace(cfg, iterations=cfg.iterations + 1))
+    if name == "centrality" and objective == "dpo":  # a run that trained with α 1 does not resume with α 0
+        old["train"]["alpha"] = 1.0
+        atomic_write_json(tmp_path / "config.json", old)
+        with pytest.raises(UserError, match="different config"):
+            Run(tmp_path, name, cfg)
+
+
+def test_rpo_defaults_follow_the_task_and_explicit_values_win():
+    assert (rpo.RPOConfig(task="arc").iterations, rpo.RPOConfig(task="arc").pairs_per_problem) == (3, 20)
+    assert rpo.RPOConfig(task="math").temperatures == [0.8, 0.8, 1.0]
+    assert rpo.RPOConfig(task="arith").temperatures == [0.8, 0.8, 1.3, 1.3]  # other tasks: GSM8K's
+    assert from_dict(rpo.RPOConfig, {"task": "arc", "pairs_per_problem": 5}).pairs_per_problem == 5
+    assert from_dict(rpo.RPOConfig, {"task": "arc", "temperatures": []}).temperature(2) == 0.8  # sample's
