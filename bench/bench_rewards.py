@@ -14,7 +14,7 @@ so every test runs. Providers:
 - `bare`: each test's program run with `python -c`, no limits, one at a time: the cost of a process;
 - `unsafe,workers=W`: the sandbox's launcher and limits without namespaces (`isolate=False`);
 - `workers=W`: `AppsTask` / `HumanEvalTask` rewards through the sandbox, each program in its own
-  namespaces (and as `nobody` under root), W programs at a time.
+  namespaces (a user id per run under root, a cgroup per run where the machine allows), W at a time.
 The difference between the first two sandboxed rows, per run, is what isolation costs.
 
 Worker start-up (sympy imports, the sandbox's probe, recording HumanEval's reference calls once per

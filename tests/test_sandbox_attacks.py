@@ -5,7 +5,9 @@ secret "needle" the program can only print by finding it. Programs that print 5 
 attack worked. Every attack carries a unique tag in the names of what it tries to leave behind (files,
 processes, SysV IPC keys), and after the runs the host is searched for that tag: in /tmp, /var/tmp,
 /run/lock and /dev/shm, in every process's command line, and in /proc/sysvipc. A listener on
-127.0.0.1 and on an abstract unix socket must have accepted no connection.
+127.0.0.1 and on an abstract unix socket must have accepted no connection. Some attacks go for the
+run's bounds (memory through SysV shared memory or many processes, keyrings, kernel interfaces, the
+process budget): the correct program beside each starts a thread, which a shared budget would refuse.
 """
 
 import json
@@ -120,6 +122,67 @@ if os.fork() == 0:
 os.kill(os.getppid(), 9)
 time.sleep(0.3)
 """,
+    "shm_hoard": """import ctypes
+libc = ctypes.CDLL(None)
+libc.shmat.restype = ctypes.c_void_p
+held = 0
+for _ in range(12):  # 64 MiB at a time, detached once filled: 3x the run's memory in all
+    sid = libc.shmget(0, 64 << 20, 0o600)
+    addr = libc.shmat(sid, None, 0) if sid >= 0 else None
+    if addr in (None, ctypes.c_void_p(-1).value):
+        break
+    ctypes.memset(addr, 1, 64 << 20)
+    libc.shmdt(ctypes.c_void_p(addr))
+    held += 64
+print(5 if held > 256 else held)
+""",
+    "fork_memory": """import os
+r, w = os.pipe()
+for _ in range(4):
+    if os.fork() == 0:
+        block = b"x" * (200 << 20)
+        os.write(w, b"1")
+        __import__("time").sleep(2)
+        os._exit(0)
+os.close(w)
+block, got = b"x" * (200 << 20), b""
+while len(got) < 4:
+    chunk = os.read(r, 4)
+    if not chunk:
+        break
+    got += chunk
+print(5 if len(got) == 4 else len(got))  # 1 GB held at once
+""",
+    "keyrings": """import ctypes, os
+libc = ctypes.CDLL(None)
+add_key, keyctl = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+hits = [libc.syscall(add_key, b"user", b"TAG", b"secret", 6, ring) >= 0 for ring in (-3, -4, -5)]
+buf = ctypes.create_string_buffer(4096)
+hits.append(libc.syscall(keyctl, 11, -3, buf, 4096) >= 0)  # KEYCTL_READ the session keyring
+print(5 if any(hits) else hits)
+""",
+    "kernel_interfaces": """import ctypes, os, struct
+libc = ctypes.CDLL(None)
+nr = {"x86_64": (425, 323, 298, 321), "aarch64": (425, 282, 241, 280)}[os.uname().machine]
+io_uring = libc.syscall(nr[0], 1, ctypes.create_string_buffer(120))
+uffd = libc.syscall(nr[1], 1)  # UFFD_USER_MODE_ONLY
+attr = ctypes.create_string_buffer(128)
+struct.pack_into("IIQ", attr, 0, 1, 128, 0)  # a software CPU clock
+perf = libc.syscall(nr[2], attr, 0, -1, -1, 0)
+bpf = libc.syscall(nr[3], 0, ctypes.create_string_buffer(struct.pack("IIII", 2, 4, 4, 1), 72), 72)
+fds = [io_uring, uffd, perf, bpf]
+print(5 if max(fds) >= 0 else fds)
+""",
+    "hold_processes": """import os, time
+for _ in range(64):
+    try:
+        if os.fork() == 0:
+            time.sleep(3)
+            os._exit(0)
+    except OSError:
+        break
+time.sleep(3)
+""",
     "fork_bomb": "import os\nwhile True:\n    os.fork()",
     "fork_then_answer": "import os, time\nfor _ in range(64):\n    if os.fork() == 0:\n        time.sleep(60)\n"
                         "print(5)",
@@ -217,7 +280,8 @@ def listeners():
 def test_attacks_score_zero_leave_nothing_and_spare_their_neighbours(task, listeners, tmp_path):
     port, tag = listeners
     key = int(tag[:6], 16) + 1000
-    correct = "import time\ntime.sleep(0.3)\na, b = map(int, input().split())\nprint(a + b)"
+    correct = ("import threading, time\ntime.sleep(0.5)\nt = threading.Thread(target=time.sleep, args=(0.1,))\n"
+               "t.start()\nt.join()\na, b = map(int, input().split())\nprint(a + b)")  # a thread: a process budget's
     programs = {name: fill(code, tag, key, port) for name, code in ATTACKS.items()}
     names = [n for name in programs for n in (name, "correct")]  # each attack beside a correct program
     rewards = task.rewards([programs.get(n, correct) for n in names], [adds() for _ in names])
@@ -290,7 +354,8 @@ def test_contained_when_run_by_an_ordinary_user(tmp_path, monkeypatch):
     home = tempfile.mkdtemp(prefix="sandbox-user-")
     os.chown(home, user.pw_uid, user.pw_gid)
     secret = f"needle-{uuid.uuid4().hex}"
-    names = ("fork_bomb", "double_fork_setsid", "files_outside", "sysv_ipc", "outlive_the_deadline")
+    names = ("fork_bomb", "double_fork_setsid", "files_outside", "sysv_ipc", "outlive_the_deadline", "shm_hoard",
+             "fork_memory", "keyrings", "kernel_interfaces")
     attacks = [fill(ATTACKS[n], tag, key, 9) for n in names]
     attacks += [f"open({home + '/mine.txt'!r}, 'w')", "import os\nprint(os.getuid(), sorted(os.environ))",
                 "import os\nprint(open('/proc/self/status').read().split('CapEff:')[1].split()[0])"]
@@ -302,10 +367,12 @@ def test_contained_when_run_by_an_ordinary_user(tmp_path, monkeypatch):
         shutil.rmtree(home, ignore_errors=True)
     assert run.returncode == 0, run.stderr  # the helper, parent of every program, survived
     out = json.loads(run.stdout)
-    assert out["isolation"] == "isolated (user namespaces)" and out["uid"] == user.pw_uid and not out["mine"]
-    bomb, _, _, ipc, _, write, env, caps = out["runs"]
-    assert "BlockingIOError" in bomb[1]  # RLIMIT_NPROC holds inside the user namespace
-    assert ipc[0] == "True True True\n"  # it made its IPC objects, in its own namespace
+    assert out["isolation"].startswith("isolated (user namespaces") and out["uid"] == user.pw_uid
+    assert not out["mine"]
+    bomb, _, _, ipc, _, *bounded, write, env, caps = out["runs"]
+    assert "BlockingIOError" in bomb[1]  # without a cgroup, a run is one process
+    assert ipc[0] == "False False False\n"  # no SysV IPC, even in its own namespace
+    assert [r[0] for r in bounded if r[0] == "5\n"] == []  # shm, fork x memory, keyrings, kernel interfaces
     assert "No such file" in write[1] and secret not in env[0] and caps[0] == "0000000000000000\n"
     assert leftovers(tag, key) == []
     assert sys.executable  # the test process itself is untouched

@@ -23,7 +23,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets" / "llm_jp_3"
+ASSETS = Path(__file__).parents[1] / "assets" / "llm_jp_3"
 LLM_JP_MODEL = ASSETS / "llm-jp-tokenizer-100k.ver3.0b1.model"
 # SentencePiece piece -> the spelling of the published Hugging Face settings (tokenizer_config.ver3.0b2.json)
 LLM_JP_RENAMED = {"<MASK>": "<MASK|LLM-jp>", "<PAD>": "<PAD|LLM-jp>", "<CLS>": "<CLS|LLM-jp>",

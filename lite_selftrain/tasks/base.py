@@ -86,9 +86,14 @@ class Task:
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
         return [self.reward(c, ex) for c, ex in zip(completions, examples)]
 
+    def judged(self, completions: list[str], examples: list[dict]) -> list[tuple[float, str | None]]:
+        """Each completion's reward, and why judging it failed (then the reward is 0), else None."""
+        return [(r, None) for r in self.rewards(completions, examples)]
+
     def score_samples(self, samples: list[dict], examples: list[dict]) -> tuple[list[dict], dict]:
-        """Sample records ({prompt_index, sample_index, text, ...}) with a reward each, in prompt order, and
-        {"samples", "train_accuracy" (mean reward), "train_coverage" (share of problems solved at least once)}.
+        """Sample records ({prompt_index, sample_index, text, ...}) with a reward each (and a "reward_error"
+        where judging it failed), in prompt order, and {"samples", "train_accuracy" (mean reward),
+        "train_coverage" (share of problems solved at least once)}.
 
         Under a launcher every rank calls it with the same samples, rewards its share and gets them all."""
         for i, s in enumerate(samples):
@@ -97,8 +102,9 @@ class Task:
                 raise UserError(f"sample record {i} needs a text and a prompt_index in 0..{len(examples) - 1}")
         samples = sorted(samples, key=lambda r: (r["prompt_index"], r.get("sample_index", 0)))
         pairs = [(s["text"], examples[s["prompt_index"]]) for s in samples]
-        rewards = dist.map_shards(lambda mine: self.rewards([t for t, _ in mine], [ex for _, ex in mine]), pairs)
-        scored = [{**s, "reward": float(r)} for s, r in zip(samples, rewards)]
+        judged = dist.map_shards(lambda mine: self.judged([t for t, _ in mine], [ex for _, ex in mine]), pairs)
+        scored = [{**s, "reward": float(r), **({"reward_error": why} if why else {})}
+                  for s, (r, why) in zip(samples, judged)]
         solved = {s["prompt_index"] for s in scored if s["reward"] > 0}
         return scored, {"samples": len(scored),
                         "train_accuracy": sum(s["reward"] for s in scored) / max(len(scored), 1),
@@ -148,7 +154,7 @@ def normalize_code(code: str) -> str:
 # the ranges of the sandbox's limits: each must allow something to run
 SANDBOX_LIMITS = {"timeout": PositiveFloat, "cpu_seconds": PositiveInt, "memory_mb": PositiveInt,
                   "file_size_mb": PositiveInt, "max_processes": PositiveInt, "open_files": PositiveInt,
-                  "max_output_bytes": PositiveInt, "workers": Count}
+                  "max_output_bytes": PositiveInt, "workers": Count, "cpus": PositiveFloat}
 
 
 class CodeTask(Task):
@@ -176,11 +182,23 @@ class CodeTask(Task):
         results = self.outcomes(completion, example)
         return float(bool(results) and all(r == "pass" for r in results))
 
-    def rewards(self, completions: list[str], examples: list[dict]) -> list[float]:
-        """Programs run in parallel, `sandbox.workers` at a time."""
+    def judge(self, completion: str, example: dict) -> tuple[float, str | None]:
+        """`reward`, or 0 and why, for any error judging the program (its data are the program's doing)."""
+        try:
+            return self.reward(completion, example), None
+        except UserError:  # the task's own data is wrong (say, a reference that cannot be recorded)
+            raise
+        except Exception as e:  # noqa: BLE001 - one sample's fault, never the batch's
+            return 0.0, f"{type(e).__name__}: {e}"[:300]
+
+    def judged(self, completions: list[str], examples: list[dict]) -> list[tuple[float, str | None]]:
+        """Programs run in parallel, `sandbox.workers` at a time; an error scores its sample 0, with a reason."""
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
-        return self.sandbox.map(lambda pair: self.reward(*pair), zip(completions, examples))
+        return self.sandbox.map(lambda pair: self.judge(*pair), zip(completions, examples))
+
+    def rewards(self, completions: list[str], examples: list[dict]) -> list[float]:
+        return [r for r, _ in self.judged(completions, examples)]
 
     def score_samples(self, samples: list[dict], examples: list[dict]) -> tuple[list[dict], dict]:
         """As for every task, plus how the programs were isolated ("sandbox"), for the run's records."""

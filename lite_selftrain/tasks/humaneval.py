@@ -17,7 +17,8 @@ Usage:
 
 Simplifications: zero-shot only, as in the Codex paper (a `shots` option is ignored); the stop strings are the
 Codex paper's. A test that checks a property of the result rather than its value (HumanEval/32 asks for
-any root of a polynomial) becomes a check against the reference's result, within 1e-6.
+any root of a polynomial) becomes a check against the reference's result, within 1e-6 where a float is
+involved, exact otherwise.
 """
 
 from __future__ import annotations
@@ -48,19 +49,30 @@ def __record_calls():
 """
 
 
+def _close(a: int | float, b: int | float) -> bool:
+    """Within 1e-6 (relative or absolute), as floats; an integer beyond every float is near none."""
+    try:
+        x, y = float(a), float(b)
+    except OverflowError:
+        return False
+    return x == y or math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6)
+
+
 def same_value(got, want) -> bool:
-    """Python's `==` on plain data, except that a bool equals only a bool and floats agree within 1e-6."""
+    """Python's `==` on plain data, exact but where a float is involved: a bool equals only a bool, and a
+    float agrees with a number within 1e-6 (as the tests' own float checks allow). Dicts are compared
+    by looking `got`'s keys up in `want`, never the other way: `got`'s may all hash alike."""
     if isinstance(got, bool) or isinstance(want, bool):
         return type(got) is type(want) and got == want
     if isinstance(got, (int, float)) and isinstance(want, (int, float)):
-        return got == want or math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6)
+        return _close(got, want) if float in (type(got), type(want)) else got == want
     if type(got) is not type(want):
         return False
     if isinstance(want, (list, tuple)):
         return len(got) == len(want) and all(map(same_value, got, want))
     if isinstance(want, dict):
-        return got.keys() == want.keys() and all(same_value(got[k], want[k]) for k in want)
-    return got == want
+        return len(got) == len(want) and all(k in want and same_value(v, want[k]) for k, v in got.items())
+    return got == want  # str, bytes, None; sets: `got == want` looks `got`'s elements up in `want`
 
 
 class HumanEvalTask(CodeTask):
@@ -116,7 +128,7 @@ class HumanEvalTask(CodeTask):
         passed = len(run.values) == len(want) and all(map(same_value, run.values, want))
         return [run.outcome(passed)]
 
-    def rewards(self, completions: list[str], examples: list[dict]) -> list[float]:
+    def judged(self, completions: list[str], examples: list[dict]) -> list[tuple[float, str | None]]:
         """Each problem's reference calls are recorded first (in parallel), then the programs run."""
         self.sandbox.map(self.expected, list({self._key(ex): ex for ex in examples}.values()))
-        return super().rewards(completions, examples)
+        return super().judged(completions, examples)

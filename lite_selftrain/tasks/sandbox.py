@@ -1,19 +1,22 @@
 """Running model-written Python programs in isolation, under limits: the sandbox behind the code rewards.
 
 Each program runs in a fresh interpreter (`python -s -S`: no site-packages, no user site, an empty
-environment but for a fixed hash seed and UTF-8 mode) that `sandbox_child.py` walls in with the kernel's own mechanisms:
-new mount, PID, network, IPC and UTS namespaces (and a user namespace when we are not root). Inside it
-sees a read-only view of the interpreter and the system's libraries and nothing else of the file
-system, an empty private tmpfs for /tmp, /dev/shm and its work dir, no network, and no process but its
-own; it runs as `nobody` under root, without capabilities, under resource limits (CPU seconds, address
-space, file size, open files, processes). When its first process ends, the kernel kills every other
-process it started, setsid or not, and everything it created (files, IPC objects, sockets) goes with
-the namespaces. A wall-clock deadline kills it from outside; stdout and stderr are read with a cap.
+environment but for a fixed hash seed and UTF-8 mode) that `sandbox_child.py` walls in with the kernel's
+own mechanisms: new mount, PID, network, IPC and UTS namespaces (and a user namespace when we are not
+root). Inside it sees a read-only view of the interpreter and the system's libraries and nothing else of
+the file system (the folders above them as closed as on the host), an empty private tmpfs for /tmp,
+/dev/shm and its work dir, no network, and no process but its own; under root it runs as a user id of
+its own (`sandbox_plan.py`), without capabilities, under resource limits (CPU seconds, address space,
+file size, open files, processes), with a fresh session keyring and a seccomp filter. Each run as a
+whole is bounded too (`sandbox_limits.py`): a cgroup of its own for memory, tasks and CPU where the
+machine allows one, else one process; no SysV IPC. When its first process ends, the kernel kills every
+other process it started, setsid or not, and everything it created (files, IPC objects, sockets) goes
+with the namespaces. A wall-clock deadline kills it from outside; stdout and stderr are read with a cap.
 
 Verdicts are the caller's, from data: stdout for standard-input tasks, and for function calls
-(`run(..., calls=(name, argument lists))`) each result as typed JSON on a pipe of its own, decoded here
-into builtin values (`RunResult.values`). Nothing the program prints can pass for a result, and what it
-is checked against never enters the sandbox.
+(`run(..., calls=(name, argument lists))`) each result as typed JSON on a pipe of its own, decoded into
+builtin values against a deadline (`sandbox_values.py`, `RunResult.values`). Nothing the program
+prints can pass for a result, and what it is checked against never enters the sandbox.
 
 Where no isolation works (no root and no user namespaces), the first run says so in one line and
 raises `UserError`, unless `unsafe=True` (`--unsafe-sandbox`): then programs run with the limits, a
@@ -25,16 +28,16 @@ Usage:
     box.run("def f(x):\\n    return [x, x]", calls=("f", [[1], ["a"]])).values  # [[1, 1], ["a", "a"]]
 
 Simplifications: one program per set of namespaces, built and torn down each run (a few ms); programs see
-the host's kernel (no seccomp filter) and its /usr; the new root is a chroot, not a pivot_root, so the
-host's mount table is still listed in /proc/self/mountinfo though none of it can be reached; under root
-programs share one user id, so their process counts share one RLIMIT_NPROC budget.
+the host's kernel (through a filter that refuses a few of its interfaces only) and its /usr; the new
+root is a chroot on a private mount namespace (its mountinfo lists the sandbox's own mounts only); a
+program over the cgroup's memory bound is killed (SIGKILL) by the kernel: `memory_exceeded`, an "error".
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
+import itertools
 import marshal
 import os
 import select
@@ -51,24 +54,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .sandbox_child import decode, encode
+from .sandbox_plan import RUN_UID_BASE, Plan, limits, make_plan, unsafe_plan
+from .sandbox_values import decode, encode, values
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 ENV = {"PYTHONHASHSEED": "0", "PYTHONUTF8": "1"}  # the same set order and text encoding on every machine
-SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
+RUNS = itertools.count()  # numbers this process's runs (their cgroups' names)
 
 
 @dataclass
 class SandboxConfig:
     timeout: float = 4.0  # wall-clock seconds per program: the APPS harness's per-test limit
     cpu_seconds: int = 4  # CPU time: ends a busy loop even if the wall-clock kill cannot reach it
-    memory_mb: int = 1024  # address space: ample for contest programs, stops a memory hog at once
+    memory_mb: int = 1024  # a run's memory (and each process's address space): ample for contest programs
     file_size_mb: int = 16  # largest file a program may write
     scratch_mb: int = 64  # size of each private tmpfs (/tmp, /dev/shm, the work dir); they live in memory
     max_processes: int = 16  # processes and threads a program may run
+    cpus: float = 1.0  # CPU time per second a run's processes share (with a cgroup): a program is one process
     open_files: int = 64  # file descriptors: enough for any test program, too few to exhaust the system
     max_output_bytes: int = 1 << 20  # stdout (and stderr, and call results) kept per program; more ends it
-    user: str = "nobody"  # under root, programs run as this user
+    user: str = ""  # under root, programs run as this user; "" = a user id of their own per run
+    python: str = ""  # the interpreter programs run on; "" = this one (if other users may reach it)
     unsafe: bool = False  # where no isolation works, run programs with limits only instead of refusing
     isolate: bool = True  # False (with unsafe): never isolate, to measure what isolation costs
     workers: int = 0  # programs run at once; 0 = one per CPU core (threads only wait on processes)
@@ -84,6 +90,7 @@ class RunResult:
     seconds: float
     values: list = field(default_factory=list)  # results of `calls`, decoded, as many as came before the end
     isolated: bool = True  # ran inside its own namespaces
+    memory_exceeded: bool = False  # the run's cgroup ran out of memory: the kernel killed one of its processes
 
     @property
     def ok(self) -> bool:
@@ -92,51 +99,13 @@ class RunResult:
 
     def outcome(self, passed: bool) -> str:
         """One test's outcome: "pass", "fail" (wrong answer), "timeout" (wall clock or CPU) or "error"."""
-        if self.output_exceeded:
+        if self.output_exceeded or self.memory_exceeded:
             return "error"
         if self.timed_out or self.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
             return "timeout"  # the CPU limit ends a program with SIGXCPU, or SIGKILL a second later
         if not self.ok:
             return "fail" if self.stderr.rstrip().endswith("AssertionError") else "error"
         return "pass" if passed else "fail"
-
-
-@dataclass
-class _Plan:
-    python: str  # the interpreter programs run on
-    readable: list[str]  # host paths shown read-only inside
-    drop: tuple[int, int] | None  # (uid, gid) to become, under root
-    isolate: bool
-    description: str  # one line for the run's records
-
-
-def _count_tasks(uid: int) -> int | None:
-    """Processes and threads owned by `uid` (what RLIMIT_NPROC counts); None without /proc."""
-    if not os.path.isdir("/proc/self"):
-        return None
-    n = 0
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid:
-                    n += len(os.listdir(f"/proc/{entry.name}/task"))
-            except OSError:  # the process ended while we looked
-                continue
-    return n
-
-
-def _readable_paths(python: str) -> list[str]:
-    """The system's library folders, the interpreter's install and /etc/ld.so.cache, none inside another
-    (top-level links such as /lib -> usr/lib are kept: they are copied as links)."""
-    wanted = [p for p in SYSTEM_PATHS if os.path.lexists(p)]
-    wanted += [os.path.realpath(sys.base_prefix), os.path.dirname(python)]
-    out: list[str] = []
-    for path in wanted:
-        real = os.path.realpath(path)
-        inside = any(real == os.path.realpath(o) or real.startswith(os.path.realpath(o) + os.sep) for o in out)
-        if os.path.islink(path) or not inside:
-            out.append(path)
-    return out
 
 
 def _send(fd: int, data: bytes) -> None:
@@ -146,6 +115,14 @@ def _send(fd: int, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view):]
     os.close(fd)
+
+
+def _arguments(arg_lists: list) -> bytes:
+    """The calls' argument lists for the child, in marshal's version 2: builtin types kept exactly, and no
+    object shared between arguments (version 3 would keep such sharing); anything else is refused."""
+    for args in arg_lists:
+        encode(list(args))  # TypeError for what is not plain data
+    return marshal.dumps([list(a) for a in arg_lists], 2)
 
 
 def _kill_group(pgid: int) -> None:
@@ -176,52 +153,30 @@ def _has_exited(pid: int) -> bool:
         return True
 
 
-def _values(raw: bytes) -> list:
-    """Call results, one typed-JSON line each, up to the first that is not one (or is cut off)."""
-    out = []
-    for line in raw.split(b"\n")[:-1]:
-        try:
-            out.append(decode(json.loads(line)))
-        except (ValueError, TypeError, RecursionError):
-            break
-    return out
-
-
 class Sandbox:
     """Runs programs under `SandboxConfig`; `run` one, or `map` a function over items in parallel."""
 
     def __init__(self, cfg: SandboxConfig | None = None):
         self.cfg = cfg or SandboxConfig()
         self._lock = threading.Lock()
-        self._plan: _Plan | None = None  # found on first use, with one probe run
+        self._plan: Plan | None = None  # found on first use, with one probe run
 
     @property
     def isolation(self) -> str:
         """How programs run here, in one line (probed on first use); raises `UserError` if they may not."""
         return self.plan().description
 
-    def plan(self) -> _Plan:
+    def plan(self) -> Plan:
         with self._lock:
             if self._plan is None:
                 self._plan = self._find_plan()
             return self._plan
 
-    def _find_plan(self) -> _Plan:
+    def _find_plan(self) -> Plan:
         cfg = self.cfg
-        python = os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
-        drop = None
-        if os.geteuid() == 0:
-            import pwd
-
-            try:
-                entry = pwd.getpwnam(cfg.user)
-            except KeyError:
-                raise UserError(f"sandbox user '{cfg.user}' does not exist; set sandbox user to another") from None
-            drop = (entry.pw_uid, entry.pw_gid)
-        how = f"namespaces, as {cfg.user}" if drop else "user namespaces"
-        plan = _Plan(python, _readable_paths(python), drop, True, f"isolated ({how})")
         reason = "isolate = false"
         if cfg.isolate:
+            plan = make_plan(cfg)
             probe = self._run(plan, "print('ok')", "", None, 60.0)
             if probe.ok and probe.stdout == "ok\n":
                 return plan
@@ -230,26 +185,9 @@ class Sandbox:
         if not cfg.unsafe:
             raise UserError(f"sandbox: no OS isolation here ({reason}); pass --unsafe-sandbox (Python: "
                             "sandbox={'unsafe': True}) to run model-written code with limits only")
-        description = f"not isolated ({reason}): limits only, as uid {os.getuid()}"
-        print(f"sandbox: {description}", file=sys.stderr)
-        return _Plan(python, [], None, False, description)
-
-    def _limits(self, plan: _Plan) -> dict[str, tuple[int, int]]:
-        cfg, mb = self.cfg, 1 << 20
-        limits = {
-            "RLIMIT_CPU": (cfg.cpu_seconds, cfg.cpu_seconds + 1),  # SIGXCPU first, SIGKILL a second later
-            "RLIMIT_AS": (cfg.memory_mb * mb, cfg.memory_mb * mb),
-            "RLIMIT_FSIZE": (cfg.file_size_mb * mb, cfg.file_size_mb * mb),
-            "RLIMIT_NOFILE": (cfg.open_files, cfg.open_files),
-            "RLIMIT_CORE": (0, 0),  # a crash must not leave a core file
-        }
-        if plan.isolate and not plan.drop:  # a new user namespace counts only its own processes
-            limits["RLIMIT_NPROC"] = (cfg.max_processes,) * 2
-        else:  # NPROC counts every process of the user: allow what it runs already, plus ours
-            running = _count_tasks(plan.drop[0] if plan.drop else os.getuid())
-            if running is not None:
-                limits["RLIMIT_NPROC"] = (running + cfg.max_processes,) * 2
-        return limits
+        plan = unsafe_plan(reason)
+        print(f"sandbox: {plan.description}", file=sys.stderr)
+        return plan
 
     # -- one program ---------------------------------------------------------------------------------
     def run(self, source: str, stdin: str = "", *, calls: tuple[str, list] | None = None,
@@ -258,27 +196,12 @@ class Sandbox:
         outcome, (capped) output and call results; never an exception for the program's faults."""
         return self._run(self.plan(), source, stdin, calls, timeout or self.cfg.timeout)
 
-    def _run(self, plan: _Plan, source: str, stdin: str, calls, timeout: float) -> RunResult:
-        values_read, values_write = os.pipe()
-        job = {"source": source, "limits": self._limits(plan), "isolate": plan.isolate, "readable": plan.readable,
-               "drop": plan.drop, "scratch_mb": self.cfg.scratch_mb, "values_fd": values_write, "parent": os.getpid(),
-               "calls": {"fn": calls[0], "args": [encode(list(a)) for a in calls[1]]} if calls else None}
+    def _run(self, plan: Plan, source: str, stdin: str, calls, timeout: float) -> RunResult:
+        cgroups = plan.cgroups.create(f"lite_selftrain-{os.getpid()}-{next(RUNS)}", self.cfg) if plan.cgroups else []
         workdir = None if plan.isolate else tempfile.mkdtemp(prefix="sandbox-")
         start = time.monotonic()
         try:
-            with tempfile.TemporaryFile() as stdin_file:
-                stdin_file.write(stdin.encode())
-                stdin_file.seek(0)
-                job_read, job_write = os.pipe()
-                try:
-                    proc = subprocess.Popen([plan.python, "-s", "-S", "-c", CHILD.read_text(), str(job_read)],
-                                            stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            cwd=workdir or "/", env=ENV, start_new_session=True,
-                                            pass_fds=(job_read, values_write), umask=0o077)
-                finally:
-                    os.close(job_read)
-                    os.close(values_write)
-                _send(job_write, marshal.dumps(job))
+            proc, values_read = self._start(plan, source, stdin, calls, cgroups, workdir)
             with os.fdopen(values_read, "rb") as values_pipe:
                 (out, err, vals), timed_out, exceeded = self._collect(
                     proc, [proc.stdout, proc.stderr, values_pipe], start + timeout)
@@ -286,13 +209,48 @@ class Sandbox:
             returncode = proc.wait()
             proc.stdout.close()
             proc.stderr.close()
+            out_of_memory = bool(cgroups) and plan.cgroups.out_of_memory(cgroups)
         finally:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
+            if cgroups:
+                plan.cgroups.remove(cgroups)
         return RunResult(returncode=returncode, stdout=out.decode("utf-8", errors="replace"),
                          stderr=err.decode("utf-8", errors="replace"), timed_out=timed_out,
-                         output_exceeded=exceeded, seconds=time.monotonic() - start, values=_values(vals),
-                         isolated=plan.isolate)
+                         output_exceeded=exceeded, seconds=time.monotonic() - start, values=values(vals),
+                         isolated=plan.isolate, memory_exceeded=out_of_memory)
+
+    def _start(self, plan: Plan, source: str, stdin: str, calls, cgroups: list[str], workdir: str | None):
+        """Start the launcher, put it in the run's cgroups, then hand it the job: (process, values pipe)."""
+        values_read, values_write = os.pipe()
+        with tempfile.TemporaryFile() as stdin_file:
+            stdin_file.write(stdin.encode())
+            stdin_file.seek(0)
+            job_read, job_write = os.pipe()
+            try:
+                proc = subprocess.Popen([plan.python, "-s", "-S", "-c", CHILD.read_text(), str(job_read)],
+                                        stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        cwd=workdir or "/", env=ENV, start_new_session=True,
+                                        pass_fds=(job_read, values_write), umask=0o077)
+            finally:
+                os.close(job_read)
+                os.close(values_write)
+            try:  # it waits for the job: nothing runs before it is in the cgroups
+                if plan.cgroups:
+                    plan.cgroups.enter(cgroups, proc.pid)
+            except OSError:
+                for fd in (job_write, values_read):
+                    os.close(fd)
+                _stop(proc.pid, ended=False)
+                proc.communicate()
+                raise
+            drop = (RUN_UID_BASE + proc.pid,) * 2 if plan.uid_per_run else plan.drop
+            job = {"source": source, "limits": limits(self.cfg, plan), "isolate": plan.isolate,
+                   "readable": plan.readable, "drop": drop, "scratch_mb": self.cfg.scratch_mb,
+                   "values_fd": values_write, "parent": os.getpid(), "seccomp": plan.seccomp, "keyctl": plan.keyctl,
+                   "calls": {"fn": calls[0], "args": _arguments(calls[1])} if calls else None}
+            _send(job_write, marshal.dumps(job))
+        return proc, values_read
 
     def _collect(self, proc: subprocess.Popen, pipes: list, deadline: float) -> tuple[list[bytes], bool, bool]:
         """Read the pipes until all close, the deadline passes, or the output cap is hit."""

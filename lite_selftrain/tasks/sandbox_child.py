@@ -12,10 +12,13 @@ to call. When isolating:
    (the parent's way to end a run); it also dies with this process (PR_SET_PDEATHSIG);
 3. the child builds a root on a small tmpfs: read-only binds of the interpreter and the system's
    libraries, /dev/null and its kin, its own /proc, and private tmpfs for /tmp, /dev/shm and the work
-   dir /work; then it chroots there (the kernel lets no chrooted process make a user namespace, the one
-   way it could regain CAP_SYS_CHROOT and climb out). The network namespace's loopback is down;
-4. it gives up root (to the job's user) and every capability, sets no_new_privs and the limits, and
-   runs the program in this same interpreter as PID 1 (no second start-up to pay for).
+   dir /work (the folders above a bound path get the host's modes and owners); then it chroots there
+   (the kernel lets no chrooted process make a user namespace, the one way it could regain
+   CAP_SYS_CHROOT and climb out). The network namespace's loopback is down; the IPC namespace allows
+   no SysV shared memory, message queue or semaphore;
+4. it gives up root (to the job's user) and every capability, sets no_new_privs, joins a new session
+   keyring, installs the job's seccomp filter, sets the limits, and runs the program in this same
+   interpreter as PID 1 (no second start-up to pay for).
 
 Without isolation (the parent's `unsafe` fallback) only step 4's limits apply, in the current folder.
 With `calls`, the named function (or `Solution().name`, LeetCode style) is called on each argument list
@@ -37,7 +40,9 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_STRICTATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 24
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 38, 22, 2
+KEYCTL_JOIN_SESSION_KEYRING = 1
+IPC_LIMITS = {"shmmax": "0", "shmall": "0", "shmmni": "0", "msgmni": "0", "sem": "0 0 0 0"}  # kernel.* sysctls
 SIGKILL, SIGTERM = 9, 15
 NEW_ROOT = "/tmp"  # any existing folder serves as the mount point: the new mount namespace is private
 DEVICES = ("null", "zero", "full", "random", "urandom")
@@ -60,26 +65,6 @@ def encode(value):
         return {"bytes": value.hex()}
     raise TypeError(f"a {kind.__name__} is not plain data (None, bool, int, float, str, bytes, list, tuple, "
                     "set, dict)")
-
-
-def decode(tree):
-    """`encode`'s inverse; raises ValueError on anything `encode` cannot have written."""
-    if isinstance(tree, list):
-        return [decode(v) for v in tree]
-    if not isinstance(tree, dict):
-        return tree
-    if len(tree) != 1:
-        raise ValueError("a typed value has exactly one key")
-    ((kind, body),) = tree.items()
-    if kind == "bytes" and isinstance(body, str):
-        return bytes.fromhex(body)
-    if not isinstance(body, list):
-        raise ValueError(f"bad typed value {kind!r}")
-    if kind == "dict":
-        return {decode(k): decode(v) for k, v in body}
-    if kind in ("tuple", "set", "frozenset"):
-        return {"tuple": tuple, "set": set, "frozenset": frozenset}[kind](decode(v) for v in body)
-    raise ValueError(f"unknown typed value {kind!r}")
 
 
 _ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x20), *range(0xD800, 0xE000))}  # control chars, lone surrogates
@@ -132,16 +117,31 @@ def _bind_read_only(libc, source: str, target: str) -> None:
     _mount(libc, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
 
 
+def _make_parents(root: str, path: str, owners: bool) -> None:
+    """The folders above `path` under `root`, each with its host folder's mode (and with `owners`, its
+    owner): a folder closed to the program's user on the host stays closed inside."""
+    here = ""
+    for part in path.split("/")[1:-1]:
+        here += "/" + part
+        if os.path.lexists(root + here):
+            continue
+        host = os.stat(here)
+        os.mkdir(root + here)
+        if owners:
+            os.chown(root + here, host.st_uid, host.st_gid)
+        os.chmod(root + here, host.st_mode & 0o7777)
+
+
 # -- steps 1 to 3 ----------------------------------------------------------------------------------------
 def enter_namespaces(libc) -> None:
     """Steps 1-2. Returns in the child, PID 1 of the new namespaces; this process waits and relays."""
     uid, gid, user_ns = os.getuid(), os.getgid(), os.geteuid() != 0
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     _call(libc.unshare(flags | (CLONE_NEWUSER if user_ns else 0)), "unshare")
-    if user_ns:  # our own ids, mapped to themselves; gid_map needs setgroups denied first
+    if user_ns:  # our ids as the namespace's root: its IPC limits are root's to set; gid_map needs setgroups denied
         _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        _write("/proc/self/uid_map", f"0 {uid} 1")
+        _write("/proc/self/gid_map", f"0 {gid} 1")
     pid = os.fork()
     if pid == 0:
         libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
@@ -172,7 +172,7 @@ def build_root(libc, job: dict) -> None:
     _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     for path in job["readable"]:
         target = root + path
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _make_parents(root, path, owners=bool(job["drop"]))  # under root; a user namespace maps no other id
         if os.path.islink(path):  # e.g. /lib -> usr/lib on a merged-/usr system
             os.symlink(os.readlink(path), target)
             continue
@@ -197,6 +197,8 @@ def build_root(libc, job: dict) -> None:
     except OSError:
         pass
     _mount(libc, None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for name, value in IPC_LIMITS.items():  # this IPC namespace's own: memory that no process limit counts
+        _write(f"/proc/sys/kernel/{name}", value)
     libc.sethostname(b"sandbox", 7)
     os.chdir(root)
     os.chroot(".")
@@ -216,6 +218,16 @@ def drop_privileges(libc, job: dict) -> None:
 
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
     _call(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")  # effective, permitted, inheritable: none
+    if job["keyctl"] is not None:  # a new, empty session keyring (refused where keyrings are: then none)
+        libc.syscall(job["keyctl"], KEYCTL_JOIN_SESSION_KEYRING, None)
+    if job["seccomp"]:
+        prog = ctypes.create_string_buffer(job["seccomp"], len(job["seccomp"]))
+
+        class Program(ctypes.Structure):  # struct sock_fprog
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+        fprog = Program(len(job["seccomp"]) // 8, ctypes.addressof(prog))
+        _call(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp")
 
 
 # -- step 4: the program ---------------------------------------------------------------------------------
@@ -236,8 +248,8 @@ def run_program(job: dict) -> None:
     if calls:
         name = calls["fn"]
         fn = scope[name] if callable(scope.get(name)) else getattr(scope["Solution"](), name)
-        for args in calls["args"]:
-            values.write(dumps(encode(fn(*decode(args)))) + "\n")
+        for args in marshal.loads(calls["args"]):
+            values.write(dumps(encode(fn(*args))) + "\n")
             values.flush()
     sys.stdout.flush()
     sys.stderr.flush()
