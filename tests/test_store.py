@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lite_selftrain.errors import UserError
-from lite_selftrain.store import JsonlLog, RunStore, atomic_write_json, read_json, write_jsonl
+from lite_selftrain.store import JsonlLog, RunStore, atomic_write_json, read_json, read_jsonl, write_jsonl
 
 WRITER = textwrap.dedent(
     """
@@ -43,6 +43,15 @@ def test_torn_last_line_is_dropped_and_file_repaired(tmp_path):
     assert path.read_bytes().endswith(b"}\n")
     log.append([{"id": 2}])
     assert _ids(log.recover()) == [0, 1, 2]
+
+
+def test_texts_with_unicode_line_separators_read_back(tmp_path):
+    """JSON writes U+2028, U+2029 and U+0085 unescaped: they are inside a line, not line ends."""
+    records = [{"text": "a\u2028b\u2029c\x85d"}, {"text": "e"}]
+    log = JsonlLog(tmp_path / "s.jsonl")
+    log.append(records)
+    assert log.recover() == records and log.read() == records
+    assert read_jsonl(tmp_path / "s.jsonl") == records
 
 
 def test_complete_but_corrupt_line_is_an_error_with_line_number(tmp_path):

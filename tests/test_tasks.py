@@ -1,6 +1,6 @@
 """Task registry, loading, and the text tasks (gsm8k, arc, instruct) against hand-written records.
 
-Fixtures in tests/data/ follow each public dataset's own format; the reference solution of every record
+Fixtures in tests/data/ follow each public dataset's own format; the gold solution of every record
 must yield its gold answer and a reward of 1.
 """
 
@@ -26,7 +26,7 @@ def test_registry_builds_every_task_with_the_interface():
         assert isinstance(task.max_new_tokens, int) and task.max_new_tokens > 0
         assert isinstance(task.stop, tuple) and all(isinstance(s, str) for s in task.stop)
         assert task.needs_judge == (name == "instruct")
-        for method in ("load", "prompt", "reference", "extract_answer", "gold_answer", "reward", "rewards"):
+        for method in ("load", "prompt", "solution", "extract_answer", "gold_answer", "reward", "rewards"):
             assert callable(getattr(task, method))
     assert isinstance(get_task("gsm8k"), Task)
     assert get_task("arith", terms=4).config.terms == (4, 4)  # options reach the constructor
@@ -56,15 +56,16 @@ def test_load_errors_name_the_problem(tmp_path):
 # -- gsm8k ----------------------------------------------------------------------------------------------
 
 
-def test_gsm8k_references_give_gold_answers():
+def test_gsm8k_solutions_give_gold_answers():
     task = get_task("gsm8k")
     examples = task.load("test", str(DATA / "gsm8k.jsonl"))
     assert [task.gold_answer(ex) for ex in examples] == ["27", "6", "1200", "7.5"]
     for ex in examples:
-        ref = task.reference(ex)
-        assert "<<" not in ref and ref.endswith("#### " + ex["answer"].split("#### ")[-1])
-        assert task.extract_answer(ref) == task.gold_answer(ex)
-    assert task.rewards([task.reference(ex) for ex in examples], examples) == [1.0] * 4
+        gold = task.solution(ex)
+        assert "<<" not in gold and gold.endswith("#### " + ex["answer"].split("#### ")[-1])
+        assert task.extract_answer(gold) == task.gold_answer(ex)
+        assert task.reference(ex) == gold  # the old name still answers
+    assert task.rewards([task.solution(ex) for ex in examples], examples) == [1.0] * 4
 
 
 @pytest.mark.parametrize("text, answer", [
@@ -104,7 +105,7 @@ def test_gsm8k_prompts():
     two = get_task("gsm8k", shots=2).prompt(ex)
     assert two.count("Question:") == 3 and two.count("####") == 2 and two.endswith(task.prompt(ex))
     assert get_task("gsm8k").prompt(ex).count("####") == 4  # 4-shot unless told otherwise, as the papers
-    assert all(stop not in task.reference(ex) for stop in task.stop)
+    assert all(stop not in task.solution(ex) for stop in task.stop)
     with pytest.raises(UserError, match="shots"):
         get_task("gsm8k", shots=99).prompt(ex)
     with pytest.raises(UserError, match="shots"):
@@ -114,13 +115,13 @@ def test_gsm8k_prompts():
 # -- arc ------------------------------------------------------------------------------------------------
 
 
-def test_arc_references_and_letters():
+def test_arc_solutions_and_letters():
     task = get_task("arc", shots=0)
     examples = task.load("test", str(DATA / "arc.jsonl"))
     assert [task.gold_answer(ex) for ex in examples] == ["A", "B", "D"]  # answerKey "2" is the 2nd choice: B
     for ex in examples:
-        assert task.extract_answer(task.reference(ex)) == task.gold_answer(ex)
-    assert task.rewards([task.reference(ex) for ex in examples], examples) == [1.0] * 3
+        assert task.extract_answer(task.solution(ex)) == task.gold_answer(ex)
+    assert task.rewards([task.solution(ex) for ex in examples], examples) == [1.0] * 3
     prompt = task.prompt(examples[1])
     assert "A. friction\nB. gravity\nC. magnetism\nD. electricity\nAnswer:\n" in prompt and "1." not in prompt
     assert "E. uranium" in task.prompt(examples[2])
@@ -170,7 +171,7 @@ def test_instruct_reads_an_openassistant_table():
         ("日本の首都はどこですか？", "日本の首都は東京です。"),
     ]
     assert task.prompt(records[1]) == "日本の首都はどこですか？"
-    assert task.reference(records[1]) == "日本の首都は東京です。"
+    assert task.solution(records[1]) == "日本の首都は東京です。"
     with pytest.raises(NotImplementedError, match="judge"):
         task.reward("anything", records[0])
 

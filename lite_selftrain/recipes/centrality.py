@@ -29,11 +29,11 @@ from ..judge import JudgeConfig
 from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, sampled
-from ..store import read_jsonl
+from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
 from ..training.batching import sampled_ids
-from .common import Iterates, Run, write_stage
+from .common import Iterates, Run, check_trainable, write_stage
 from .shared import finished, instruction_splits, judge_eval, preference_pair
 
 
@@ -59,6 +59,7 @@ class CentralityConfig:
 
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("train.", self.train))
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be 'sft' or 'dpo', not '{self.objective}'")
         loss = "sft" if self.objective == "sft" else "dpo_nll"
@@ -113,8 +114,8 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
                                 progress=progress))
 
     def select_central(t):  # the most central candidate (or pair) by M_{t-1}'s own embeddings
-        records, decisions, info = build(cfg, *models.get(t - 1), prompts, originals,
-                                         read_jsonl(job.dir(t) / "samples.jsonl"))
+        samples = read_jsonl(job.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(prompts), SAMPLE_KEY)
+        records, decisions, info = build(cfg, *models.get(t - 1), prompts, originals, samples)
         write_stage(job.dir(t) / "decisions.jsonl", decisions, {})
         return write_stage(job.dir(t) / "dataset.jsonl", records, info)
 

@@ -34,8 +34,8 @@ from typing import Any
 from .. import distributed as dist
 from ..config import to_dict
 from ..errors import UserError
-from ..models import ModelConfig, load_model, save_model
-from ..store import RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
+from ..models import PRESETS, ModelConfig, check_adapter_folder, check_model_folder, load_model, save_model
+from ..store import TRAIN_FIELDS, RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
 from ..training import TrainConfig, train
 
 CONFIG_VERSION = 2  # 2: train.reference decides DPO's reference, centrality's train.alpha its DPO α, + seed
@@ -72,6 +72,7 @@ class Run:
     def __init__(self, out: str | Path, recipe: str, config: Any, *, restart: bool = False):
         self.store = RunStore(out)
         self.recipe = recipe
+        check_model_folders(config)  # a damaged model folder is refused before the run folder is bound
         current = {"recipe": recipe, "config_version": CONFIG_VERSION, **to_dict(config)}
         self.config = self.store.check_config(_as_stored(self.store.config(), current, config), restart=restart)
         self.restart, self.bound = restart, False
@@ -192,7 +193,7 @@ class Iterates:
         beside the dataset, so a resumed run does no second reference pass.
         """
         d = self.run.dir(iteration)
-        records = read_jsonl(d / "dataset.jsonl")
+        records = read_jsonl(d / "dataset.jsonl", TRAIN_FIELDS[cfg.objective])
         summary = {"skipped": empty}
         if records:  # on every rank: the trainer splits the batches across ranks (DDP)
             summary = train(model, tokenizer, records, cfg, d / "train",
@@ -219,6 +220,28 @@ def log_once(store: RunStore, records: list[dict]) -> list[dict]:
 def model_dir(out: str | Path, recipe: str, iteration: int) -> Path:
     """Where the run of `recipe` in `out` saves iteration t's model (its M_t)."""
     return RunStore(out).iteration_dir(recipe, iteration) / "model"
+
+
+def check_model_folders(config: Any) -> None:
+    """The local model and adapter folders a recipe config names (model, prompt_model, judge_model), checked
+    as `models.check_model_folder` checks them; names of presets, hub ids and missing paths are left to loading."""
+    model = getattr(config, "model", None)
+    names = [model.name] if isinstance(model, ModelConfig) else []
+    names += [name for key in ("prompt_model", "judge_model") if isinstance(name := getattr(config, key, None), str)]
+    for name in names:
+        if name not in PRESETS and Path(name).expanduser().is_dir():
+            check_model_folder(Path(name).expanduser())
+    if isinstance(model, ModelConfig) and model.adapter and Path(model.adapter).is_dir():
+        check_adapter_folder(Path(model.adapter))
+
+
+def check_trainable(model, *trainings: tuple[str, TrainConfig]) -> None:
+    """Refuse, when a config is read, a model (a `models.ModelConfig`) that a training config cannot train;
+    each training is (its key prefix in messages, e.g. "train.", its config). FSDP shards a full model."""
+    for prefix, cfg in trainings:
+        if cfg.parallel == "fsdp" and model.mode != "full":
+            raise UserError(f"{prefix}parallel fsdp is for full fine-tuning (model.mode full), not model.mode "
+                            f"{model.mode}: adapters train with {prefix}parallel ddp")
 
 
 def write_stage(path: Path, records: list[dict], info: dict) -> dict:

@@ -23,11 +23,11 @@ from ..errors import UserError
 from ..evaluate import EvalConfig
 from ..models import ModelConfig
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
-from ..store import read_jsonl
+from ..store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
 from ..training.batching import sampled_ids
-from .common import Iterates, Run, write_stage
+from .common import Iterates, Run, check_trainable, write_stage
 from .shared import Scored, finished, problems_for, sampler_metrics, task_splits, verifier_eval
 
 
@@ -49,6 +49,7 @@ class RestEMConfig:
 
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("train.", self.train))
         if self.train.objective not in ("rwnll", "sft"):
             raise UserError("ReST-EM trains with objective 'rwnll' (or 'sft')")
 
@@ -93,12 +94,14 @@ def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True,
                                 out=job.dir(t) / "samples.jsonl", progress=progress))
 
     def score(t):  # the 0/1 reward of each
-        scored, info = task.score_samples(read_jsonl(job.dir(t) / "samples.jsonl"), problems(t))
+        samples = read_jsonl(job.dir(t) / "samples.jsonl", SAMPLE_FIELDS, len(problems(t)), SAMPLE_KEY)
+        scored, info = task.score_samples(samples, problems(t))
         return write_stage(job.dir(t) / "scored.jsonl", scored, info)
 
     def keep(t):  # the correct ones, at most max_per_problem per problem
-        scored = Scored(t, [task.prompt(p) for p in problems(t)], read_jsonl(job.dir(t) / "scored.jsonl"),
-                        sampler=lambda: models.get(t - 1))
+        prompts = [task.prompt(p) for p in problems(t)]
+        samples = read_jsonl(job.dir(t) / "scored.jsonl", SCORED_FIELDS, len(prompts), SAMPLE_KEY)
+        scored = Scored(t, prompts, samples, sampler=lambda: models.get(t - 1))
         return write_stage(job.dir(t) / "dataset.jsonl", *build(scored))
 
     def m_step(t):  # the BASE model, afresh, trained on them with the reward-weighted NLL

@@ -28,10 +28,10 @@ from ..errors import UserError
 from ..evaluate import EvalConfig
 from ..models import ModelConfig
 from ..sampling.generate import SamplingConfig, Temperature, generate, group_by_prompt, sampled
-from ..store import read_jsonl
+from ..store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
-from .common import Iterates, Run, write_stage
+from .common import Iterates, Run, check_trainable, write_stage
 from .shared import (
     Scored,
     distinct,
@@ -72,6 +72,7 @@ class RPOConfig:
             if getattr(self, key) is None:
                 setattr(self, key, value)
         check_fields(self)
+        check_trainable(self.model, ("train.", self.train))
         if self.train.objective != "dpo_nll":
             raise UserError("Iterative RPO trains with objective 'dpo_nll' (alpha = 0 gives plain DPO)")
 
@@ -125,12 +126,14 @@ def run(cfg: RPOConfig, out, *, restart: bool = False, progress: bool = True, na
                                 progress=progress))
 
     def score(t):  # reward 1 iff the final answer is right
-        scored, info = task.score_samples(read_jsonl(job.dir(t) / "samples.jsonl"), problems(t))
+        samples = read_jsonl(job.dir(t) / "samples.jsonl", SAMPLE_FIELDS, len(problems(t)), SAMPLE_KEY)
+        scored, info = task.score_samples(samples, problems(t))
         return write_stage(job.dir(t) / "scored.jsonl", scored, info)
 
     def pair(t):  # (correct, incorrect) pairs, K per question
-        scored = Scored(t, [task.prompt(p) for p in problems(t)], read_jsonl(job.dir(t) / "scored.jsonl"),
-                        sampler=lambda: models.get(t - 1))
+        prompts = [task.prompt(p) for p in problems(t)]
+        samples = read_jsonl(job.dir(t) / "scored.jsonl", SCORED_FIELDS, len(prompts), SAMPLE_KEY)
+        scored = Scored(t, prompts, samples, sampler=lambda: models.get(t - 1))
         return write_stage(job.dir(t) / "dataset.jsonl", *build(scored))
 
     def dpo_nll(t):  # from M_{t-1}, whose log-probs before the first step are the reference

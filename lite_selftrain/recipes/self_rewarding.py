@@ -25,16 +25,17 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
 from ..judge import JudgeConfig, eft_example, judge
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
-from ..store import read_jsonl
+from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
-from .common import Iterates, Run, write_stage
+from .common import Iterates, Run, check_trainable, write_stage
 from .shared import Scored, finished, instruction_splits, judge_eval, preference_pair
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
@@ -68,16 +69,34 @@ class SelfRewardConfig:
 
     def __post_init__(self):
         check_fields(self)
+        check_trainable(self.model, ("sft.", self.sft), ("train.", self.train))
 
 
 EFT_FIELDS = {"prompt": "string", "response": "string", "score": "number", "justification?": "string"}
+JUDGED_FIELDS = {**COMPLETION_FIELDS, "prompt": "string", "score": "number|null"}  # what pairing reads
 
 
-def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict]) -> tuple[list[dict], dict]:
-    """M_0's data: IFT in the chat template, and EFT judge prompts as `judge()` will prompt them."""
-    eft = [eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]),
-                       cfg.judge.template)
-           for r in (read_jsonl(cfg.eft_path, EFT_FIELDS) if cfg.eft_path else [])]
+def eft_examples(cfg: SelfRewardConfig) -> list[dict]:
+    """The EFT data as judge-training records, every line checked (fields, a score within the rubric's
+    range): read with the other inputs, before the run starts, a bad line names its file and line."""
+    if not cfg.eft_path:
+        return []
+    records = read_jsonl(cfg.eft_path, EFT_FIELDS)
+    text = Path(cfg.eft_path).read_text(encoding="utf-8")
+    lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]  # read_jsonl skips blanks
+    out = []
+    for r, lineno in zip(records, lines):
+        try:
+            out.append(eft_example(r["prompt"], r["response"], r.get("justification", ""), float(r["score"]),
+                                   cfg.judge.template))
+        except ValueError as e:
+            raise UserError(f"{cfg.eft_path}:{lineno}: {e}") from None
+    return out
+
+
+def sft_records(cfg: SelfRewardConfig, tok, ift: list[dict], eft: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """M_0's data: IFT in the chat template, and EFT judge prompts (`eft_examples`) as `judge()` will prompt them."""
+    eft = eft_examples(cfg) if eft is None else eft
     records = [{"prompt": format_prompt(tok, r["prompt"]), "response": r["response"]} for r in ift]
     records += [{"prompt": format_prompt(tok, r["prompt"]) if cfg.judge.chat else r["prompt"],
                  "response": r["response"]} for r in eft]
@@ -117,17 +136,17 @@ def judge_samples(model, tok, prompts: list[str], samples: list[dict], cfg: Judg
 def answer(job: Run, models: Iterates, respond: SamplingConfig, t: int, *, progress: bool) -> dict:
     """N answers by M_{t-1} to each of iteration t's prompts (prompts.jsonl), in the chat template."""
     model, tok = models.get(t - 1)
-    prompts = [format_prompt(tok, r["prompt"]) for r in read_jsonl(job.dir(t) / "prompts.jsonl")]
+    prompts = [format_prompt(tok, r["prompt"]) for r in read_jsonl(job.dir(t) / "prompts.jsonl", {"prompt": "string"})]
     return sampled(generate(model, tok, prompts, respond.replace(seed=respond.seed + t),
                             out=job.dir(t) / "samples.jsonl", progress=progress))
 
 
 def judge_answers(job: Run, models: Iterates, cfg: JudgeConfig, t: int) -> dict:
     """k judgments of every answer of iteration t by M_{t-1} itself, averaged (judged.jsonl)."""
-    prompts = [r["prompt"] for r in read_jsonl(job.dir(t) / "prompts.jsonl")]
+    prompts = [r["prompt"] for r in read_jsonl(job.dir(t) / "prompts.jsonl", {"prompt": "string"})]
     judging = dataclasses.replace(cfg, sample=cfg.sample.replace(seed=cfg.sample.seed + t))
-    return write_stage(job.dir(t) / "judged.jsonl", *judge_samples(
-        *models.get(t - 1), prompts, read_jsonl(job.dir(t) / "samples.jsonl"), judging))
+    samples = read_jsonl(job.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(prompts), SAMPLE_KEY)
+    return write_stage(job.dir(t) / "judged.jsonl", *judge_samples(*models.get(t - 1), prompts, samples, judging))
 
 
 def best_vs_worst(judged: list[dict]) -> tuple[list[dict], dict]:
@@ -165,6 +184,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
     if not (cfg.eft_path or cfg.no_eft or cfg.skip_sft):
         raise UserError("self-rewarding trains its judge on EFT data: set eft_path (prompt, response, "
                         "justification, score), or no_eft = true to train M_0 on instructions alone")
+    eft = eft_examples(cfg)  # every input is checked before the run folder is bound
     job = Run(out, name, cfg, restart=restart)
     task = get_task("instruct")
     ift, valid, test = instruction_splits(
@@ -176,7 +196,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
     build = build or (lambda scored: best_vs_worst(scored.samples))
 
     def sft_data(t):  # M_0's data, tokenised as judge() and generate() will prompt
-        return write_stage(job.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift))
+        return write_stage(job.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift, eft))
 
     def sft(t):  # M_0: SFT of the base model on IFT + EFT
         return models.fit(0, *models.get(0), cfg.sft, progress=progress)
@@ -193,7 +213,8 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
 
     def pair(t):  # (best, worst) judged answer per prompt
         prompts = [r["prompt"] for r in read_jsonl(job.dir(t) / "prompts.jsonl")]
-        scored = Scored(t, prompts, read_jsonl(job.dir(t) / "judged.jsonl"), sampler=lambda: models.get(t - 1))
+        judged = read_jsonl(job.dir(t) / "judged.jsonl", JUDGED_FIELDS, unique=SAMPLE_KEY)
+        scored = Scored(t, prompts, judged, sampler=lambda: models.get(t - 1))
         return write_stage(job.dir(t) / "dataset.jsonl", *build(scored))
 
     def dpo(t):  # from M_{t-1}, which is the reference

@@ -4,41 +4,22 @@
         token_ids, finish_reason, token_logprobs = rows[j]                            # sample j of the prompt
 
 `sampling.generate` is the front door (tokenising, resuming, writing); this file only turns token ids into
-token ids. How it works:
-- prompts are sorted by length and cut into batches of `cfg.batch_size`, left-padded so that every prompt
-  ends at column T-1 and every row writes its next key and value at the same cache column;
-- the cache is ours (`KVCache`): one (B, heads, T + S, d) buffer per layer, allocated once per batch for
-  B = prompts × n rows and S = the most new tokens any row may take. The model's attention layers write into
-  it through `KVCache.update`, the one method they call;
-- `prefill` runs each prompt ONCE and writes its keys and values into all n of its rows (Hugging Face
-  `generate(num_return_sequences=n)` recomputes every prompt n times); `decode_step` feeds one token per
-  row; the lm_head runs on the last position only;
-- the attention mask is additive and float (0 keep, the dtype's minimum drop), built once per batch:
-  eager attention adds it to the scores and sdpa takes it as it is, so both give the same outputs.
-  Implementations that cannot take a 4-D mask (flash, flex) are refused with a one-line error;
-- ends (EOS, the length limit, the end of the context) are recorded on the device at every step; the host
-  looks every `cfg.check_every` steps (one sync), then also finds stop strings in the tokens drawn since its
-  last look. A row may so run a few steps past its end; those tokens are dropped, so outputs do not depend
-  on `check_every`. Rows leave the batch (a cache copy) once a quarter of it has finished;
-- randomness is counter-based: the uniform behind token s of sample j of prompt i is a hash of
-  (seed, i, j, s), turned into a token by inverse-CDF sampling. A prompt's samples depend on (seed, its
-  index) only: not on its batch-mates or on resuming, up to float rounding in the model.
-
-Simplifications: full-attention decoders only (Llama, llm-jp-3): sliding-window or hybrid models are
-refused (the vLLM backend serves them); stop strings are matched in the generated text, never across the
-prompt; no repetition penalty, beam search or speculative decoding.
+token ids: one prefill per prompt shared by its n rows, then one token per row per step, drawn with
+counter-based randomness so that a prompt's samples depend on (seed, its index) only. How it works and
+what it simplifies (full-attention decoders only; no beam search): docs/engine.md.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
 from ..models import split_body_head, training_mode
-from ..models.tokenizer import decode_continuation
+from .stops import StopStrings, eos_table
 
 SERVED_ATTENTION = ("eager", "sdpa")  # both take an additive 4-D float mask
 FINISH = ("length", "eos", "stop")  # index = the per-row code the decode loop keeps
@@ -182,48 +163,6 @@ def check_served(config) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# stop strings and EOS
-
-
-class StopStrings:
-    """Finds where a row's text first contains a stop string; decodes only steps where that is possible.
-
-    A token can complete a stop string only if its text holds the string's last character (or part of it,
-    for a multi-byte character): a (V,) table of such tokens, built once, marks the steps worth a decode.
-    """
-
-    def __init__(self, tokenizer, stops: Sequence[str], vocab_size: int, device):
-        self.tokenizer, self.stops = tokenizer, tuple(stops)
-        self.window = 4 * max(map(len, self.stops)) + 8  # tokens enough to hold any stop string, bytes or not
-        anchor = tokenizer.encode("a", add_special_tokens=False)[:1]  # decode after a letter: keeps leading spaces
-        head = tokenizer.decode(anchor)
-        known = min(vocab_size, len(tokenizer))
-        texts = tokenizer.batch_decode([anchor + [i] for i in range(known)], skip_special_tokens=True)
-        ends = {s[-1] for s in self.stops}
-        partial = any(ord(c) > 127 for c in ends)  # only a multi-byte last character can end in a byte token
-        flags = [not t.startswith(head) or (partial and "\ufffd" in t) or any(c in t[len(head) :] for c in ends)
-                 for t in texts]
-        self.can_end = torch.ones(vocab_size, dtype=torch.bool)
-        self.can_end[:known] = torch.tensor(flags, dtype=torch.bool)
-        self.can_end = self.can_end.to(device)
-
-    def completed_at(self, tokens: list[int], step: int) -> bool:
-        """Whether the text of tokens[: step + 1] ends in a stop string that token `step` completed."""
-        tail = decode_continuation(self.tokenizer, tokens[max(0, step + 1 - self.window) : step + 1])
-        return any(s in tail for s in self.stops)
-
-
-def eos_table(model, tokenizer, vocab_size: int, device) -> torch.Tensor:
-    """(V,) bool: the tokenizer's EOS and every EOS id of the model's generation config."""
-    ids = {tokenizer.eos_token_id}
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(extra) if isinstance(extra, (list, tuple)) else {extra}
-    table = torch.zeros(vocab_size, dtype=torch.bool)
-    table[[i for i in ids if i is not None and 0 <= i < vocab_size]] = True
-    return table.to(device)
-
-
-# ----------------------------------------------------------------------------------------------------
 # the decode loop: one batch of prompts, n rows each
 
 
@@ -237,6 +176,100 @@ def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.T
     return ids.to(device), valid.to(device)  # (P, T), (P, T)
 
 
+@dataclass
+class _Rows:
+    """The decode loop's per-row state, in the batch's current row order (dim 0 of every tensor)."""
+
+    origin: list[int]  # each row's place in the whole batch: prompt × n + sample
+    live: list[bool]  # rows still generating, as the host last saw them
+    tokens: torch.Tensor  # (B, S) drawn tokens
+    u: torch.Tensor  # (B, S) the uniforms they are drawn with
+    keymask: torch.Tensor  # (B, 1, 1, T+S) additive, sliced per step
+    pos: torch.Tensor  # (B,) position of each row's first new token
+    cap: torch.Tensor  # (B,) tokens each row may generate
+    end: torch.Tensor  # (B,) step of a row's EOS / limit; S: none yet
+    code: torch.Tensor  # (B,) index into FINISH: 1 = EOS, 0 = length (2 = stop, found on the host)
+    lps: torch.Tensor | None  # (B, S) raw-model token log-probs, when asked for
+    maybe_stop: torch.Tensor | None  # (B, S) steps whose token may complete a stop string, when there are any
+    last: torch.Tensor | None = None  # (B,) the token of the latest step
+
+    @classmethod
+    def start(cls, valid: torch.Tensor, caps: list[int], prompt_index: list[int], cfg, dtype, *, logprobs: bool,
+              stops: bool) -> _Rows:
+        """n rows per prompt of a (P, T) left-padded batch; caps: the tokens each prompt's rows may take."""
+        (P, T), n, S, device = valid.shape, cfg.n, max(caps), valid.device
+        B = P * n
+        keymask = torch.zeros(B, 1, 1, T + S, dtype=dtype, device=device)
+        keymask[:, 0, 0, :T].masked_fill_(~valid.repeat_interleave(n, 0), torch.finfo(dtype).min)
+        sample = torch.arange(n, device=device).repeat(P)  # (B,)
+        return cls(origin=list(range(B)), live=[True] * B,
+                   tokens=torch.zeros(B, S, dtype=torch.long, device=device),
+                   u=uniforms(cfg.seed, torch.tensor(prompt_index, device=device).repeat_interleave(n), sample, S),
+                   keymask=keymask, pos=valid.sum(-1).repeat_interleave(n),
+                   cap=torch.tensor(caps, device=device).repeat_interleave(n),
+                   end=torch.full((B,), S, dtype=torch.long, device=device),
+                   code=torch.zeros(B, dtype=torch.long, device=device),
+                   lps=torch.zeros(B, S, device=device) if logprobs else None,
+                   maybe_stop=torch.zeros(B, S, dtype=torch.bool, device=device) if stops else None)
+
+    def record(self, s: int, tok: torch.Tensor, logits: torch.Tensor, eos: torch.Tensor, stops) -> None:
+        """Step s drew (B,) `tok` from (B, V) `logits`: keep it, and mark rows it ends (EOS outranks length)."""
+        self.tokens[:, s] = tok
+        self.last = tok
+        if self.lps is not None:
+            self.lps[:, s] = logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
+        is_eos = eos[tok]  # (B,)
+        new = (self.end == self.tokens.shape[1]) & (is_eos | (self.cap == s + 1))  # rows ending at this step
+        self.code = torch.where(new, is_eos.long(), self.code)
+        self.end = torch.where(new, s, self.end)
+        if self.maybe_stop is not None:
+            self.maybe_stop[:, s] = stops.can_end[tok]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices of current rows, all live): finished rows leave the batch."""
+        for name in ("tokens", "u", "keymask", "pos", "cap", "end", "code", "lps", "maybe_stop", "last"):
+            x = getattr(self, name)
+            if x is not None:
+                setattr(self, name, x[rows])
+        self.origin = [self.origin[r] for r in rows.tolist()]
+        self.live = [True] * len(self.origin)
+
+
+def _find_stops(rows: _Rows, stops: StopStrings, looked: int, s: int, ends: list[int], codes: list[int]) -> None:
+    """End each live row at the first stop string its steps looked..s complete, if that comes before its EOS or
+    length limit (EOS at the same step outranks it). `ends` and `codes` are the host's copies, set in place."""
+    hits = rows.maybe_stop[:, looked : s + 1].nonzero().tolist()  # (row, step - looked), row-major
+    if not hits:
+        return
+    candidates = sorted({r for r, _ in hits})
+    text_of = dict(zip(candidates, rows.tokens[candidates, : s + 1].tolist()))
+    resolved = set()
+    for r, k in hits:
+        step = looked + k
+        if r in resolved or not rows.live[r] or step > ends[r] or (step == ends[r] and codes[r] == 1):
+            continue
+        if stops.completed_at(text_of[r], step):
+            ends[r], codes[r] = step, 2
+            resolved.add(r)
+
+
+def _finish(rows: _Rows, finished: list[int], ends: list[int], codes: list[int], n: int, left: list[int],
+            done: dict) -> list[tuple[int, list]]:
+    """Take the finished rows out of play into `done`; return each prompt whose n rows are now all done."""
+    out = rows.tokens[finished].tolist()
+    out_lps = rows.lps[finished].tolist() if rows.lps is not None else [None] * len(finished)
+    ready = []
+    for r, row_tokens, row_lps in zip(finished, out, out_lps):
+        e = ends[r] + 1
+        done[rows.origin[r]] = (row_tokens[:e], codes[r], None if row_lps is None else row_lps[:e])
+        rows.live[r] = False
+        p = rows.origin[r] // n
+        left[p] -= 1
+        if left[p] == 0:
+            ready.append((p, [done.pop(p * n + j) for j in range(n)]))
+    return ready
+
+
 def _decode_batch(body, head, prompt_ids: list[list[int]], prompt_index: list[int], cfg, *, eos: torch.Tensor,
                   stops: StopStrings | None, logprobs: bool, pad_id: int, context: int, keyword: str):
     """Yield (position in batch, n rows of (token ids, finish code, token log-probs)) as prompts finish."""
@@ -244,78 +277,33 @@ def _decode_batch(body, head, prompt_ids: list[list[int]], prompt_index: list[in
     ids, valid = _left_pad(prompt_ids, pad_id, device)  # (P, T)
     P, T = ids.shape
     caps = [min(cfg.max_new_tokens, context - len(seq)) for seq in prompt_ids]  # prompt + completion fit
-    S, B = max(caps), P * n  # steps this batch can take; rows
-    cache = KVCache(B, T + S, repeats=n)
+    S = max(caps)  # steps this batch can take
+    cache = KVCache(P * n, T + S, repeats=n)
     logits = head(prefill(body, ids, valid, cache, keyword)).float().repeat_interleave(n, 0)  # (B, V)
-    dtype = body.get_input_embeddings().weight.dtype
-    keymask = torch.zeros(B, 1, 1, T + S, dtype=dtype, device=device)  # (B, 1, 1, T+S), sliced per step
-    keymask[:, 0, 0, :T].masked_fill_(~valid.repeat_interleave(n, 0), torch.finfo(dtype).min)
-    pos = valid.sum(-1).repeat_interleave(n)  # (B,) position of each row's first new token
-    cap = torch.tensor(caps, device=device).repeat_interleave(n)  # (B,) tokens each row may generate
-    sample = torch.arange(n, device=device).repeat(P)  # (B,)
-    u = uniforms(cfg.seed, torch.tensor(prompt_index, device=device).repeat_interleave(n), sample, S)  # (B, S)
-    tokens = torch.zeros(B, S, dtype=torch.long, device=device)  # (B, S) drawn tokens
-    lps = torch.zeros(B, S, device=device) if logprobs else None  # (B, S) raw-model token log-probs
-    end = torch.full((B,), S, dtype=torch.long, device=device)  # (B,) step of a row's EOS / limit; S: none yet
-    code = torch.zeros(B, dtype=torch.long, device=device)  # (B,) 1 = EOS, 0 = length
-    maybe_stop = torch.zeros(B, S, dtype=torch.bool, device=device) if stops else None  # (B, S)
-    rows = list(range(B))  # original row of each current row
-    live = [True] * B  # current rows still generating, as the host last saw them
+    rows = _Rows.start(valid, caps, prompt_index, cfg, body.get_input_embeddings().weight.dtype, logprobs=logprobs,
+                       stops=stops is not None)
     left, done, looked = [n] * P, {}, 0  # rows running per prompt; finished rows; steps the host has seen
     for s in range(S):
-        tok = draw(logits, u[:, s], cfg.temperature, cfg.top_k, cfg.top_p)  # (B,)
-        tokens[:, s] = tok
-        if lps is not None:
-            lps[:, s] = logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
-        is_eos = eos[tok]  # (B,)
-        new = (end == S) & (is_eos | (cap == s + 1))  # rows ending at this step: EOS outranks length
-        code = torch.where(new, is_eos.long(), code)
-        end = torch.where(new, s, end)
-        if maybe_stop is not None:
-            maybe_stop[:, s] = stops.can_end[tok]
+        rows.record(s, draw(logits, rows.u[:, s], cfg.temperature, cfg.top_k, cfg.top_p), logits, eos, stops)
         if (s + 1) % cfg.check_every == 0 or s == S - 1:  # the host looks: one sync
-            ends, codes = end.tolist(), code.tolist()
-            if maybe_stop is not None:  # the first stop string within each row's end; EOS outranks stop
-                hits = maybe_stop[:, looked : s + 1].nonzero().tolist()  # (row, step - looked), row-major
-                candidates = sorted({r for r, _ in hits})
-                text_of = dict(zip(candidates, tokens[candidates, : s + 1].tolist())) if hits else {}
-                resolved = set()
-                for r, k in hits:
-                    step = looked + k
-                    if r in resolved or not live[r] or step > ends[r] or (step == ends[r] and codes[r] == 1):
-                        continue
-                    if stops.completed_at(text_of[r], step):
-                        ends[r], codes[r] = step, 2
-                        resolved.add(r)
-            finished = [r for r in range(len(rows)) if live[r] and ends[r] <= s]
+            ends, codes = rows.end.tolist(), rows.code.tolist()
+            if stops is not None:
+                _find_stops(rows, stops, looked, s, ends, codes)
+            finished = [r for r in range(len(rows.live)) if rows.live[r] and ends[r] <= s]
             if finished:
-                out = tokens[finished].tolist()
-                out_lps = lps[finished].tolist() if lps is not None else [None] * len(finished)
-                for r, row_tokens, row_lps in zip(finished, out, out_lps):
-                    e = ends[r] + 1
-                    done[rows[r]] = (row_tokens[:e], codes[r], None if row_lps is None else row_lps[:e])
-                    live[r] = False
-                    p = rows[r] // n
-                    left[p] -= 1
-                    if left[p] == 0:
-                        yield p, [done.pop(p * n + j) for j in range(n)]
+                yield from _finish(rows, finished, ends, codes, n, left, done)
             looked = s + 1
-            alive = sum(live)
+            alive = sum(rows.live)
             if alive == 0:
                 return
-            if 4 * (len(rows) - alive) >= len(rows):  # prune once a quarter is dead: a copy, not every step
-                keep = torch.tensor([r for r in range(len(rows)) if live[r]], device=device)
+            if 4 * (len(rows.live) - alive) >= len(rows.live):  # prune once a quarter is dead: a copy, not every step
+                keep = torch.tensor([r for r in range(len(rows.live)) if rows.live[r]], device=device)
                 cache.select(keep)
-                tokens, u, keymask, pos, cap, tok, end, code = (
-                    x[keep] for x in (tokens, u, keymask, pos, cap, tok, end, code))
-                lps = None if lps is None else lps[keep]
-                maybe_stop = None if maybe_stop is None else maybe_stop[keep]
-                rows = [rows[r] for r in keep.tolist()]
-                live = [True] * len(rows)
+                rows.keep(keep)
         if s == S - 1:
             return
-        positions = (pos + s).clamp_(max=context - 1)  # a row past its end may run on; its tokens are dropped
-        hidden = decode_step(body, tok, positions, keymask[..., : T + s + 1], cache, keyword)  # (B, H)
+        positions = (rows.pos + s).clamp_(max=context - 1)  # a row past its end may run on; its tokens are dropped
+        hidden = decode_step(body, rows.last, positions, rows.keymask[..., : T + s + 1], cache, keyword)  # (B, H)
         logits = head(hidden).float()  # (B, V)
 
 

@@ -5,34 +5,12 @@
     groups = generate(model, tokenizer, prompts, cfg, out="samples.jsonl", progress=True)
     groups[i][j].text        # sample j of prompt i
 
-Every caller (recipes, evaluation, the judge, the embedder's candidates) describes its sampling with a
-`SamplingConfig`; `cfg.for_task(task)` adds a task's stop strings and answer length. Prompts are
-tokenised as given, with the tokenizer's own special tokens and exactly one BOS (a chat template that writes
-`{{bos_token}}` does not get a second one; chat templates are the caller's job).
-Two backends yield the same rows: `engine.py`, the native one (its own KV cache, one prefill per prompt),
-and `vllm_backend.py` (vLLM, when it and a GPU are present).
-
-Conventions the trainer relies on:
-- `text` is the completion decoded with special tokens skipped (as it continues the prompt: a leading
-  SentencePiece `▁` is a space), without the EOS token and cut right BEFORE the first stop string;
-  `token_ids` are the generated ids up to and including the EOS or the token that completed the stop
-  string (all `max_new_tokens` of them for "length"). A finished row trains as prompt + text + EOS; a row
-  that ended with EOS trains on its `token_ids` themselves (`batching.sampled_ids`).
-- `logprob` (with `logprobs=True`) is the model's own log M(y|x) = Σ over `token_ids` of log_softmax of the
-  raw logits (temperature 1, no top-k/top-p), as `logprobs.sequence_logprobs` computes it; `token_logprobs`
-  lists the terms. It does not depend on the sampling knobs, greedy included.
-
-Kill safety (`out`): records {"prompt_index", "sample_index", **completion} are appended in whole
-prompts, one write and fsync per `batch_size` finished prompts or per second, whichever comes first. On
-restart a torn last line is cut off, a prompt with fewer than n records is dropped (the file is rewritten
-atomically) and sampled again, finished prompts are not; a resumed job returns exactly what an
-uninterrupted one would.
-
-Several processes (`torchrun`, see `distributed.py`): every rank calls `generate` with the same prompts;
-each samples every world()-th of the engine's batches (whole batches, so the samples are those of one
-process) into its own stream `samples.jsonl.rank<r>`, and every rank returns all the groups. At the end
-rank 0 writes `samples.jsonl` whole, in prompt order, then deletes the streams; a resume (under any number
-of processes) first folds whatever streams a killed run left into `samples.jsonl`, one record per sample.
+Every caller describes its sampling with a `SamplingConfig`; `cfg.for_task(task)` adds a task's stop
+strings and answer length. Two backends yield the same rows: `engine.py`, the native one, and
+`vllm_backend.py` (vLLM, when it and a GPU are present). With `out`, records are appended in whole prompts
+and a killed job resumes to exactly what an uninterrupted one returns; under a launcher each rank samples
+its share of the batches. What a completion's fields mean (the trainer relies on them), kill safety and
+ranks: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -40,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +31,7 @@ from .. import distributed as dist
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError, UserTypeError
 from ..models.tokenizer import decode_continuation, encode
-from ..store import JsonlLog, write_jsonl
+from ..store import COMPLETION_FIELDS, SAMPLE_KEY, JsonlLog, check_writable, write_jsonl
 
 FREE_TEXT_TOKENS = 256  # max_new_tokens when neither the config nor a task sets one: a few paragraphs
 # 0 is kept as the spelling of greedy decoding (as in vLLM and transformers); NaN, inf and negatives are errors
@@ -166,7 +145,7 @@ def _backend(model, tokenizer, prompts, cfg: SamplingConfig, truncate: bool):
     if cfg.backend == "vllm":
         from . import vllm_backend
 
-        with vllm_backend.engine(model, tokenizer) as llm:
+        with vllm_backend.open_llm(model, tokenizer) as llm:
             ids = tokenize_prompts(tokenizer, prompts, cfg.max_new_tokens, vllm_backend.context_length(llm),
                                    truncate)
             yield ids, lambda pending, logprobs: vllm_backend.rows(llm, ids, pending, cfg, logprobs=logprobs)
@@ -200,36 +179,95 @@ def rank_file(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.name}.rank{rank}")
 
 
-def _resume(log: JsonlLog, num_prompts: int, n: int) -> dict[int, list[Completion]]:
+def _streams(path: Path) -> list[Path]:
+    """`path` and the rank streams beside it (whatever the world size was)."""
+    return [path, *sorted(path.parent.glob(glob.escape(path.name) + ".rank*"))]
+
+
+def prompt_hashes(prompts: Sequence[str]) -> list[str]:
+    """Each prompt's fingerprint, kept in its records: a resumed job knows its prompts from another job's."""
+    return [hashlib.sha256(p.encode("utf-8", "surrogatepass")).hexdigest()[:16] for p in prompts]
+
+
+def check_prompts(path: str | Path, records: list[dict], prompts: Sequence[str]) -> None:
+    """Records that keep their prompt's hash (samples, scored samples) must be of `prompts`, index by index:
+    a stage reading another job's file would pair its samples with the wrong problems. Files from before
+    prompt hashes are taken on trust."""
+    _check_hashes(path, records, prompt_hashes(prompts))
+
+
+def _check_hashes(path, records: list[dict], keys: list[str]) -> None:
+    for r in records:
+        i = r["prompt_index"]
+        if r.get("prompt_hash", keys[i]) != keys[i]:
+            raise UserError(f"{path}: prompt {i} of the file is not this job's prompt {i}; was it sampled by another "
+                            "job? (give the task, split, data and shots it was sampled with)")
+
+
+def _record(i: int, j: int, completion: Completion, keys: list[str]) -> dict:
+    return {"prompt_index": i, "sample_index": j, "prompt_hash": keys[i], **completion.to_dict()}
+
+
+def _check_fits(path: Path, records: list[dict], keys: list[str], n: int, logprobs: bool) -> None:
+    """Refuse records another job wrote: another prompt at an index (`check_prompts`), a sample index past n,
+    more than the last prompt written cut short (whole prompts are appended: only a kill leaves one partial),
+    logprobs missing when they are asked for."""
+    _check_hashes(path, records, keys)
+    counts: dict[int, int] = {}
+    for r in records:
+        i, j = r["prompt_index"], r["sample_index"]
+        if j >= n or r["num_tokens"] != len(r["token_ids"]):
+            raise UserError(f"{path}: a record for prompt {i}, sample {j} does not fit this job "
+                            f"({len(keys)} prompts, n={n}); was the file written by another sampling job?")
+        if logprobs and r.get("logprob") is None:
+            raise UserError(f"{path}: prompt {i}, sample {j} has no logprob: the file was sampled without "
+                            "logprobs=True (use another file)")
+        counts[i] = counts.get(i, 0) + 1
+    short = [i for i, c in counts.items() if c < n and i != records[-1]["prompt_index"]]
+    if short:
+        raise UserError(f"{path}: prompt {short[0]} has {counts[short[0]]} of n={n} samples and was not the last "
+                        "one written; was the file written by another sampling job (another n)?")
+
+
+def check_resumable(path: str | Path, prompts: Sequence[str], n: int, *, logprobs: bool = False) -> None:
+    """One `UserError` if `generate(prompts, out=path)` could not resume from `path` (and the rank streams
+    beside it): a line that is not a sample record, or records of another job. Reads only; no file is fine."""
+    keys = prompt_hashes(prompts)
+    for part in _streams(Path(path)):
+        records = JsonlLog(part).read(COMPLETION_FIELDS, len(keys), SAMPLE_KEY)
+        if records:
+            _check_fits(part, records, keys, n, logprobs)
+
+
+def _resume(log: JsonlLog, prompts: list[str], n: int, logprobs: bool = False) -> dict[int, list[Completion]]:
     """Completed prompts in `log` and in the rank streams beside it; torn lines, partial prompts and
-    duplicates are removed, and the rank streams folded into `log` (rewritten atomically, then deleted)."""
-    parts = sorted(log.path.parent.glob(glob.escape(log.path.name) + ".rank*"))  # whatever the world size was
+    duplicates are removed, and the rank streams folded into `log` (rewritten atomically, then deleted).
+    Every file is checked (`check_resumable`) before any of them changes."""
+    check_resumable(log.path, prompts, n, logprobs=logprobs)
+    parts = _streams(log.path)[1:]
     records = log.recover() + [r for part in parts for r in JsonlLog(part).recover()]  # each cuts a torn line
     by_prompt: dict[int, dict[int, dict]] = {}
     for r in records:
-        i, j = r.get("prompt_index"), r.get("sample_index")
-        if not (isinstance(i, int) and isinstance(j, int) and 0 <= i < num_prompts and 0 <= j < n):
-            raise UserError(f"{log.path}: a record for prompt {i}, sample {j} does not fit this job "
-                            f"({num_prompts} prompts, n={n}); was the file written by another sampling job?")
-        by_prompt.setdefault(i, {}).setdefault(j, r)  # a duplicate keeps its first copy
+        by_prompt.setdefault(r["prompt_index"], {}).setdefault(r["sample_index"], r)  # a duplicate keeps its first
     complete = {i: got for i, got in by_prompt.items() if len(got) == n}
     if parts or len(complete) * n != len(records):  # partial prompts, duplicates or streams: complete prompts
-        _write_merged(log, {i: [got[j] for j in range(n)] for i, got in complete.items()})
+        _write_merged(log, {i: [got[j] for j in range(n)] for i, got in complete.items()}, [])
     return {i: [Completion.from_dict(got[j]) for j in range(n)] for i, got in complete.items()}
 
 
-def _write_merged(log: JsonlLog, groups: dict[int, list]) -> None:
-    """`log` rewritten (atomically) as every group's records in prompt order, then the rank streams deleted:
-    a kill in between leaves records twice, and the next `_resume` keeps one copy of each."""
-    records = [r if isinstance(r, dict) else {"prompt_index": i, "sample_index": j, **r.to_dict()}
+def _write_merged(log: JsonlLog, groups: dict[int, list], keys: list[str]) -> None:
+    """`log` rewritten (atomically) as every group's records (dicts, or completions of prompts `keys`) in
+    prompt order, then the rank streams deleted: a kill in between leaves records twice, and the next
+    `_resume` keeps one copy of each."""
+    records = [r if isinstance(r, dict) else _record(i, j, r, keys)
                for i in sorted(groups) for j, r in enumerate(groups[i])]
     write_jsonl(log.path, records)
-    for part in log.path.parent.glob(glob.escape(log.path.name) + ".rank*"):
+    for part in _streams(log.path)[1:]:
         part.unlink(missing_ok=True)
 
 
-def _consume(stream, done: dict, log: JsonlLog | None, total: int, progress: bool, flush_prompts: int,
-             flush_s: float = 1.0):
+def _consume(stream, done: dict, log: JsonlLog | None, keys: list[str], total: int, progress: bool,
+             flush_prompts: int, flush_s: float = 1.0):
     """Collect the stream into `done`; append finished prompts to `log` every `flush_prompts` prompts or
     `flush_s` seconds (one write and fsync per flush, not per prompt); a progress bar shows samples/s and
     tokens/s."""
@@ -244,7 +282,7 @@ def _consume(stream, done: dict, log: JsonlLog | None, total: int, progress: boo
             tokens += sum(c.num_tokens for c in completions)
             now = time.perf_counter()
             if log is not None:
-                buffer += [{"prompt_index": i, "sample_index": j, **c.to_dict()} for j, c in enumerate(completions)]
+                buffer += [_record(i, j, c, keys) for j, c in enumerate(completions)]
                 waiting += 1
                 if waiting >= flush_prompts or now - last_flush >= flush_s:
                     log.append(buffer)
@@ -285,8 +323,10 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | Non
     prompts = list(prompts)
     if not prompts:  # N = 0: nothing to sample, and no file touched
         return []
+    if out is not None:  # a folder, or a path inside a file, is one line here, not an OSError mid-run
+        check_writable(out.path if isinstance(out, JsonlLog) else out, folder=False, what="out")
     log = out if isinstance(out, JsonlLog) or out is None else JsonlLog(out)
-    done = dist.main_first(_resume, log, len(prompts), cfg.n) if log is not None else {}  # rank 0 reads, all get it
+    done = dist.main_first(_resume, log, prompts, cfg.n, logprobs) if log is not None else {}  # rank 0 reads
     pending = set(range(len(prompts))) - set(done)
     if not pending:
         return [done[i] for i in range(len(prompts))]
@@ -296,11 +336,12 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | Non
     with _backend(model, tokenizer, prompts, cfg, truncate) as (ids, rows):
         share = _share(ids, pending, cfg)
         stream = ((i, [_completion(tokenizer, cfg.stop, *row) for row in group]) for i, group in rows(share, logprobs))
-        _consume(stream, mine, stream_to, len(share) * cfg.n, progress and dist.is_main(), flush_prompts=cfg.batch_size)
+        _consume(stream, mine, stream_to, prompt_hashes(prompts), len(share) * cfg.n, progress and dist.is_main(),
+                 flush_prompts=cfg.batch_size)
     for part in dist.gather(mine) if several else [mine]:  # every rank returns every prompt's completions
         done.update(part)
     if several and log is not None:
         if dist.is_main():
-            _write_merged(log, done)
+            _write_merged(log, done, prompt_hashes(prompts))
         dist.barrier()  # the merged file is there before any rank reads it
     return [done[i] for i in range(len(prompts))]

@@ -41,7 +41,7 @@ def available() -> bool:
 
 
 @contextlib.contextmanager
-def engine(model, tokenizer):
+def open_llm(model, tokenizer):
     """A vllm.LLM for `model`: the object itself, a folder, or a plain model saved to a temporary folder."""
     if not available():
         raise UserError("backend 'vllm' needs the vllm package and a CUDA GPU (pip install 'lite-selftrain[vllm]')")

@@ -22,6 +22,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "humaneval": ("humaneval", "HumanEvalTask"),
     "apps": ("apps", "AppsTask"),
     "instruct": ("instruct", "InstructTask"),
+    "chat_arith": ("chat_arith", "ChatArithTask"),
 }
 
 

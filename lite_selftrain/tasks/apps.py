@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 
+from ..errors import UserError
 from .base import CodeTask, code_block, normalize_code
 
 # the APPS harness runs every program after these imports (numpy left out: programs see the standard library only)
@@ -51,17 +52,27 @@ def _close(a: str, b: str) -> bool:
     return abs(x - y) <= 1e-8 + 1e-5 * abs(y)
 
 
+def _json_field(example: dict, key: str, default):
+    """A field the hub stores as a JSON string, decoded (an empty string is `default`)."""
+    value = example.get(key)
+    if not isinstance(value, str):
+        return default if value is None else value
+    try:
+        return json.loads(value) if value.strip() else default
+    except json.JSONDecodeError as e:
+        name = example.get("problem_id", str(example.get("question", ""))[:40])
+        raise UserError(f"apps problem {name!r}: {key} is not valid JSON ({e.msg})") from None
+
+
 def tests_of(example: dict) -> dict:
-    """The record's `input_output`, decoded when it is the hub's JSON string."""
-    tests = example.get("input_output")
-    if isinstance(tests, str):
-        try:
-            tests = json.loads(tests) if tests.strip() else {}
-        except json.JSONDecodeError as e:
-            name = example.get("problem_id", example.get("question", "")[:40])
-            raise ValueError(f"apps problem {name!r}: input_output is not valid JSON ({e})") from None
+    """The record's `input_output` ({"inputs": [...], "outputs": [...], "fn_name"?}), decoded when it is the
+    hub's JSON string; anything else is one `UserError`."""
+    tests = _json_field(example, "input_output", {})
     if not isinstance(tests, dict):
-        raise ValueError(f"apps: input_output must be a JSON object, not {type(tests).__name__}")
+        raise UserError(f"apps: input_output must be a JSON object, not {type(tests).__name__}")
+    for key, kind in (("inputs", list), ("outputs", list), ("fn_name", str)):
+        if tests.get(key) is not None and not isinstance(tests[key], kind):
+            raise UserError(f"apps: input_output.{key} must be a {kind.__name__}, not {type(tests[key]).__name__}")
     return tests
 
 
@@ -97,8 +108,9 @@ class AppsTask(CodeTask):
         """Decode the JSON-string fields of the hub version."""
         record = dict(record)
         record["input_output"] = tests_of(record)
-        if isinstance(record.get("solutions"), str):
-            record["solutions"] = json.loads(record["solutions"]) if record["solutions"].strip() else []
+        record["solutions"] = _json_field(record, "solutions", [])
+        if not (isinstance(record["solutions"], list) and all(isinstance(x, str) for x in record["solutions"])):
+            raise UserError("apps: solutions must be a list of programs (strings)")
         return record
 
     def prompt(self, example: dict) -> str:
@@ -108,14 +120,12 @@ class AppsTask(CodeTask):
         kind = "\nUse Call-Based format" if call else "\nUse Standard Input format"
         return f"\nQUESTION:\n{example['question']}\n{starter}{kind}\nANSWER:\n"
 
-    def reference(self, example: dict) -> str:
-        solutions = example.get("solutions") or []
-        if isinstance(solutions, str):
-            solutions = json.loads(solutions) if solutions.strip() else []
+    def solution(self, example: dict) -> str:
+        solutions = _json_field(example, "solutions", [])
         return solutions[0] if solutions else ""
 
     def gold_answer(self, example: dict) -> str:
-        return normalize_code(self.reference(example))
+        return normalize_code(self.solution(example))
 
     def program(self, completion: str, example: dict) -> str:
         """The completion's code after the harness's imports: what runs for every test."""

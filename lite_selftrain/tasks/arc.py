@@ -13,7 +13,7 @@ Usage:
     task = ArcTask()
     task.reward("The coat traps body heat. The answer is B.", example)
 
-Simplification: ARC has no worked solutions, so the reference response is the bare answer sentence.
+Simplification: ARC has no worked solutions, so the gold response is the bare answer sentence.
 """
 
 from __future__ import annotations
@@ -58,13 +58,14 @@ class ArcTask(Task):
     hub, hub_configs = "allenai/ai2_arc", ("ARC-Challenge",)
     fields = ("question", "choices", "answerKey")
     default_shots = 4  # the papers prompt base models 4-shot
+    exemplars = EXEMPLARS
 
     def prompt(self, example: dict) -> str:
         options = "".join(f"{letter}. {text}\n" for letter, text in zip(string.ascii_uppercase,
                                                                           example["choices"]["text"]))
         return few_shot(EXEMPLARS, self.shots, self.name) + f"Question: {example['question']}\n{options}Answer:\n"
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         return f"The answer is {self.gold_answer(example)}."
 
     def extract_answer(self, text: str) -> str | None:

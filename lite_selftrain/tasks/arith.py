@@ -4,8 +4,8 @@ A synthetic task with an exact binary reward, for the CPU demo and for tests. A 
 `terms` numbers of `digits` digits; the worked solution writes one running sum per step, then `#answer`:
 
     prompt     "3+5+2+8="
-    reference  "8,10,18#18"                 (style "sums": each step adds the next term)
-    reference  "3+5=8,8+2=10,10+8=18#18"    (style "steps": each step also writes its operands)
+    solution   "8,10,18#18"                 (style "sums": each step adds the next term)
+    solution   "3+5=8,8+2=10,10+8=18#18"    (style "steps": each step also writes its operands)
 
 Everything is one character per fact, so with the byte tokenizer every character is one token and
 sequences stay short. Problems are drawn from a seeded generator; which split a problem belongs to is
@@ -15,7 +15,7 @@ fixed by a hash of its text, so "train" and "test" never share a problem, whatev
 Usage:
     task = ArithTask(terms=3)
     ex = task.load("test", n=200)[0]
-    task.reward(task.reference(ex), ex)  # 1.0
+    task.reward(task.solution(ex), ex)  # 1.0
 
 Simplifications: addition only; the difficulty knob is the number of terms (and digits per term).
 """
@@ -30,7 +30,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from ..config import PositiveInt, check_fields
+from ..config import Count, PositiveInt, check_fields
 from ..errors import UserError
 from ..store import read_jsonl
 from .base import Task
@@ -86,16 +86,16 @@ class ArithTask(Task):
 
     name = "arith"
     needs_judge = False
-    stop = ("\n",)  # references are one line; few-shot examples are separated by newlines
+    stop = ("\n",)  # solutions are one line; few-shot examples are separated by newlines
 
-    def __init__(self, terms: int | tuple[int, int] = 3, digits: int = 1, style: str = "sums",
-                 seed: int = 0, shots: int = 0, **options):
+    def __init__(self, terms: Terms | list[int] = 3, digits: PositiveInt = 1, style: str = "sums",
+                 seed: int = 0, shots: Count | None = None, **options):
         super().__init__(shots)
         self.config = ArithConfig(terms=terms, digits=digits, style=style, seed=seed, **options)
-        self.max_new_tokens = self.longest_reference_len(self.config.terms[1]) + 2  # + margin for end token
+        self.max_new_tokens = self.longest_solution_len(self.config.terms[1]) + 2  # + margin for end token
 
-    def longest_reference_len(self, terms: int) -> int:
-        """Characters of the longest possible reference at `terms` terms (all terms the largest number)."""
+    def longest_solution_len(self, terms: int) -> int:
+        """Characters of the longest possible solution at `terms` terms (all terms the largest number)."""
         top = 10 ** self.config.digits - 1
         return len(solve([top] * terms, self.config.style))
 
@@ -145,15 +145,15 @@ class ArithTask(Task):
         return self.make(nums)
 
     # ------------------------------------------------------------------------------------------------
-    # prompts, references, rewards
+    # prompts, solutions, rewards
 
     def prompt(self, example: dict) -> str:
         """The question, after `shots` solved train problems (one per line) when asked."""
-        lines = [ex["question"] + self.reference(ex)
+        lines = [ex["question"] + self.solution(ex)
                  for ex in self.load("train", n=self.shots, seed=self.config.seed + 10_000)] if self.shots else []
         return "\n".join(lines + [example["question"]])
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         return solve(example["numbers"], self.config.style)
 
     def extract_answer(self, text: str) -> str | None:

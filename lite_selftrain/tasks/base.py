@@ -14,10 +14,12 @@ Simplification: records are plain dicts; a task checks only the fields it reads.
 
 from __future__ import annotations
 
+import functools
 import re
+import typing
 
 from .. import distributed as dist
-from ..config import Count, PositiveFloat, PositiveInt, check_value, from_dict
+from ..config import Count, check_value, from_dict
 from ..data import load_records
 from ..errors import UserError, UserTypeError
 from .sandbox import Sandbox, SandboxConfig
@@ -29,18 +31,32 @@ class Task:
     """Base class: subclasses set the class attributes and the prompt / answer methods."""
 
     name: str = ""
-    max_new_tokens: int = 512  # long enough for the longest reference solution of the task
+    max_new_tokens: int = 512  # long enough for the longest gold solution of the task
     stop: tuple[str, ...] = ()  # strings that end a completion during sampling
     needs_judge: bool = False  # True when rewards come from lite_selftrain.judge, not reward()
     default_shots: int = 0  # solved examples before the question; reasoning tasks prompt base models 4-shot
+    exemplars: list | None = None  # the fixed few-shot exemplars, where a task has them: shots may not exceed them
     hub: str | None = None  # the public dataset's hub name, used when no path is given
     hub_configs: tuple[str | None, ...] = (None,)  # its configurations (subsets), loaded one after another
     fields: tuple[str, ...] = ()  # the record fields the task reads
 
-    def __init__(self, shots: int | None = None):
+    def __init__(self, shots: Count | None = None):
+        self.check_options(shots=shots)
         self.shots = self.default_shots if shots is None else shots
-        if not isinstance(self.shots, int) or self.shots < 0:
-            raise UserError(f"task {self.name}: shots must be a count >= 0, not {shots!r}")
+        if self.exemplars is not None and self.shots > len(self.exemplars):
+            raise UserError(f"task {self.name} has {len(self.exemplars)} few-shot exemplars; shots must be "
+                            f"0..{len(self.exemplars)}, not {self.shots}")
+
+    def check_options(self, **options) -> None:
+        """Check each option against its annotation in the task's constructor (`timeout: PositiveFloat`):
+        the one check of every task option, a wrong type or range named in one line."""
+        hints = _init_hints(type(self))
+        for key, value in options.items():
+            if key in hints:
+                try:
+                    check_value(value, hints[key], key)
+                except UserError as e:
+                    raise type(e)(f"task {self.name}: {e}") from None
 
     # -- data ----------------------------------------------------------------------------------------
     def load(self, split: str, path: str | None = None) -> list[dict]:
@@ -54,7 +70,13 @@ class Task:
                 records += load_records(path if path is not None else self.hub, split, config=config, need=need)
             except UserError as e:
                 raise UserError(f"task {self.name}: {e}") from None
-        return [self.prepare(r) for r in records]
+        prepared = []
+        for i, record in enumerate(records):
+            try:
+                prepared.append(self.prepare(record))
+            except UserError as e:
+                raise type(e)(f"task {self.name}: {path or self.hub} record {i + 1}: {e}") from None
+        return prepared
 
     def prepare(self, record: dict) -> dict:
         """Normalise one loaded record (e.g. decode a JSON-string field); the identity by default."""
@@ -65,9 +87,13 @@ class Task:
         """The prompt of one example, after `self.shots` solved examples for the few-shot tasks."""
         raise NotImplementedError
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         """The gold response text (a worked solution, or a program)."""
         raise NotImplementedError
+
+    def reference(self, example: dict) -> str:
+        """The old name of `solution`, kept so that code written against it runs on."""
+        return self.solution(example)
 
     def extract_answer(self, text: str) -> str | None:
         """The normalised final answer of a response, None if it gives none."""
@@ -151,23 +177,19 @@ def normalize_code(code: str) -> str:
     return "\n".join(line.rstrip() for line in code.strip("\n").splitlines())
 
 
-# the ranges of the sandbox's limits: each must allow something to run
-SANDBOX_LIMITS = {"timeout": PositiveFloat, "cpu_seconds": PositiveInt, "memory_mb": PositiveInt,
-                  "file_size_mb": PositiveInt, "max_processes": PositiveInt, "open_files": PositiveInt,
-                  "max_output_bytes": PositiveInt, "workers": Count, "cpus": PositiveFloat}
+@functools.cache
+def _init_hints(cls: type) -> dict:
+    return typing.get_type_hints(cls.__init__, include_extras=True)
 
 
 class CodeTask(Task):
     """A task whose reward runs the program against tests in the sandbox: 1.0 iff every test passes."""
 
-    def __init__(self, sandbox: SandboxConfig | dict | None = None, shots: int | None = None):
+    def __init__(self, sandbox: SandboxConfig | dict | None = None, shots: Count | None = None):
         super().__init__(shots)  # accepted for a uniform interface; the code tasks prompt zero-shot
         cfg = from_dict(SandboxConfig, sandbox, where="sandbox") if isinstance(sandbox, dict) else sandbox
         if not isinstance(cfg, (SandboxConfig, type(None))):
             raise UserTypeError(f"sandbox must be a SandboxConfig or a dict of its fields, not {type(cfg).__name__}")
-        for name, limit in SANDBOX_LIMITS.items():  # a zero or negative limit would let nothing (or all) run
-            if cfg is not None and hasattr(cfg, name):
-                check_value(getattr(cfg, name), limit, f"sandbox.{name}")
         self.sandbox = Sandbox(cfg)  # limits, user and parallelism of the program runs
 
     def outcomes(self, completion: str, example: dict) -> list[str]:
@@ -186,7 +208,7 @@ class CodeTask(Task):
         """`reward`, or 0 and why, for any error judging the program (its data are the program's doing)."""
         try:
             return self.reward(completion, example), None
-        except UserError:  # the task's own data is wrong (say, a reference that cannot be recorded)
+        except UserError:  # the task's own data is wrong (say, a gold solution whose calls cannot be recorded)
             raise
         except Exception as e:  # noqa: BLE001 - one sample's fault, never the batch's
             return 0.0, f"{type(e).__name__}: {e}"[:300]

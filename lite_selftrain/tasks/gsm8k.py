@@ -1,7 +1,7 @@
 """`gsm8k`: grade-school math word problems (Cobbe et al. 2021), rewarded by the final number.
 
 Records have `question` and `answer`; the answer is a worked solution with calculator annotations
-(`<<48/2=24>>`, removed from the reference) ending in `#### 72`. The final answer of a completion is
+(`<<48/2=24>>`, removed from the gold solution) ending in `#### 72`. The final answer of a completion is
 taken from, in order of preference: `#### N`, `\\boxed{N}`, `The answer is N` (also "Answer: **N**"),
 `A: N`, else the last number in the text. After a marker, an arithmetic chain gives its result: "The
 answer is 45 - 5 = 40" is 40, "The answer is 20 - 15" is 5. A "-" is a sign only where it cannot be a
@@ -118,11 +118,12 @@ class GSM8KTask(Task):
     hub, hub_configs = "openai/gsm8k", ("main",)
     fields = ("question", "answer")
     default_shots = 4  # the papers prompt base models 4-shot
+    exemplars = EXEMPLARS
 
     def prompt(self, example: dict) -> str:
         return few_shot(EXEMPLARS, self.shots, self.name) + f"Question: {example['question']}\nAnswer:\n"
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         return re.sub(r"<<[^>]*>>", "", example["answer"]).strip()
 
     def extract_answer(self, text: str) -> str | None:

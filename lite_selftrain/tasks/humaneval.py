@@ -4,11 +4,11 @@ Records have `task_id`, `prompt` (a signature and docstring), `canonical_solutio
 `test` (a `check(candidate)` function of asserts) and `entry_point`. The completion continues the
 prompt; a completion that restates the whole function (or wraps it in a ```python block) works too.
 
-The tests never enter a candidate's sandbox. Once per problem, the reference solution runs `check` in
+The tests never enter a candidate's sandbox. Once per problem, the gold solution runs `check` in
 the sandbox with a recording stand-in for the candidate, which keeps each call's arguments and the
-reference's result (`expected`). A candidate's program (the prompt and its completion, no tests) then
+gold solution's result (`expected`). A candidate's program (the prompt and its completion, no tests) then
 runs in the sandbox, its function is called on the same arguments, and each result comes back as plain
-typed JSON (`Sandbox.run(calls=...)`), compared here with the reference's (`same_value`). An object
+typed JSON (`Sandbox.run(calls=...)`), compared here with the gold solution's (`same_value`). An object
 whose `__eq__` always says yes is not plain data and fails; so does a program that exits early.
 
 Usage:
@@ -17,8 +17,8 @@ Usage:
 
 Simplifications: zero-shot only, as in the Codex paper (a `shots` option is ignored); the stop strings are the
 Codex paper's. A test that checks a property of the result rather than its value (HumanEval/32 asks for
-any root of a polynomial) becomes a check against the reference's result, within 1e-6 where a float is
-involved, exact otherwise.
+any root of a polynomial) becomes a check against the gold solution's result, within 1e-6 where a float
+is involved, exact otherwise.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ import json
 import math
 import re
 
+from ..config import Count
 from ..errors import UserError
 from .base import CodeTask, code_block, normalize_code
+from .sandbox import SandboxConfig
 
-# appended to the reference program: runs the tests on a stand-in that records every call
+# appended to the gold program: runs the tests on a stand-in that records every call
 _RECORDER = """
 
 def __record_calls():
@@ -82,15 +84,15 @@ class HumanEvalTask(CodeTask):
     hub = "openai/openai_humaneval"  # one split, "test"
     fields = ("prompt", "canonical_solution", "test", "entry_point")
 
-    def __init__(self, sandbox=None, shots: int | None = None):
+    def __init__(self, sandbox: SandboxConfig | dict | None = None, shots: Count | None = None):
         super().__init__(sandbox, shots)
-        self._expected: dict[str, tuple[list, list]] = {}  # problem key -> (argument lists, reference results)
+        self._expected: dict[str, tuple[list, list]] = {}  # problem key -> (argument lists, gold results)
 
     def prompt(self, example: dict) -> str:
         """Zero-shot, whatever `shots` says."""
         return example["prompt"]
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         return example["canonical_solution"]
 
     def gold_answer(self, example: dict) -> str:
@@ -107,16 +109,16 @@ class HumanEvalTask(CodeTask):
         return hashlib.sha256(json.dumps([example[f] for f in self.fields]).encode()).hexdigest()
 
     def expected(self, example: dict) -> tuple[list, list]:
-        """(argument lists of the tests' calls, the reference's result of each), recorded once per problem."""
+        """(argument lists of the tests' calls, the gold solution's result of each), recorded once per problem."""
         key = self._key(example)
         if key not in self._expected:
             source = (example["prompt"] + example["canonical_solution"] + "\n\n" + example["test"]
                       + _RECORDER.format(entry=example["entry_point"]))
-            # a generous deadline: a slow moment of a busy machine must not fail the reference
+            # a generous deadline: a slow moment of a busy machine must not fail the gold solution
             run = self.sandbox.run(source, calls=("__record_calls", [[]]), timeout=4 * self.sandbox.cfg.timeout)
             if not (run.ok and len(run.values) == 1 and run.values[0]):  # no calls: nothing would be checked
                 last = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}", "no calls"])[-1]
-                raise UserError(f"humaneval {example.get('task_id', '')}: the reference solution's test calls "
+                raise UserError(f"humaneval {example.get('task_id', '')}: the gold solution's test calls "
                                 f"could not be recorded ({'timeout' if run.timed_out else last})")
             calls = run.values[0]
             self._expected[key] = ([list(args) for args, _ in calls], [result for _, result in calls])
@@ -129,6 +131,6 @@ class HumanEvalTask(CodeTask):
         return [run.outcome(passed)]
 
     def judged(self, completions: list[str], examples: list[dict]) -> list[tuple[float, str | None]]:
-        """Each problem's reference calls are recorded first (in parallel), then the programs run."""
+        """Each problem's gold calls are recorded first (in parallel), then the programs run."""
         self.sandbox.map(self.expected, list({self._key(ex): ex for ex in examples}.values()))
         return super().judged(completions, examples)

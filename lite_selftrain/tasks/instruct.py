@@ -88,7 +88,7 @@ class InstructTask(Task):
         """Zero-shot, whatever `shots` says."""
         return example["prompt"]
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         return example["response"]
 
     def extract_answer(self, text: str) -> str | None:

@@ -31,6 +31,7 @@ import sys
 import time
 import weakref
 
+from ..config import Count, PositiveFloat
 from .base import Task, few_shot, last_boxed
 
 EXEMPLARS = [
@@ -207,9 +208,11 @@ class MathTask(Task):
                    "number_theory", "prealgebra", "precalculus")
     fields = ("problem", "solution")
     default_shots = 4  # the papers prompt base models 4-shot
+    exemplars = EXEMPLARS
 
-    def __init__(self, timeout: float = 5.0, workers: int = 0, shots: int | None = None):
+    def __init__(self, timeout: PositiveFloat = 5.0, workers: Count = 0, shots: Count | None = None):
         super().__init__(shots)
+        self.check_options(timeout=timeout, workers=workers)
         self.timeout = timeout  # seconds per equivalence check; math-verify's own default
         self.workers = workers  # checking processes; 0 = one per CPU core
         self._verifier: MathVerifier | None = None  # started on the first check that needs it
@@ -227,7 +230,7 @@ class MathTask(Task):
     def prompt(self, example: dict) -> str:
         return few_shot(EXEMPLARS, self.shots, self.name) + f"Problem:\n{example['problem']}\n\nSolution:\n"
 
-    def reference(self, example: dict) -> str:
+    def solution(self, example: dict) -> str:
         return example["solution"]
 
     def raw_answer(self, text: str) -> str | None:

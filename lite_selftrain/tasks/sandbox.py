@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import Count, PositiveFloat, PositiveInt, check_fields
 from ..errors import UserError
 from .sandbox_plan import RUN_UID_BASE, Plan, limits, make_plan, unsafe_plan
 from .sandbox_values import decode, encode, values
@@ -64,20 +65,25 @@ RUNS = itertools.count()  # numbers this process's runs (their cgroups' names)
 
 @dataclass
 class SandboxConfig:
-    timeout: float = 4.0  # wall-clock seconds per program: the APPS harness's per-test limit
-    cpu_seconds: int = 4  # CPU time: ends a busy loop even if the wall-clock kill cannot reach it
-    memory_mb: int = 1024  # a run's memory (and each process's address space): ample for contest programs
-    file_size_mb: int = 16  # largest file a program may write
-    scratch_mb: int = 64  # size of each private tmpfs (/tmp, /dev/shm, the work dir); they live in memory
-    max_processes: int = 16  # processes and threads a program may run
-    cpus: float = 1.0  # CPU time per second a run's processes share (with a cgroup): a program is one process
-    open_files: int = 64  # file descriptors: enough for any test program, too few to exhaust the system
-    max_output_bytes: int = 1 << 20  # stdout (and stderr, and call results) kept per program; more ends it
+    """Limits of each program run; a zero or negative limit would let nothing (or everything) run."""
+
+    timeout: PositiveFloat = 4.0  # wall-clock seconds per program: the APPS harness's per-test limit
+    cpu_seconds: PositiveInt = 4  # CPU time: ends a busy loop even if the wall-clock kill cannot reach it
+    memory_mb: PositiveInt = 1024  # a run's memory (and each process's address space): ample for contest programs
+    file_size_mb: PositiveInt = 16  # largest file a program may write
+    scratch_mb: PositiveInt = 64  # size of each private tmpfs (/tmp, /dev/shm, the work dir); they live in memory
+    max_processes: PositiveInt = 16  # processes and threads a program may run
+    cpus: PositiveFloat = 1.0  # CPU time per second a run's processes share (with a cgroup): a program is one process
+    open_files: PositiveInt = 64  # file descriptors: enough for any test program, too few to exhaust the system
+    max_output_bytes: PositiveInt = 1 << 20  # stdout (and stderr, and call results) kept per program; more ends it
     user: str = ""  # under root, programs run as this user; "" = a user id of their own per run
     python: str = ""  # the interpreter programs run on; "" = this one (if other users may reach it)
     unsafe: bool = False  # where no isolation works, run programs with limits only instead of refusing
     isolate: bool = True  # False (with unsafe): never isolate, to measure what isolation costs
-    workers: int = 0  # programs run at once; 0 = one per CPU core (threads only wait on processes)
+    workers: Count = 0  # programs run at once; 0 = one per CPU core (threads only wait on processes)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass

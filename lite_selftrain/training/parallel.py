@@ -1,27 +1,14 @@
-"""The trainer's engines under a launcher: torch's DDP, or FSDP2 for full fine-tuning; no code of our own
-moves gradients.
+"""Training on several ranks under a launcher with torch's own DDP, or FSDP2 for full fine-tuning: no code
+of ours moves gradients.
 
-    engine = Engine.wrap(model, "ddp")          # several ranks: DDP; one process: the model itself
-    sums, counts = engine(ids, attn, mask, sync=last_micro_batch)
-    engine.clip(max_norm); optimizer.step() ...
-    engine.full_weights()                       # the whole model on rank 0 (checkpoints)
-    engine.close()                              # the model as it was, trained: plain tensors, hooks gone
+    wrapped = ParallelModel.wrap(model, "ddp")  # several ranks: DDP; one process: the model itself
+    sums, counts = wrapped(ids, attn, mask, sync=last_micro_batch)
+    wrapped.clip(max_norm); optimizer.step() ...
+    wrapped.full_weights(select)                # the whole model on rank 0 (checkpoints)
+    wrapped.close()                             # the model as it was, trained: plain tensors, hooks gone
 
-The trainer never calls `model.forward`: sequence log-probs run the body and read the lm_head's weight
-(`logprobs.sequence_logprobs`). So the engines wrap `LogprobModule`, a module whose forward is exactly that
-call: DDP's forward prepares its gradient all-reduce there, and as FSDP2's root it gathers the parameters
-outside the decoder layers (embeddings, final norm, lm_head) for the call. Each decoder layer is its own
-FSDP2 group, gathered in turn.
-
-- DDP trains the model in place; every rank holds the whole model and the same averaged gradients.
-  `sync=False` runs the micro-batch under `no_sync` (gradients accumulate locally until the last one).
-- FSDP2 shards a copy of the model (parameters, gradients, optimiser state: 1/W each per rank) while the
-  original waits on the CPU; `close` writes the trained weights back into it and returns it to its device,
-  so the caller's model is a plain one again, for sampling and saving. Gradients are reduce-scattered after
-  every micro-batch (they stay sharded: the reason to use FSDP).
-Both average gradients over ranks: the trainer scales each rank's loss by W so the sum is the one-process
-gradient. Simplification: FSDP2 is for full models (a LoRA adapter is small: DDP fits it), and each rank
-loads the whole model once before sharding it — models whose training state, not weights, exceeds a card.
+Both average gradients over ranks; the trainer scales each rank's loss by W so that the sum is the
+one-process gradient. How the wrapping works and what it simplifies: docs/multi_gpu.md.
 """
 
 from __future__ import annotations
@@ -38,7 +25,7 @@ PARALLEL = ("ddp", "fsdp")
 
 
 class LogprobModule(torch.nn.Module):
-    """`sequence_logprobs(model, ...)` as a module's forward, so an engine's forward hooks see the call."""
+    """`sequence_logprobs(model, ...)` as a module's forward, so DDP's and FSDP2's forward hooks see the call."""
 
     def __init__(self, model):
         super().__init__()
@@ -54,7 +41,9 @@ def _state_options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-class Engine:
+class ParallelModel:
+    """The model as it trains on this rank: itself (one process), DDP-wrapped, or an FSDP2-sharded copy."""
+
     def __init__(self, model, kind: str, net, module, parallel: str):
         self.model = model  # the caller's model
         self.kind = kind  # "single", "ddp" or "fsdp"
@@ -63,7 +52,7 @@ class Engine:
         self.module = module  # what is called: LogprobModule, DDP-wrapped or FSDP2's root
 
     @classmethod
-    def wrap(cls, model, parallel: str) -> Engine:
+    def wrap(cls, model, parallel: str) -> ParallelModel:
         if not dist.active():
             return cls(model, "single", model, LogprobModule(model), parallel)
         device = next(model.parameters()).device
@@ -85,9 +74,9 @@ class Engine:
         for layer in split_body_head(net)[0].layers:  # one group per decoder layer, moved to `device` and sharded
             fully_shard(layer, mesh=mesh)
         root = fully_shard(LogprobModule(net), mesh=mesh)  # the rest: embeddings, final norm, lm_head
-        engine = cls(model, "fsdp", net, root, parallel)
-        engine.device = device
-        return engine
+        wrapped = cls(model, "fsdp", net, root, parallel)
+        wrapped.device = device
+        return wrapped
 
     def params(self) -> list:
         return [p for p in self.net.parameters() if p.requires_grad]
@@ -105,7 +94,7 @@ class Engine:
             norm = norm.full_tensor()
         return float(norm)
 
-    # checkpoints: one file, whole tensors, whatever the engine (collectives: every rank calls these)
+    # checkpoints: one file, whole tensors, whatever the wrapping (collectives: every rank calls these)
 
     def full_weights(self, select) -> dict:
         """`select(model)`'s dict ({name: tensor}) on rank 0 — for FSDP2 the whole state, gathered."""
@@ -134,7 +123,7 @@ class Engine:
         set_optimizer_state_dict(self.net, optimizer, optim_state_dict=state, options=options)
 
     def close(self) -> None:
-        """Drop the engine; after FSDP2, the caller's model holds the trained weights, on its device, on every rank."""
+        """Unwrap; after FSDP2, the caller's model holds the trained weights, on its device, on every rank."""
         if self.kind == "fsdp":
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 

@@ -1,10 +1,9 @@
-"""The naive token log-prob: matmul → log_softmax → gather. The reference every other path is tested against.
+"""The naive token log-prob: matmul → log_softmax → gather. Every other path is tested against it.
 
     z = (h · Wᵀ + b) / τ          # [N, V]  — the full logits, which the fused paths never hold
     ℓ_n = z[n, t_n] − logsumexp_v z[n, v]
 
-Memory: the [N, V] logits in fp32 plus the log_softmax output of the same size (and both again in
-backward) — 8192 × 99,584 × 4 B ≈ 3.3 GB each at llm-jp-3's vocabulary.
+Memory: the [N, V] logits in fp32 and the log_softmax output of the same size (docs/kernel.md counts them).
 """
 
 from __future__ import annotations
