@@ -37,11 +37,13 @@ def _main_rank() -> bool:
 
 
 def _print_table(records: list[dict]) -> None:
-    """Iteration, train accuracy, held-out pass@1 / pass@k / maj@k (largest k), dataset size, for the
-    reward-free selections the fraction of kept samples the verifier passes, and for the self-rewarding
-    chains their judge's balanced accuracy against the verifier."""
+    """Iteration, the sampler's accuracy on the iteration's training problems (M_{t-1}'s), held-out pass@1 /
+    pass@k / maj@k (largest k), dataset size, for the reward-free selections the fraction of kept samples
+    the verifier passes, and for the self-rewarding chains their judge's balanced accuracy."""
+    records = [{"sampler_accuracy": r["train_accuracy"], **r} if "train_accuracy" in r else r  # older runs' name
+               for r in records]
     ks = sorted({int(k.split("@")[1]) for r in records for k in r if k.startswith("test_maj@")})
-    keys = ["recipe", "iteration", "train_accuracy", "valid_pass@1", "test_pass@1"]
+    keys = ["recipe", "iteration", "sampler_accuracy", "valid_pass@1", "test_pass@1"]
     keys += [f"test_pass@{ks[-1]}", f"test_maj@{ks[-1]}"] if ks and ks[-1] > 1 else []
     keys += ["dataset_size"] + (["precision"] if any("precision" in r for r in records) else [])  # kept, correct
     keys += ["judge_balanced_accuracy"] if any("judge_balanced_accuracy" in r for r in records) else []
@@ -87,7 +89,7 @@ def cli():
 def demo(out, quick, real, chains, overrides, restart):
     """Self-training on the built-in arith task, on the CPU, each chain beside a control; no downloads."""
     from .config import load_config
-    from .recipes.demo import CHAINS, DemoConfig, quick_config, run_demo
+    from .demo import CHAINS, DemoConfig, quick_config, run_demo
 
     if _several():
         raise UserError("the demo runs in one process: start it without torchrun / accelerate launch")
@@ -104,7 +106,7 @@ def demo(out, quick, real, chains, overrides, restart):
 
 def _real_demo(out, quick, chains, overrides, restart):
     from .config import load_config
-    from .recipes.demo_real import RealDemoConfig, quick_config, run_real_demo
+    from .demo.real import RealDemoConfig, quick_config, run_real_demo
 
     if chains is not None:
         raise UserError("--chains is for the arith demo; the real-model demo runs rest_em, rpo and control")
@@ -187,11 +189,11 @@ def _load(model_name, mode, adapter):
 @_task_options
 @click.option("--n", "--num-samples", "n", default=4, show_default=True,
               help="Samples per problem (--num-samples under torchrun, which reads --n as its own option).")
-@click.option("--temperature", default=0.7, show_default=True, help="0 = greedy.")
-@click.option("--top-k", default=40, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--temperature", type=float, default=None, help="0 = greedy.  [default: SamplingConfig's]")
+@click.option("--top-k", type=int, default=None, help="0 = off.  [default: SamplingConfig's]")
+@click.option("--top-p", type=float, default=None, help="1 = off.  [default: SamplingConfig's]")
 @limit_option
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=int, default=None, help="[default: SamplingConfig's]")
 @_backend_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Samples JSONL (resumable).")
 def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperature, top_k, top_p, limit, seed,
@@ -201,7 +203,8 @@ def sample(model_name, mode, adapter, task_name, split, data, shots, n, temperat
     from .store import check_writable
     from .tasks import get_task
 
-    cfg = SamplingConfig(n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, backend=backend)
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    cfg = SamplingConfig(n=n, backend=backend, **{k: v for k, v in given.items() if v is not None})  # rest: defaults
     check_writable(out, folder=False)
     task = get_task(task_name, shots=shots)
     examples = task.load(split, data)[:limit]
@@ -248,6 +251,7 @@ def score(task_name, split, data, shots, limit, samples, out, unsafe_sandbox):
 def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_per_problem, scored, out):
     """Turn scored samples into a training set: ReST-EM's kept samples or RPO's pairs."""
     from .recipes import rest_em, rpo
+    from .recipes.shared import Scored
     from .sampling import check_prompts
     from .store import SAMPLE_KEY, SCORED_FIELDS, TRAIN_FIELDS, check_stage_out, read_jsonl, write_jsonl
     from .tasks import get_task
@@ -258,12 +262,11 @@ def build(recipe, task_name, split, data, shots, limit, max_per_problem, pairs_p
     prompts = [task.prompt(p) for p in task.load(split, data)[:limit]]
     records = read_jsonl(scored, SCORED_FIELDS, len(prompts), SAMPLE_KEY)
     check_prompts(scored, records, prompts)
+    batch = Scored(iteration=1, prompts=prompts, samples=records)
     if recipe == "rest-em":
-        cfg = rest_em.RestEMConfig(task=task_name, max_per_problem=max_per_problem)
-        records, info = rest_em.keep_correct(cfg, prompts, records, 1)
+        records, info = rest_em.keep_correct(batch, max_per_problem, seed=0)
     else:
-        cfg = rpo.RPOConfig(task=task_name, pairs_per_problem=pairs_per_problem)
-        records, info = rpo.build_pairs(cfg, prompts, records, 1)
+        records, info = rpo.correct_vs_incorrect(batch, pairs_per_problem, seed=0)
     if _main_rank():
         write_jsonl(Path(out), records)
     click.echo(json.dumps(info))

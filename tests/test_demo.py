@@ -5,10 +5,10 @@ import json
 
 import pytest
 
+from lite_selftrain.demo import gains, quick_config, run_demo
+from lite_selftrain.demo.selection import majority_pick, random_pick
 from lite_selftrain.errors import UserError
-from lite_selftrain.recipes.demo import gains, quick_config, run_demo
-from lite_selftrain.recipes.demo_selection import majority_pick, random_pick
-from lite_selftrain.recipes.rest_em import RestEMConfig
+from lite_selftrain.recipes.shared import Scored
 
 
 @pytest.mark.slow
@@ -47,13 +47,13 @@ def test_majority_pick_keeps_a_sample_with_the_most_common_answer_and_the_surest
     scored = [_sample(0, 0, "1,2#7", 0.0), _sample(0, 1, "3,5#9", 1.0), _sample(0, 2, "4,5#9", 1.0),
               _sample(1, 0, "1#4", 0.0), _sample(1, 1, "2#5", 1.0), _sample(1, 2, "1#4", 0.0),
               _sample(1, 3, "1#4", 0.0)]
-    keep = majority_pick("arith", {"terms": 2}, fraction=1.0)
-    records, info = keep(RestEMConfig(), ["a", "b"], scored, 1)
+    batch = Scored(1, ["a", "b"], scored)
+    records, info = majority_pick("arith", {"terms": 2}, 0, fraction=1.0)(batch)
     assert sorted((r["prompt"], r["response"]) for r in records) == [("a", "3,5#9"), ("b", "1#4")]
     assert (info["dataset_size"], info["correct_kept"]) == (2, 1)
-    records, _ = majority_pick("arith", {"terms": 2}, fraction=0.5)(RestEMConfig(), ["a", "b"], scored, 1)
+    records, _ = majority_pick("arith", {"terms": 2}, 0, fraction=0.5)(batch)
     assert [r["prompt"] for r in records] == ["b"]  # three votes beat two
-    records, info = random_pick([1])(RestEMConfig(), ["a", "b"], scored, 1)
+    records, info = random_pick([1], 0)(batch)
     assert info["dataset_size"] == 1 and records[0]["response"] in {s["text"] for s in scored}
 
 

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
+from lite_selftrain.demo import quick_config, run_demo
+from lite_selftrain.demo.judging import TEMPLATE, agreement, eft_records, numbers_of, rubric
 from lite_selftrain.errors import UserError
 from lite_selftrain.judge import JudgeConfig, eft_example, judge_prompt, parse_score
-from lite_selftrain.recipes.demo import quick_config, run_demo
-from lite_selftrain.recipes.demo_self_reward import TEMPLATE, agreement, eft_records, numbers_of, rubric
 from lite_selftrain.tasks import get_task
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from lite_selftrain import demo
 from lite_selftrain.config import from_dict
 from lite_selftrain.models import build_model, build_tokenizer
-from lite_selftrain.recipes import demo, rest_em
+from lite_selftrain.recipes import rest_em
 from lite_selftrain.sampling import SamplingConfig, generate
 from lite_selftrain.store import JsonlLog
 

@@ -1,4 +1,4 @@
-"""The package's shape: imports flow one way (cli → recipes → parts → models, store → kernels), no cycles,
+"""The package's shape: imports flow one way (cli → demo → recipes → parts → models, store → kernels), no cycles,
 nothing but the entry point imports the CLI, and every file and function stays readable (files under 400
 lines, functions under 60 without their docstrings).
 

@@ -4,6 +4,7 @@ A killed-and-resumed run must end with exactly the metrics of an uninterrupted o
 are skipped, the sampler and the trainer pick up where they stopped, and every random draw is seeded.
 """
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from lite_selftrain import demo
 from lite_selftrain.config import from_dict, to_dict
+from lite_selftrain.demo.selection import blind_pick
 from lite_selftrain.errors import UserError
-from lite_selftrain.recipes import RECIPES, demo, load_recipe, rest_em, rpo, self_rewarding
-from lite_selftrain.recipes.common import split_validation
+from lite_selftrain.recipes import RECIPES, load_recipe, rest_em, rpo, self_rewarding
+from lite_selftrain.recipes.shared import Scored, split_validation
 from lite_selftrain.tasks import get_task
 
 NAMES = {"rest-em": "rest_em", "rpo": "rpo", "self-reward": "self_reward", "centrality": "centrality"}  # folders
@@ -199,15 +202,15 @@ def test_build_rules_on_hand_made_samples():
     scored = [s(0, 0, "3#3", 1.0), s(0, 1, "3#3", 1.0), s(0, 2, "4#4", 0.0), s(0, 3, "3#3", 1.0, "length"),
               s(1, 0, "7#7", 1.0), s(1, 1, "7#7", 1.0), s(2, 0, "9#9", 0.0)]
     prompts = [task.prompt(p) for p in problems]
-    cfg = rest_em.RestEMConfig(task="arith", max_per_problem=1)
-    records, info = rest_em.keep_correct(cfg, prompts, scored, 1)
+    batch = Scored(1, prompts, scored)
+    records, info = rest_em.keep_correct(batch, max_per_problem=1, seed=0)
     assert [r["response"] for r in records] == ["3#3", "7#7"]  # the cap, and correct finished samples only
     assert [r["prompt"] for r in records] == ["1+2=", "3+4="]
     assert info["dropped"] == {"too_long": 1, "no_correct": 1}
-    pairs, info = rpo.build_pairs(rpo.RPOConfig(task="arith", pairs_per_problem=5), prompts, scored, 1)
+    pairs, info = rpo.correct_vs_incorrect(batch, pairs_per_problem=5, seed=0)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3#3", "4#4")]  # distinct texts: one pair
     assert info["dropped"] == {"too_long": 1, "no_correct": 1, "no_incorrect": 1}
-    blind, info = demo.blind_pick([2])(cfg, prompts, scored, 1)  # the demo's control
+    blind, info = blind_pick([2], max_per_problem=1, seed=0)(batch)  # the demo's control
     assert len(blind) == 2 and all(r["reward"] == 1.0 for r in blind)
     assert info["correct_kept"] == sum(r["response"] != "4#4" and r["response"] != "9#9" for r in blind)
 
@@ -221,9 +224,12 @@ def test_self_reward_pairs_skip_ties_and_unparsable():
               s(1, 0, 3.0), s(1, 1, 3.0),  # tie
               s(2, 0, None), s(2, 1, 2.0),  # one parsable judgment only
               s(3, 0, 5.0, "length"), s(3, 1, 1.0)]  # one finished answer only
-    pairs, info = self_rewarding.build_pairs(judged)
+    pairs, info = self_rewarding.best_vs_worst(judged)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a00", "a02")]
-    assert info["dropped"] == {"too_long": 1, "unparsable_judgment": 1, "tie": 1}
+    assert info["dropped"] == {"too_long": 1, "unparsable_judgment": 1, "tie": 1, "same_text": 0}
+    same = [{**s(4, 0, 5.0), "text": "x"}, {**s(4, 1, 1.0), "text": "x"}]  # one text judged twice, differently
+    pairs, info = self_rewarding.best_vs_worst(same)
+    assert pairs == [] and info["dropped"]["same_text"] == 1
 
 
 def test_validation_split_is_carved_from_training_problems():
@@ -290,3 +296,39 @@ def test_config_round_trips_through_dicts():
         _, cls = load_recipe(name)
         cfg = cls()
         assert from_dict(cls, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name, objective", [("rpo", None), ("centrality", "sft"), ("centrality", "dpo")])
+def test_a_run_folder_made_before_config_version_resumes(tmp_path, name, objective):
+    """Version 1 wrote no config_version, replaced train.reference by the recipe's own when training (its
+    stored value did nothing), ignored alpha under SFT, and centrality had no seed: such a folder resumes
+    with the config that does what it did, keeps its config.json, and still refuses a different one."""
+    from lite_selftrain.recipes.centrality import CentralityConfig
+    from lite_selftrain.recipes.common import Run
+    from lite_selftrain.store import RunStore, atomic_write_json
+
+    cfg = rpo.RPOConfig(task="arith") if name == "rpo" else CentralityConfig(objective=objective)
+    old = json.loads(json.dumps({"recipe": name, **to_dict(cfg)}))
+    old["train"]["reference"] = "adapter_off"  # version 1's TrainConfig default, never used by these recipes
+    if name == "centrality":
+        del old["seed"]
+        old["train"]["alpha"] = 1.0 if objective == "sft" else 0.0  # dpo: version 1 stored the α it forced
+    atomic_write_json(tmp_path / "config.json", old)
+    RunStore(tmp_path).mark_done(f"{name}/00/eval", {})
+    Run(tmp_path, name, cfg).bind()
+    assert json.loads((tmp_path / "config.json").read_text()) == old
+    with pytest.raises(UserError, match="different config"):
+        Run(tmp_path, name, dataclasses.replace(cfg, iterations=cfg.iterations + 1))
+    if name == "centrality" and objective == "dpo":  # a run that trained with α 1 does not resume with α 0
+        old["train"]["alpha"] = 1.0
+        atomic_write_json(tmp_path / "config.json", old)
+        with pytest.raises(UserError, match="different config"):
+            Run(tmp_path, name, cfg)
+
+
+def test_rpo_defaults_follow_the_task_and_explicit_values_win():
+    assert (rpo.RPOConfig(task="arc").iterations, rpo.RPOConfig(task="arc").pairs_per_problem) == (3, 20)
+    assert rpo.RPOConfig(task="math").temperatures == [0.8, 0.8, 1.0]
+    assert rpo.RPOConfig(task="arith").temperatures == [0.8, 0.8, 1.3, 1.3]  # other tasks: GSM8K's
+    assert from_dict(rpo.RPOConfig, {"task": "arc", "pairs_per_problem": 5}).pairs_per_problem == 5
+    assert from_dict(rpo.RPOConfig, {"task": "arc", "temperatures": []}).temperature(2) == 0.8  # sample's

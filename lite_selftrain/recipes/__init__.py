@@ -4,7 +4,10 @@
     rpo.run(RPOConfig(...), out)                        Iterative RPO
     self_rewarding.run(SelfRewardConfig(...), out)      Self-Rewarding LM
     centrality.run(CentralityConfig(...), out)          embedding-centrality self-selection
-    demo.run_demo(DemoConfig(), out)                    the CPU demo on the arith task, with its control
+
+`common` holds the run directory and the iterates, `shared` the splits, evaluation and dataset rules they
+share. `rest_em.run`, `rpo.run` and `self_rewarding.run` take one hook, `build(scored) -> (records, summary)`,
+where a caller changes what an iteration trains on (lite_selftrain.demo's controls do).
 
 `RECIPES` is the one list of them by command name; `load_recipe(name)` imports one on first use.
 """

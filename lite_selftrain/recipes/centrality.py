@@ -13,7 +13,8 @@
 
 Run: `lite-selftrain centrality --config examples/centrality_central_sft_150m.toml --out runs/x`.
 Simplifications: responses are embedded without their prompt; evaluation is a model judging greedy
-answers (the study used safety and quality benchmarks we cannot ship offline).
+answers (the study used safety and quality benchmarks we cannot ship offline). DPO is the study's plain
+DPO by default (`train.alpha` 0, the one field that sets α; `objective` sets only the loss).
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import Count, Name, PositiveInt, check_fields
-from ..errors import UserError
-from ..judge import JudgeConfig, judged_eval
+from ..judge import JudgeConfig
 from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, sampled
@@ -33,7 +33,8 @@ from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
 from ..training.batching import sampled_ids
-from .common import Iterates, Run, check_trainable, split_validation, write_stage
+from .common import Iterates, Run, check_trainable, write_stage
+from .shared import finished, instruction_splits, judge_eval, preference_pair
 
 
 @dataclass
@@ -50,38 +51,44 @@ class CentralityConfig:
         n=8, temperature=0.7, top_p=0.9, max_new_tokens=256))  # n candidates per prompt
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # policy, rank threshold, layer, pooling
     objective: Literal["sft", "dpo"] = "sft"  # "sft" on the selected responses, or "dpo" on (most, least) central pairs
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="sft"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        objective="sft", alpha=0.0, reference="current"))  # DPO's α 0: plain DPO; its reference is M_0
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # for evaluation
     judge_model: Name | None = None  # the fixed judge of every iterate's held-out answers; None: M_0
+    seed: int = 0  # which training prompts the validation split holds out
+
     def __post_init__(self):
         check_fields(self)
         check_trainable(self.model, ("train.", self.train))
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be 'sft' or 'dpo', not '{self.objective}'")
-        wanted = "sft" if self.objective == "sft" else "dpo_nll"
-        if self.train.objective != wanted:  # the objective decides the trainer's loss
-            self.train = dataclasses.replace(self.train, objective=wanted,
-                                             alpha=self.train.alpha if wanted == "sft" else 0.0)
+        loss = "sft" if self.objective == "sft" else "dpo_nll"
+        if self.train.objective != loss:  # `objective` decides the trainer's loss; train.alpha decides α
+            self.train = dataclasses.replace(self.train, objective=loss)
+
+
+def candidates_of(samples: list[dict], prompts: int) -> list[list[dict]]:
+    """Each prompt's finished samples, in sample order: the candidates a selection chooses among."""
+    out = [[] for _ in range(prompts)]
+    for s in sorted(finished(samples), key=lambda s: (s["prompt_index"], s["sample_index"])):
+        out[s["prompt_index"]].append(s)
+    return out
 
 
 def build(cfg: CentralityConfig, model, tok, prompts: list[str], originals: list[str], samples: list[dict]):
-    """The training records and why each prompt gave one or not."""
-    candidates, kept = [[] for _ in prompts], [[] for _ in prompts]  # texts, and their sample records
-    for s in sorted(samples, key=lambda s: (s["prompt_index"], s["sample_index"])):
-        if s["finish_reason"] != "length":  # an unfinished answer is no candidate
-            candidates[s["prompt_index"]].append(s["text"])
-            kept[s["prompt_index"]].append(s)
+    """The training records, the per-prompt decisions, and a summary of them."""
+    kept = candidates_of(samples, len(prompts))
+    texts = [[s["text"] for s in group] for group in kept]
     chat = [format_prompt(tok, p) for p in prompts]
     if cfg.objective == "sft":
-        decisions = select(model, tok, candidates, originals, cfg.selection)
+        decisions = select(model, tok, texts, originals, cfg.selection)
         records = [{"prompt": chat[d["prompt_index"]], "response": d["response"],
                     **(sampled_ids("response", kept[d["prompt_index"]][d["index"]]) if d["decision"] == "generated"
                        else {})} for d in decisions if d["response"] is not None]
     else:
-        decisions = dpo_pairs(model, tok, candidates, cfg.selection)
-        records = [{"prompt": chat[d["prompt_index"]], "chosen": d["chosen"], "rejected": d["rejected"],
-                    **sampled_ids("chosen", kept[d["prompt_index"]][d["chosen_index"]]),
-                    **sampled_ids("rejected", kept[d["prompt_index"]][d["rejected_index"]])}
+        decisions = dpo_pairs(model, tok, texts, cfg.selection)
+        records = [preference_pair(chat[d["prompt_index"]], kept[d["prompt_index"]][d["chosen_index"]],
+                                   kept[d["prompt_index"]][d["rejected_index"]])
                    for d in decisions if d["chosen"] is not None]
     info = {"dataset_size": len(records), "decisions": dict(Counter(d["decision"] for d in decisions)),
             "policy": cfg.selection.policy if cfg.objective == "sft" else "dpo"}
@@ -90,49 +97,39 @@ def build(cfg: CentralityConfig, model, tok, prompts: list[str], originals: list
 
 def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = True, name: str = "centrality"):
     """Run (or resume) centrality self-selection in `out`; returns (metrics per iteration, the best one)."""
-    run = Run(out, name, cfg, restart=restart)
-    data = get_task("instruct").load("train", cfg.data_path)
-    if cfg.test_path:
-        test = [r["prompt"] for r in get_task("instruct").load("test", cfg.test_path)][: cfg.eval_size]
-    else:
-        data, test = data[: -cfg.eval_size], [r["prompt"] for r in data[-cfg.eval_size:]]
-    if len(data) < 2:
-        raise UserError(f"centrality needs more records than eval_size ({cfg.eval_size}) + 1")
-    data, valid = split_validation(data, cfg.validation_size, 0, cap=cfg.eval_size)
-    valid = [r["prompt"] for r in valid]
+    job = Run(out, name, cfg, restart=restart)
+    task = get_task("instruct")
+    data, valid, test = instruction_splits(
+        task.load("train", cfg.data_path), task.load("test", cfg.test_path) if cfg.test_path else None,
+        eval_size=cfg.eval_size, validation_size=cfg.validation_size, seed=cfg.seed, recipe="centrality")
     data = data[: cfg.limit] if cfg.limit else data
     prompts, originals = [r["prompt"] for r in data], [r["response"] for r in data]
-    models = Iterates(run, cfg.model)
+    models = Iterates(job, cfg.model)
+    evaluate = judge_eval(models, cfg.judge_model, cfg.judge, cfg.sample, valid, test)
 
-    def evaluate(t):  # iterate t answers; one fixed judge (judge_model, else M_0) grades every iterate
-        model, tok = models.sampler(t)
-        fixed = models.other_sampler(cfg.judge_model, 0)
-        return {**judged_eval(model, tok, test, cfg.judge, cfg.sample, judge_with=fixed),
-                **judged_eval(model, tok, valid, cfg.judge, cfg.sample, judge_with=fixed, prefix="valid_"),
-                "judge": cfg.judge_model or "iteration 0"}
-
-    def candidates(t):  # n responses per prompt from M_{t-1}, in the chat template
+    def sample(t):  # n responses per prompt from M_{t-1}, in the chat template
         model, tok = models.sampler(t - 1)
         return sampled(generate(model, tok, [format_prompt(tok, p) for p in prompts],
-                                cfg.sample.replace(seed=cfg.sample.seed + t), out=run.dir(t) / "samples.jsonl",
+                                cfg.sample.replace(seed=cfg.sample.seed + t), out=job.dir(t) / "samples.jsonl",
                                 progress=progress))
 
-    def selection(t):  # the most central candidate (or pair) by M_{t-1}'s own embeddings
-        samples = read_jsonl(run.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(prompts), SAMPLE_KEY)
+    def select_central(t):  # the most central candidate (or pair) by M_{t-1}'s own embeddings
+        samples = read_jsonl(job.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(prompts), SAMPLE_KEY)
         records, decisions, info = build(cfg, *models.get(t - 1), prompts, originals, samples)
-        write_stage(run.dir(t) / "decisions.jsonl", decisions, {})
-        return write_stage(run.dir(t) / "dataset.jsonl", records, info)
+        write_stage(job.dir(t) / "decisions.jsonl", decisions, {})
+        return write_stage(job.dir(t) / "dataset.jsonl", records, info)
 
-    run.once(0, "eval", lambda: evaluate(0))
-    run.log(0, "eval")
+    def retrain(t):  # M_0 afresh on the selection; for DPO, M_0 is the reference too
+        empty = f"empty dataset: {job.summaries[t]['build']['decisions']}"
+        return models.fit(t, *models.fresh_base(), cfg.train, progress=progress, empty=empty)
+
+    job.once(0, "eval", evaluate)
+    job.log(0, "eval")
     for t in range(1, cfg.iterations + 1):
-        run.once(t, "sample", lambda: candidates(t))
-        built = run.once(t, "build", lambda: selection(t))
-        # retrain M_0 on the selection; for DPO, M_0 is the reference too
-        trained = run.once(t, "train", lambda: models.fit(t, *models.fresh_base(), cfg.train, reference="current",
-                                                          progress=progress,
-                                                          empty=f"empty dataset: {built['decisions']}"))
-        run.once(t, "eval", lambda: evaluate(t))
-        run.log(t, "eval", "build", train_note=trained.get("skipped"))
+        job.once(t, "sample", sample)
+        job.once(t, "build", select_central)
+        trained = job.once(t, "train", retrain)
+        job.once(t, "eval", evaluate)
+        job.log(t, "eval", "build", train_note=trained.get("skipped"))
     models.close()
-    return run.finish("valid_judge_score", validation=len(valid))
+    return job.finish("valid_judge_score", validation=len(valid))

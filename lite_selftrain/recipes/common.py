@@ -1,44 +1,32 @@
 """What every recipe loop stands on: a run directory whose stages run once, and the model of each iteration.
 
-    run = Run(out, "rest_em", cfg)               # a different config is refused; nothing is written yet
-    models = Iterates(run, cfg.model)            # models.get(t), models.fresh_base(), models.fit(t, ...)
-    run.once(t, "sample", lambda: ...)           # runs unless it finished before; returns its summary
-    run.log(t, "eval", "build")                  # iteration t's metrics record, written once
-    records, best = run.finish("valid_pass@1", validation=300)  # best.json: chosen on the validation split
+    job = Run(out, "rest_em", cfg)               # a different config is refused; nothing is written yet
+    models = Iterates(job, cfg.model)            # models.get(t), models.fresh_base(), models.fit(t, ...)
+    job.once(t, "sample", sample)                # sample(t) runs unless it finished before; its summary
+    job.log(t, "eval", "build")                  # iteration t's metrics record, written once
+    records, best = job.finish("valid_pass@1", validation=300)  # best.json: chosen on the validation split
 
 The config is bound (config.json written, `--restart` applied) at the first write, so a run that fails
-while it reads its task and data leaves no trace; a different config is refused at once.
-A stage runs at most once: when it finishes, its summary is written to the run's state file, and a re-run
-of the same command skips it. Stages write their outputs atomically (or, for sampling, as a resumable
-stream), so a kill at any moment loses at most the stage in progress, and the sampler and trainer resume
-even that from where they stopped. Temporaries a killed process left are removed on resume and before
-every stage, with one line saying so.
+while it reads its task and data leaves no trace; a different config is refused at once. A stage runs at
+most once: its summary goes to the run's state file and a re-run skips it. Stages write atomically (or,
+sampling, as a resumable stream), so a kill loses at most the stage in progress, and the sampler and trainer
+resume even that. Temporaries a killed process left are removed on resume and before every stage.
 
-Several processes (`torchrun --nproc_per_node N -m lite_selftrain rest-em ...`): the recipe runs on every
-rank, top to bottom, and one rule keeps the ranks in step: **every rank runs every stage function; rank 0
-alone writes**. The work inside a stage is sharded (`generate`, `score_samples`, `evaluate`, `train`) or
-cheap and the same on every rank (building a dataset from the scored file: seeded, so identical), so no
-stage needs a rank-0-only branch, and a stage that samples inside (writing prompts, judging) stays a
-collective call on every rank. Rank 0 binds the config, writes the state, metrics, best.json, stage files
-(`write_stage`) and models (`Iterates.fit`); `once` takes rank 0's word on whether a stage is done and
-hands its summary to every rank, a sync point after which every rank reads what rank 0 wrote.
+Several processes (`torchrun --nproc_per_node N -m lite_selftrain rest-em ...`): every rank runs every stage
+function; rank 0 alone writes. The work inside a stage is sharded (`generate`, `score_samples`, `evaluate`,
+`train`) or cheap and identical on every rank (building a dataset: seeded); `once` takes rank 0's word on
+whether a stage is done and hands its summary to every rank, after which every rank reads what rank 0 wrote.
 
-Layout of a run directory:
-    config.json, state.json, metrics.jsonl, best.json, accuracy.png
-    iter_NN/samples.jsonl      the iteration's completions, streamed
-    iter_NN/scored.jsonl       the same with rewards (or judged.jsonl, decisions.jsonl)
-    iter_NN/dataset.jsonl      what the M-step trains on (and dataset.ref_logps.pt, DPO's reference)
-    iter_NN/train/             trainer checkpoints and its metrics.jsonl
-    iter_NN/model/             the iterate: a peft adapter, or a full model folder
-    iter_NN/policy/            its plain (merged) weights, when backend "vllm" served a LoRA / QLoRA iterate
-    iter_NN/eval/              per-problem evaluation records (eval/valid/: the validation split's)
-under <recipe>/ (e.g. rest_em/iter_01/).
+A run directory: config.json, state.json, metrics.jsonl, best.json, accuracy.png, and under <recipe>/iter_NN/
+samples.jsonl, scored.jsonl (or judged.jsonl, decisions.jsonl), dataset.jsonl (+ dataset.ref_logps.pt,
+DPO's reference), train/ (checkpoints), model/ (the iterate) and eval/ (per-problem records; eval/valid/);
+policy/ (merged weights, when backend "vllm" served a LoRA / QLoRA iterate).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,11 +35,37 @@ from typing import Any
 from .. import distributed as dist
 from ..config import to_dict
 from ..errors import UserError
-from ..evaluate import validation_count
 from ..models import PRESETS, ModelConfig, check_adapter_folder, check_model_folder, load_model, save_model
 from ..sampling.vllm_backend import VllmServer
 from ..store import TRAIN_FIELDS, RunStore, atomic_write_json, read_jsonl, sweep_temporaries, write_jsonl
 from ..training import TrainConfig, train
+
+CONFIG_VERSION = 2  # 2: train.reference decides DPO's reference, centrality's train.alpha its DPO α, + seed
+
+# what a version-1 config (one without config_version) did, in today's fields, by config class: version 1
+# replaced train.reference by the recipe's own reference whatever the field said
+VERSION_1_MEANT = {"RPOConfig": {"reference": "current"}, "SelfRewardConfig": {"reference": "current"},
+                   "CentralityConfig": {"reference": "current"}}
+
+
+def _normal(config: dict) -> dict:
+    return json.loads(json.dumps(config, default=str))  # tuples as lists, as the stored file has them
+
+
+def _as_stored(old: dict | None, current: dict, config: Any) -> dict:
+    """`current`, or the run folder's own version-1 config when that did the same: a folder made before
+    `config_version` existed resumes (fields added since count at their defaults)."""
+    if not old or "config_version" in old:
+        return current
+    current, kind = _normal(current), type(config).__name__
+    upgraded = {**old, "config_version": CONFIG_VERSION}
+    defaults = _normal(to_dict(type(config)()))
+    upgraded |= {k: v for k, v in current.items() if k not in old and v == defaults.get(k)}
+    if isinstance(upgraded.get("train"), dict):
+        upgraded["train"] = {**upgraded["train"], **VERSION_1_MEANT.get(kind, {})}
+        if kind == "CentralityConfig" and old.get("objective") == "sft":  # alpha is unused by SFT
+            upgraded["train"]["alpha"] = current["train"]["alpha"]
+    return old if upgraded == current else current
 
 
 class Run:
@@ -61,7 +75,8 @@ class Run:
         self.store = RunStore(out)
         self.recipe = recipe
         check_model_folders(config)  # a damaged model folder is refused before the run folder is bound
-        self.config = self.store.check_config({"recipe": recipe, **to_dict(config)}, restart=restart)
+        current = {"recipe": recipe, "config_version": CONFIG_VERSION, **to_dict(config)}
+        self.config = self.store.check_config(_as_stored(self.store.config(), current, config), restart=restart)
         self.restart, self.bound = restart, False
         self.summaries: dict[int, dict[str, dict]] = {}  # iteration -> stage -> summary, as logged
 
@@ -79,8 +94,9 @@ class Run:
         self.bind()
         return self.store.iteration_dir(self.recipe, iteration)
 
-    def once(self, iteration: int, name: str, fn: Callable[[], dict]) -> dict:
-        """Run `fn` unless this stage already finished; its summary (with its time) is kept and returned."""
+    def once(self, iteration: int, name: str, fn: Callable[[int], dict]) -> dict:
+        """Run `fn(iteration)` unless this stage already finished; its summary (with its time) is kept and
+        returned."""
         key = f"{self.recipe}/{iteration:02d}/{name}"
         self.bind()
         info = dist.broadcast(self.store.done_info(key) if dist.is_main() else None)  # rank 0's state decides
@@ -88,7 +104,7 @@ class Run:
             if dist.is_main():
                 sweep_temporaries(self.store.root)  # what a kill inside this stage's writes left
             start = time.perf_counter()
-            info = dict(fn())  # on every rank: see the module's docstring
+            info = dict(fn(iteration))  # on every rank: see the module's docstring
             info["seconds"] = round(time.perf_counter() - start, 2)
             if dist.is_main():
                 self.store.mark_done(key, info)
@@ -108,11 +124,7 @@ class Run:
         return dist.main_first(self._append, record)
 
     def _append(self, record: dict) -> dict:
-        for old in self.store.metrics.recover():  # a re-run after a kill finds it already there
-            if old.get("recipe") == self.recipe and old.get("iteration") == record["iteration"]:
-                return old
-        self.store.log_metrics(record)
-        return record
+        return log_once(self.store, [record])[0]  # a re-run after a kill finds it already there
 
     def records(self) -> list[dict]:
         return [r for r in self.store.metrics.read() if r.get("recipe") == self.recipe]
@@ -215,19 +227,19 @@ class Iterates:
             return self.current[1], self.current[2]
         return load_model(self.config(iteration))
 
-    def fit(self, iteration: int, model, tokenizer, cfg: TrainConfig, *, reference: str, progress: bool,
+    def fit(self, iteration: int, model, tokenizer, cfg: TrainConfig, *, progress: bool,
             empty: str = "empty dataset: the iterate is its starting model") -> dict:
         """Train `model` on the iteration's dataset.jsonl and save it as that iterate (as is when it is empty).
 
-        `reference` is DPO's: "current" (the model as it starts) or "adapter_off" (the base); its log-probs
-        are cached beside the dataset, so a resumed run does no second reference pass.
+        DPO's reference is `cfg.reference`'s ("current": the model as it starts); its log-probs are cached
+        beside the dataset, so a resumed run does no second reference pass.
         """
         self.close()  # the engines' memory back before training
         d = self.run.dir(iteration)
         records = read_jsonl(d / "dataset.jsonl", TRAIN_FIELDS[cfg.objective])
         summary = {"skipped": empty}
         if records:  # on every rank: the trainer splits the batches across ranks (DDP)
-            summary = train(model, tokenizer, records, dataclasses.replace(cfg, reference=reference), d / "train",
+            summary = train(model, tokenizer, records, cfg, d / "train",
                             reference_cache=d / "dataset.ref_logps.pt", progress=progress and dist.is_main())
         if dist.is_main():
             save_model(model, d / "model", tokenizer)
@@ -237,6 +249,20 @@ class Iterates:
 
 # ----------------------------------------------------------------------------------------------------
 # small pieces of the loops
+
+
+def log_once(store: RunStore, records: list[dict]) -> list[dict]:
+    """Append to the store's metrics.jsonl each record whose (recipe, iteration) it lacks; returns the
+    records as logged (an older one where it was there already)."""
+    logged = {(r.get("recipe"), r.get("iteration")): r for r in store.metrics.recover()}
+    new = [r for r in records if (r["recipe"], r["iteration"]) not in logged]
+    store.metrics.append(new)
+    return [logged.get((r["recipe"], r["iteration"]), r) for r in records]
+
+
+def model_dir(out: str | Path, recipe: str, iteration: int) -> Path:
+    """Where the run of `recipe` in `out` saves iteration t's model (its M_t)."""
+    return RunStore(out).iteration_dir(recipe, iteration) / "model"
 
 
 def check_model_folders(config: Any) -> None:
@@ -275,22 +301,3 @@ def best_iteration(records: list[dict], key: str) -> dict | None:
     """
     scored = [r for r in records if r.get(key) is not None]
     return max(scored, key=lambda r: (r[key], -r["iteration"])) if scored else None
-
-
-def split_validation(problems: list, size: int | None, seed: int, cap: int = 1000) -> tuple[list, list]:
-    """(training problems, validation problems): a seeded draw of `validation_count` problems is held out
-    to choose the best iteration on; the rest, in their order, are trained on."""
-    count = validation_count(len(problems), size, cap)
-    held = set(random.Random(f"{seed}/validation").sample(range(len(problems)), count))
-    return ([p for i, p in enumerate(problems) if i not in held],
-            [p for i, p in enumerate(problems) if i in held])
-
-
-def problems_for(train_set: list[dict], iteration: int, per_iteration: int | None, seed: int) -> list[dict]:
-    """The training problems of an iteration: all of them, or a fresh slice of a seeded shuffle."""
-    if not per_iteration:
-        return train_set
-    order = list(range(len(train_set)))
-    random.Random(seed).shuffle(order)
-    start = ((iteration - 1) * per_iteration) % max(len(train_set), 1)
-    return [train_set[order[(start + i) % len(order)]] for i in range(min(per_iteration, len(order)))]

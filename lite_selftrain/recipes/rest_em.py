@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
-from ..evaluate import EvalConfig, heldout
+from ..evaluate import EvalConfig
 from ..models import ModelConfig
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import SAMPLE_FIELDS, SAMPLE_KEY, SCORED_FIELDS, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
 from ..training.batching import sampled_ids
-from .common import Iterates, Run, check_trainable, problems_for, split_validation, write_stage
+from .common import Iterates, Run, check_trainable, write_stage
+from .shared import Scored, finished, problems_for, sampler_metrics, task_splits, verifier_eval
 
 
 @dataclass
@@ -53,56 +54,67 @@ class RestEMConfig:
             raise UserError("ReST-EM trains with objective 'rwnll' (or 'sft')")
 
 
-def keep_correct(cfg: RestEMConfig, prompts: list[str], scored: list[dict], iteration: int):
-    """(training records, summary): at most max_per_problem correct, finished samples per problem."""
-    rng = random.Random(f"{cfg.seed}/{iteration}/build")
-    finished = [s for s in scored if s["finish_reason"] != "length"]
-    groups = group_by_prompt(finished)
+def keep_correct(scored: Scored, max_per_problem: int, seed: int) -> tuple[list[dict], dict]:
+    """(training records, summary): at most `max_per_problem` correct, finished samples per problem."""
+    rng = random.Random(f"{seed}/{scored.iteration}/build")
+    groups = group_by_prompt(finished(scored.samples))
     kept = []
     for _, group in sorted(groups.items()):
         correct = [s for s in group if s["reward"] > 0]
-        kept += rng.sample(correct, min(len(correct), cfg.max_per_problem))
-    records = [{"prompt": prompts[s["prompt_index"]], "response": s["text"], "reward": s["reward"],
+        kept += rng.sample(correct, min(len(correct), max_per_problem))
+    records = [{"prompt": scored.prompts[s["prompt_index"]], "response": s["text"], "reward": s["reward"],
                 **sampled_ids("response", s)} for s in kept]
-    info = {"dataset_size": len(records), "problems_kept": len({s["prompt_index"] for s in kept}),
-            "dropped": {"too_long": len(scored) - len(finished),
-                        "no_correct": sum(1 for g in groups.values() if not any(s["reward"] > 0 for s in g))}}
-    return records, info
+    too_long = len(scored.samples) - sum(len(g) for g in groups.values())
+    no_correct = sum(1 for g in groups.values() if not any(s["reward"] > 0 for s in g))
+    return records, {"dataset_size": len(records), "problems_kept": len({s["prompt_index"] for s in kept}),
+                     "dropped": {"too_long": too_long, "no_correct": no_correct}}
 
 
 def run(cfg: RestEMConfig, out, *, restart: bool = False, progress: bool = True, name: str = "rest_em",
-        keep=keep_correct):
+        build=None):
     """Run (or resume) ReST-EM in `out`; returns (one metrics record per iteration, the best one).
 
-    `keep(cfg, prompts, scored, t)` turns an iteration's scored samples into training records (the demo's
-    control passes a reward-blind pick); `name` names the run's folder and its metrics records.
+    `build(scored: Scored) -> (records, summary)` replaces `keep_correct`: the one place a caller changes
+    what the M-step trains on (the demo's controls pick blind). `name` names the folder and the records.
     """
-    run = Run(out, name, cfg, restart=restart)
+    job = Run(out, name, cfg, restart=restart)
     task = get_task(cfg.task, **cfg.task_options)
-    train_set, test_set = task.load("train", cfg.train_path), task.load(cfg.eval.split, cfg.test_path)
-    train_set, valid_set = split_validation(train_set, cfg.eval.validation_size, cfg.seed)  # chooses the best
+    train_set, valid_set, test_set = task_splits(task, cfg)
     sampling = cfg.sample.for_task(task)
-    models = Iterates(run, cfg.model)
-    evaluate = lambda t: {**heldout(*models.sampler(t), task, test_set, cfg.eval, run.dir(t) / "eval"),
-                          **heldout(*models.sampler(t), task, valid_set, cfg.eval, run.dir(t) / "eval" / "valid",
-                                    prefix="valid_")}
+    models = Iterates(job, cfg.model)
+    evaluate = verifier_eval(job, models, task, valid_set, test_set, cfg.eval)
+    build = build or (lambda scored: keep_correct(scored, cfg.max_per_problem, cfg.seed))
 
-    run.once(0, "eval", lambda: evaluate(0))
-    run.log(0, "eval")
+    def problems(t):
+        return problems_for(train_set, t, cfg.problems_per_iteration, cfg.seed)
+
+    def sample(t):  # N solutions per problem from M_{t-1}
+        prompts = [task.prompt(p) for p in problems(t)]
+        return sampled(generate(*models.sampler(t - 1), prompts, sampling.replace(seed=sampling.seed + t),
+                                out=job.dir(t) / "samples.jsonl", progress=progress))
+
+    def score(t):  # the 0/1 reward of each
+        samples = read_jsonl(job.dir(t) / "samples.jsonl", SAMPLE_FIELDS, len(problems(t)), SAMPLE_KEY)
+        scored, info = task.score_samples(samples, problems(t))
+        return write_stage(job.dir(t) / "scored.jsonl", scored, info)
+
+    def keep(t):  # the correct ones, at most max_per_problem per problem
+        prompts = [task.prompt(p) for p in problems(t)]
+        samples = read_jsonl(job.dir(t) / "scored.jsonl", SCORED_FIELDS, len(prompts), SAMPLE_KEY)
+        scored = Scored(t, prompts, samples, sampler=lambda: models.get(t - 1))
+        return write_stage(job.dir(t) / "dataset.jsonl", *build(scored))
+
+    def m_step(t):  # the BASE model, afresh, trained on them with the reward-weighted NLL
+        return models.fit(t, *models.fresh_base(), cfg.train, progress=progress)
+
+    job.once(0, "eval", evaluate)
+    job.log(0, "eval")
     for t in range(1, cfg.iterations + 1):
-        d, problems = run.dir(t), problems_for(train_set, t, cfg.problems_per_iteration, cfg.seed)
-        prompts = [task.prompt(p) for p in problems]
-        # E-step: N samples per problem from M_{t-1}, each scored 0/1, the correct ones kept
-        run.once(t, "sample", lambda: sampled(generate(*models.sampler(t - 1), prompts, sampling.replace(
-            seed=sampling.seed + t), out=d / "samples.jsonl", progress=progress)))
-        run.once(t, "score", lambda: write_stage(d / "scored.jsonl", *task.score_samples(
-            read_jsonl(d / "samples.jsonl", SAMPLE_FIELDS, len(problems), SAMPLE_KEY), problems)))
-        run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *keep(
-            cfg, prompts, read_jsonl(d / "scored.jsonl", SCORED_FIELDS, len(prompts), SAMPLE_KEY), t)))
-        # M-step: the BASE model, afresh, trained on them with the reward-weighted NLL
-        run.once(t, "train", lambda: models.fit(t, *models.fresh_base(), cfg.train, reference="adapter_off",
-                                                progress=progress))
-        run.once(t, "eval", lambda: evaluate(t))
-        run.log(t, "eval", "build", "score")
+        job.once(t, "sample", sample)  # E-step
+        job.once(t, "score", score)
+        job.once(t, "build", keep)
+        job.once(t, "train", m_step)  # M-step
+        job.once(t, "eval", evaluate)
+        job.log(t, "eval", "build", **sampler_metrics(job.summaries[t]["score"]))
     models.close()
-    return run.finish(cfg.eval.select_on, validation=len(valid_set))
+    return job.finish(cfg.eval.select_on, validation=len(valid_set))

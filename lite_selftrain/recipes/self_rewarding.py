@@ -16,7 +16,8 @@
 
 Run: `lite-selftrain self-reward --config examples/self_reward_oasst_150m.toml --out runs/x`.
 Simplifications: the new prompt is the first line the model writes after "Task:"; prompts already in
-the seed data or written twice are dropped. The fixed judge and the iterate it grades are in memory together.
+the seed data or written twice are dropped; two answers with the same text never make a pair (their
+judgments, sampled, may differ). The fixed judge and the iterate it grades are in memory together.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from pathlib import Path
 
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
-from ..judge import JudgeConfig, eft_example, judge, judged_eval
+from ..judge import JudgeConfig, eft_example, judge
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
-from ..training.batching import sampled_ids
-from .common import Iterates, Run, check_trainable, split_validation, write_stage
+from .common import Iterates, Run, check_trainable, write_stage
+from .shared import Scored, finished, instruction_splits, judge_eval, preference_pair
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
 
@@ -63,7 +64,7 @@ class SelfRewardConfig:
         n=4, temperature=0.7, top_p=0.9, max_new_tokens=256))  # the paper's N 4, T 0.7, top-p 0.9
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # k 3 judgments averaged
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        objective="dpo_nll", alpha=0.0, beta=0.1))  # plain DPO, β 0.1
+        objective="dpo_nll", alpha=0.0, beta=0.1, reference="current"))  # plain DPO, β 0.1, reference M_{t-1}
     seed: int = 0  # which seed prompts each few-shot list shows
 
     def __post_init__(self):
@@ -132,102 +133,108 @@ def judge_samples(model, tok, prompts: list[str], samples: list[dict], cfg: Judg
     return judged, {"judgments": len(verdicts) * cfg.sample.n, "judgments_parsable": parsed}
 
 
-def build_pairs(judged: list[dict]) -> tuple[list[dict], dict]:
+def answer(job: Run, models: Iterates, respond: SamplingConfig, t: int, *, progress: bool) -> dict:
+    """N answers by M_{t-1} to each of iteration t's prompts (prompts.jsonl), in the chat template."""
+    model, tok = models.sampler(t - 1)
+    prompts = [format_prompt(tok, r["prompt"]) for r in read_jsonl(job.dir(t) / "prompts.jsonl", {"prompt": "string"})]
+    return sampled(generate(model, tok, prompts, respond.replace(seed=respond.seed + t),
+                            out=job.dir(t) / "samples.jsonl", progress=progress))
+
+
+def judge_answers(job: Run, models: Iterates, cfg: JudgeConfig, t: int) -> dict:
+    """k judgments of every answer of iteration t by M_{t-1} itself, averaged (judged.jsonl)."""
+    prompts = [r["prompt"] for r in read_jsonl(job.dir(t) / "prompts.jsonl", {"prompt": "string"})]
+    judging = dataclasses.replace(cfg, sample=cfg.sample.replace(seed=cfg.sample.seed + t))
+    samples = read_jsonl(job.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(prompts), SAMPLE_KEY)
+    return write_stage(job.dir(t) / "judged.jsonl", *judge_samples(*models.sampler(t - 1), prompts, samples, judging))
+
+
+def best_vs_worst(judged: list[dict]) -> tuple[list[dict], dict]:
     """(highest, lowest) judged answer per prompt, with the reason each prompt without a pair has."""
-    dropped = {"too_long": 0, "unparsable_judgment": 0, "tie": 0}
+    dropped = {"too_long": 0, "unparsable_judgment": 0, "tie": 0, "same_text": 0}
     records = []
     for _, group in sorted(group_by_prompt(judged).items()):
-        finished = [s for s in group if s["finish_reason"] != "length"]
-        scored = [s for s in finished if s["score"] is not None]
-        if len(finished) < 2:
+        done = finished(group)
+        scored = [s for s in done if s["score"] is not None]
+        if len(done) < 2:
             dropped["too_long"] += 1
         elif len(scored) < 2:
             dropped["unparsable_judgment"] += 1
         else:
             best = max(scored, key=lambda s: s["score"])
             worst = min(scored, key=lambda s: s["score"])
+            pair = preference_pair(best["prompt"], best, worst, score_chosen=best["score"],
+                                   score_rejected=worst["score"])
             if best["score"] == worst["score"]:
                 dropped["tie"] += 1
+            elif pair is None:
+                dropped["same_text"] += 1
             else:
-                records.append({"prompt": best["prompt"], "chosen": best["text"], "rejected": worst["text"],
-                                "score_chosen": best["score"], "score_rejected": worst["score"],
-                                **sampled_ids("chosen", best), **sampled_ids("rejected", worst)})
+                records.append(pair)
     return records, {"pairs": len(records), "dataset_size": len(records), "dropped": dropped}
 
 
 def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = True, name: str = "self_reward",
-        prompts=None, pairs=None, evaluate=None, select_on: str = "valid_judge_score", validation: int | None = None):
+        build=None):
     """Run (or resume) self-rewarding training in `out`; returns (metrics per iteration, the best one).
 
-    Seams for a task with a hidden verifier (the CPU demo): `prompts(t)` gives iteration t's new prompts as
-    (records, summary) instead of the fixed model writing them; `pairs(judged, t)` builds the DPO pairs
-    instead of `build_pairs` (a control pairs blind); `evaluate(model, tokenizer, t)` gives an iterate's
-    held-out metrics instead of the fixed judge's, `select_on` naming the one that chooses the best and
-    `validation` how many problems that metric is measured on (default: the held-out instructions).
+    `build(scored: Scored) -> (records, summary)` replaces `best_vs_worst` on iteration t's judged answers
+    (`scored.samples`, each with its mean `score`): the one place a caller changes what DPO trains on.
     """
     if not (cfg.eft_path or cfg.no_eft or cfg.skip_sft):
         raise UserError("self-rewarding trains its judge on EFT data: set eft_path (prompt, response, "
                         "justification, score), or no_eft = true to train M_0 on instructions alone")
     eft = eft_examples(cfg)  # every input is checked before the run folder is bound
-    run = Run(out, name, cfg, restart=restart)
+    job = Run(out, name, cfg, restart=restart)
     task = get_task("instruct")
-    ift = task.load("train", cfg.ift_path)
-    if cfg.test_path:
-        test = [r["prompt"] for r in task.load("test", cfg.test_path)][: cfg.eval_size]
-    else:
-        ift, test = ift[: -cfg.eval_size], [r["prompt"] for r in ift[-cfg.eval_size:]]
-    if len(ift) < 2:
-        raise UserError(f"self-rewarding needs more IFT records than eval_size ({cfg.eval_size}) + 1")
-    ift, valid = split_validation(ift, cfg.validation_size, cfg.seed, cap=cfg.eval_size)
-    valid = [r["prompt"] for r in valid]
+    ift, valid, test = instruction_splits(
+        task.load("train", cfg.ift_path), task.load("test", cfg.test_path) if cfg.test_path else None,
+        eval_size=cfg.eval_size, validation_size=cfg.validation_size, seed=cfg.seed, recipe="self-rewarding")
     seeds = [r["prompt"] for r in ift]
-    models = Iterates(run, cfg.model)
+    models = Iterates(job, cfg.model)
+    evaluate = judge_eval(models, cfg.judge_model, cfg.judge, cfg.respond, valid, test)
+    build = build or (lambda scored: best_vs_worst(scored.samples))
 
-    def evaluate_judged(t):  # iterate t answers; one fixed judge (judge_model, else M_0) grades every iterate
-        model, tok = models.sampler(t)
-        fixed = models.other_sampler(cfg.judge_model, 0)
-        return {**judged_eval(model, tok, test, cfg.judge, cfg.respond, judge_with=fixed),
-                **judged_eval(model, tok, valid, cfg.judge, cfg.respond, judge_with=fixed, prefix="valid_"),
-                "judge": cfg.judge_model or "iteration 0"}
+    def sft_data(t):  # M_0's data, tokenised as judge() and generate() will prompt
+        return write_stage(job.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift, eft))
 
-    def sft_data():  # M_0's data, tokenised as judge() and generate() will prompt
-        return write_stage(run.dir(0) / "dataset.jsonl", *sft_records(cfg, models.get(0)[1], ift, eft))
+    def sft(t):  # M_0: SFT of the base model on IFT + EFT
+        return models.fit(0, *models.get(0), cfg.sft, progress=progress)
 
-    def respond(t):  # N answers to each new prompt, in the chat template
-        model, tok = models.sampler(t - 1)
-        new = read_jsonl(run.dir(t) / "prompts.jsonl", {"prompt": "string"})
-        prompts = [format_prompt(tok, r["prompt"]) for r in new]
-        return sampled(generate(model, tok, prompts, cfg.respond.replace(seed=cfg.respond.seed + t),
-                                out=run.dir(t) / "samples.jsonl", progress=progress))
+    def new_prompts(t):  # a fixed model (prompt_model, else M_0) continues few-shot lists of seed prompts
+        writer = models.other_sampler(cfg.prompt_model, 0)
+        written = write_prompts(*writer, seeds, cfg, t, job.dir(t) / "prompts_raw.jsonl")
+        return write_stage(job.dir(t) / "prompts.jsonl", *written)
 
-    def judge_answers(t):  # k judgments of every answer by M_{t-1} itself
-        new = [r["prompt"] for r in read_jsonl(run.dir(t) / "prompts.jsonl", {"prompt": "string"})]
-        judging = dataclasses.replace(cfg.judge, sample=cfg.judge.sample.replace(seed=cfg.judge.sample.seed + t))
-        samples = read_jsonl(run.dir(t) / "samples.jsonl", COMPLETION_FIELDS, len(new), SAMPLE_KEY)
-        return write_stage(run.dir(t) / "judged.jsonl", *judge_samples(*models.sampler(t - 1), new, samples, judging))
+    def respond(t):  # M_{t-1} answers each new prompt N times
+        return answer(job, models, cfg.respond, t, progress=progress)
 
-    measure = (lambda t: evaluate(*models.sampler(t), t)) if evaluate else evaluate_judged
-    write = prompts or (lambda t: write_prompts(*models.other_sampler(cfg.prompt_model, 0), seeds, cfg, t,
-                                                run.dir(t) / "prompts_raw.jsonl"))
-    pair = pairs or (lambda judged, t: build_pairs(judged))
-    if not cfg.skip_sft:  # M_0: SFT of the base model on IFT + EFT
-        run.once(0, "build", sft_data)
-        run.once(0, "train", lambda: models.fit(0, *models.get(0), cfg.sft, reference="current", progress=progress))
-    run.once(0, "eval", lambda: measure(0))
-    run.log(0, "eval")
+    def judge_own(t):  # M_{t-1} judges every answer k times
+        return judge_answers(job, models, cfg.judge, t)
+
+    def pair(t):  # (best, worst) judged answer per prompt
+        prompts = [r["prompt"] for r in read_jsonl(job.dir(t) / "prompts.jsonl")]
+        judged = read_jsonl(job.dir(t) / "judged.jsonl", JUDGED_FIELDS, unique=SAMPLE_KEY)
+        scored = Scored(t, prompts, judged, sampler=lambda: models.get(t - 1))
+        return write_stage(job.dir(t) / "dataset.jsonl", *build(scored))
+
+    def dpo(t):  # from M_{t-1}, which is the reference
+        empty = f"no pairs: {job.summaries[t]['build']['dropped']}"
+        return models.fit(t, *models.get(t - 1), cfg.train, progress=progress, empty=empty)
+
+    if not cfg.skip_sft:
+        job.once(0, "build", sft_data)
+        job.once(0, "train", sft)
+    job.once(0, "eval", evaluate)
+    job.log(0, "eval")
     for t in range(1, cfg.iterations + 1):
-        d = run.dir(t)
-        # a fixed model writes new prompts; M_{t-1} answers each N times and judges every answer k times
-        run.once(t, "prompts", lambda: write_stage(d / "prompts.jsonl", *write(t)))
-        run.once(t, "respond", lambda: respond(t))
-        run.once(t, "judge", lambda: judge_answers(t))
-        built = run.once(t, "build", lambda: write_stage(d / "dataset.jsonl", *pair(
-            read_jsonl(d / "judged.jsonl", JUDGED_FIELDS, unique=SAMPLE_KEY), t)))
-        # DPO on (best, worst) from M_{t-1}, which is the reference
-        trained = run.once(t, "train", lambda: models.fit(t, *models.get(t - 1), cfg.train, reference="current",
-                                                          progress=progress, empty=f"no pairs: {built['dropped']}"))
-        run.once(t, "eval", lambda: measure(t))
-        run.log(t, "eval", "prompts", "build", judgments_parsable=run.summaries[t]["judge"]["judgments_parsable"],
+        job.once(t, "prompts", new_prompts)
+        job.once(t, "respond", respond)
+        job.once(t, "judge", judge_own)
+        job.once(t, "build", pair)
+        trained = job.once(t, "train", dpo)
+        job.once(t, "eval", evaluate)
+        job.log(t, "eval", "prompts", "build", judgments_parsable=job.summaries[t]["judge"]["judgments_parsable"],
                 train_note=trained.get("skipped"))
     models.close()
-    return run.finish(select_on, validation=len(valid) if validation is None else validation)
+    return job.finish("valid_judge_score", validation=len(valid))

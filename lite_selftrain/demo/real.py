@@ -28,12 +28,13 @@ from ..config import Count, Name, PositiveFloat, PositiveInt, check_fields, to_d
 from ..evaluate import EvalConfig
 from ..models import ModelConfig
 from ..plot import plot_metrics
+from ..recipes import rest_em, rpo
+from ..recipes.common import Run, log_once
 from ..sampling import SamplingConfig
 from ..store import RunStore, sweep_temporaries
 from ..training import TrainConfig
-from . import rest_em, rpo
-from .common import Run
-from .demo import blind_pick, chosen, sizes
+from .run import chosen, sizes
+from .selection import blind_pick
 
 CHAINS = ("rest_em", "rpo", "control")
 
@@ -108,7 +109,7 @@ def share_base_eval(configs: dict, out, source: str, target: str) -> None:
     second = Run(out / target, target, configs[target])
     if second.store.done_info(f"{target}/00/eval") is None:
         shutil.copytree(first.dir(0) / "eval", second.dir(0) / "eval", dirs_exist_ok=True)
-        second.once(0, "eval", lambda: {k: v for k, v in summary.items() if k != "seconds"})
+        second.once(0, "eval", lambda t: {k: v for k, v in summary.items() if k != "seconds"})
 
 
 def run_real_demo(cfg: RealDemoConfig, out, *, restart: bool = False, progress: bool = True, echo=print) -> dict:
@@ -128,11 +129,11 @@ def run_real_demo(cfg: RealDemoConfig, out, *, restart: bool = False, progress: 
         if name == "rpo":
             chain, _ = rpo.run(configs[name], out / name, progress=progress, name=name)
         else:
-            keep = rest_em.keep_correct if name == "rest_em" else blind_pick(sizes(records, "rest_em"))
-            chain, _ = rest_em.run(configs[name], out / name, progress=progress, name=name, keep=keep)
+            build = None if name == "rest_em" else blind_pick(sizes(records, "rest_em"), configs[name].max_per_problem,
+                                                              cfg.seed)  # the control: as many, blind
+            chain, _ = rest_em.run(configs[name], out / name, progress=progress, name=name, build=build)
         records += chain
-    logged = {(r["recipe"], r["iteration"]) for r in store.metrics.recover()}
-    store.metrics.append(r for r in records if (r["recipe"], r["iteration"]) not in logged)
+    log_once(store, records)  # each record once
     plot = plot_metrics(out / "metrics.jsonl", out / "accuracy.png")
     return {"records": records, "summary": summarize(records), "plot": plot}
 
