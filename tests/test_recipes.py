@@ -266,7 +266,7 @@ def scoring_judge(tmp_path_factory, instruct_file):
     model = build_model("tiny", vocab_size=len(tok), seed=3)
     words = [json.loads(line)["prompt"] for line in Path(instruct_file).read_text().splitlines()]
     records = [{"prompt": judge_prompt(w, a), "response": "Score: 4"} for w in words for a in ("x", "yy", "a b")]
-    train(model, tok, records, TrainConfig(objective="sft", lr=1e-2, max_steps=40, batch_size=8, grad_accum=1,
+    train(model, tok, records, TrainConfig(objective="sft", lr=1e-2, max_steps=120, batch_size=8, grad_accum=1,
                                            max_length=1200, warmup_ratio=0.0, checkpoint_every=1000),
           tmp_path_factory.mktemp("judge_train"))
     return str(save_model(model, tmp_path_factory.mktemp("judge") / "model", tok))

@@ -326,6 +326,7 @@ def test_forged_equality_and_early_exits_score_zero():
 
 HELPER = """
 import json, os, sys, types
+sys.path.append(os.environ.pop("LITE_SELFTRAIN_SITE"))  # the package's own dependencies (pydantic), read-only
 for name, path in (("box", sys.argv[1] + "/lite_selftrain"), ("box.tasks", sys.argv[1] + "/lite_selftrain/tasks")):
     module = types.ModuleType(name)
     module.__path__ = [path]
@@ -349,6 +350,9 @@ def test_contained_when_run_by_an_ordinary_user(tmp_path, monkeypatch):
     if python is None or subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 10)"],
                                         user="nobody", cwd="/").returncode:
         pytest.skip("no Python >= 3.10 that an ordinary user can run")
+    import pydantic
+
+    site = os.path.dirname(os.path.dirname(pydantic.__file__))
     user, tag = pwd.getpwnam("nobody"), uuid.uuid4().hex
     key = int(tag[:6], 16) + 1000
     home = tempfile.mkdtemp(prefix="sandbox-user-")
@@ -362,7 +366,8 @@ def test_contained_when_run_by_an_ordinary_user(tmp_path, monkeypatch):
     try:
         run = subprocess.run([python, "-c", HELPER, str(ROOT), json.dumps(LIMITS), *attacks], user=user.pw_uid,
                              group=user.pw_gid, extra_groups=[], cwd=home, capture_output=True, text=True,
-                             env={"LITE_SELFTRAIN_SECRET": secret, "PATH": os.defpath}, timeout=60)
+                             env={"LITE_SELFTRAIN_SECRET": secret, "PATH": os.defpath, "LITE_SELFTRAIN_SITE": site},
+                             timeout=60)
     finally:
         shutil.rmtree(home, ignore_errors=True)
     assert run.returncode == 0, run.stderr  # the helper, parent of every program, survived
