@@ -18,9 +18,10 @@ import pytest
 vllm = pytest.importorskip("vllm", reason="the vLLM environment runs these (docs/vllm.md)")
 
 from lite_selftrain.config import from_dict  # noqa: E402
+from lite_selftrain.demo import world as demo  # noqa: E402
 from lite_selftrain.errors import UserError  # noqa: E402
 from lite_selftrain.models import ModelConfig, load_model  # noqa: E402
-from lite_selftrain.recipes import demo, rest_em, rpo  # noqa: E402
+from lite_selftrain.recipes import rest_em, rpo  # noqa: E402
 from lite_selftrain.sampling import SamplingConfig, generate  # noqa: E402
 from lite_selftrain.sampling.vllm_backend import VllmServer, cpu_build  # noqa: E402
 from lite_selftrain.store import read_jsonl  # noqa: E402
