@@ -2,13 +2,17 @@
 
     python bench/bench_logprob.py                                  # CPU: naive, chunked (+ CCE, TRL)
     python bench/bench_logprob.py --tokens 4096 --hidden 2048      # the CPU target point alone
-    python bench/bench_logprob.py --device cuda --dtype bfloat16   # + triton, Liger, CCE, TRL
+    python bench/bench_logprob.py --device cuda --dtype bfloat16   # + our triton strategies, Liger, CCE, TRL
     python bench/bench_logprob.py --device cuda --dtype bfloat16 --tokens 8192 --hidden 3072  # llm-jp-3-3.7b
     python bench/bench_logprob.py --trainable-head                 # lm_head requires grad as well
 
 Shapes are llm-jp-3's (H = 512, 2048, 3072; V = 99,584), fp32 by default (--dtype bfloat16 on GPU).
 Each call is a provider's forward, then backward of Σ_n g_n ℓ_n with a random g; the lm_head is frozen
-unless --trainable-head (the QLoRA / LoRA case). Outside providers, each when it is importable:
+unless --trainable-head (the QLoRA / LoRA case). Our CUDA providers: triton (the GEMM-fold default of
+impl="triton": cuBLAS GEMMs, Triton folds; `kernels/triton_gemm.py`), triton_small / triton_large (the same
+with [2048 × 4096] / [8192 × 16384] token × vocabulary tiles instead of [4096 × 8192]), triton_tiles (the
+all-Triton `tl.dot` kernels, the earlier default) and triton_direction (their frozen-head variant that
+forms the gradient in the forward). Outside providers, each when it is importable:
 - liger (CUDA): Liger-Kernel's fused linear cross entropy, summed (one scalar, so g is not applied);
 - cce: Apple's Cut Cross-Entropy with reduction="none" (minus our log-prob), its Triton kernel with its
   default gradient filtering on CUDA, its `torch_compile` path (compiled naive) on CPU;
@@ -68,13 +72,26 @@ def _logprob_step(impl):
     return step
 
 
-def _direction_step():
+def _tiles_step(frozen_head="auto"):
+    """The all-Triton kernels; frozen_head="direction" differs from "auto" only when the head is frozen."""
     from lite_selftrain.kernels.triton_logprob import TritonConfig, triton_logprob
 
-    cfg = TritonConfig(frozen_head="direction")  # only differs from "triton" when the head is frozen
+    cfg = TritonConfig(frozen_head=frozen_head)
 
     def step(h, w, t, g):
         (triton_logprob(h, w, t, cfg=cfg) * g).sum().backward()
+
+    return step
+
+
+def _gemm_step(block_n, block_v):
+    """The GEMM-fold strategy with other token × vocabulary blocks than its defaults."""
+    from lite_selftrain.kernels.triton_gemm import GemmConfig, gemm_logprob
+
+    cfg = GemmConfig(block_n=block_n, block_v=block_v)
+
+    def step(h, w, t, g):
+        (gemm_logprob(h, w, t, cfg=cfg) * g).sum().backward()
 
     return step
 
@@ -123,8 +140,11 @@ def providers(device: str) -> dict:
     found = {"naive": _logprob_step("naive"), "chunked": _logprob_step("chunked")}
     outside = {"cce": lambda: _cce_step("cce" if device == "cuda" else "torch_compile"), "trl": _trl_step}
     if device == "cuda":
-        found["triton"] = _logprob_step("triton")
-        found["triton_direction"] = _direction_step()  # the frozen head's other strategy, for comparison
+        found["triton"] = _logprob_step("triton")  # the GEMM-fold default
+        found["triton_small"] = _gemm_step(2048, 4096)  # its block sizes, measured side by side
+        found["triton_large"] = _gemm_step(8192, 16384)
+        found["triton_tiles"] = _tiles_step()  # the all-Triton kernels, for comparison
+        found["triton_direction"] = _tiles_step("direction")
         outside = {"liger": _liger_step, **outside}
     for name, make in outside.items():
         try:
@@ -255,7 +275,7 @@ def run(args) -> list[dict]:
             peak = peak_tflops(device_name(device), dtype, args.peak_tflops) if device == "cuda" else None
             print(f"\nN={n} H={hd} V={VOCAB} {args.dtype} {'trainable' if args.trainable_head else 'frozen'} head, "
                   f"{device_name(device)}" + (f", peak {peak} TFLOP/s" if peak else ""))
-            print(f"{'provider':>9} {'time s':>9} {'x naive':>8} {'peak MB':>9} {'-grad_h MB':>11} {'x naive':>8} "
+            print(f"{'provider':>16} {'time s':>9} {'x naive':>8} {'peak MB':>9} {'-grad_h MB':>11} {'x naive':>8} "
                   f"{'TFLOP/s':>8} {'% peak':>7}")
             for name, r in results.items():
                 best, extra = min(r["times"]), r["peak"] - grad_h
@@ -263,7 +283,7 @@ def run(args) -> list[dict]:
                 m_ratio = extra / max(naive["peak"] - grad_h, 1) if naive else float("nan")
                 tflops = flops / best / 1e12
                 pct = 100 * tflops / peak if peak else float("nan")
-                print(f"{name:>9} {best:9.3f} {t_ratio:8.3f} {r['peak'] / 2**20:9.1f} {extra / 2**20:11.1f} "
+                print(f"{name:>16} {best:9.3f} {t_ratio:8.3f} {r['peak'] / 2**20:9.1f} {extra / 2**20:11.1f} "
                       f"{m_ratio:8.4f} {tflops:8.2f} {pct:7.1f}")
                 rows.append(dict(
                     time=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device_name(device),
@@ -289,8 +309,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="*", help="token counts N to sweep")
     ap.add_argument("--hidden", type=int, nargs="*", help="hidden sizes H to sweep")
     ap.add_argument("--trainable-head", action="store_true", help="the lm_head weight requires grad too")
-    ap.add_argument("--providers", nargs="*", default=["naive", "chunked", "triton", "triton_direction", "liger",
-                                                         "cce", "trl"])
+    ap.add_argument("--providers", nargs="*", default=["naive", "chunked", "triton", "triton_small", "triton_large",
+                                                         "triton_tiles", "triton_direction", "liger", "cce", "trl"])
     ap.add_argument("--peak-tflops", type=float, help="the card's dense peak, when the table does not know it")
     ap.add_argument("--calls", type=int, default=None, help="calls per child (CPU) or per provider (CUDA)")
     ap.add_argument("--rounds", type=int, default=2, help="CPU: alternating rounds of fresh children")

@@ -1,4 +1,4 @@
-"""Everything that needs CUDA, in one run of under 8 minutes on one GPU, written to one report file.
+"""Everything that needs CUDA, in one run of about 8 minutes on one GPU, written to one report file.
 
     python bench/gpu_check.py                          # every part → bench/results/gpu_check.md
     python bench/gpu_check.py --only tests,qlora       # some parts
@@ -6,9 +6,10 @@
 
 Parts, each in its own process under its own time limit, so one that fails or hangs leaves the others:
 - tests:    the GPU-marked tests (`pytest -m gpu`);
-- logprob:  the fused log-prob kernel (both frozen-head strategies) against naive, chunked, Liger, CCE
-            and TRL (those importable) at
-            llm-jp-3-3.7b's shape (N 8192, H 3072, V 99,584, bf16), frozen head, then trainable head;
+- logprob:  the fused log-prob kernels (the GEMM-fold default at three block sizes, the all-Triton
+            kernels and their direction variant) against naive, chunked, Liger, CCE and TRL (those
+            importable) at llm-jp-3-3.7b's shape (N 8192, H 3072, V 99,584, bf16), frozen head, then
+            trainable head (`--only logprob,logprob_trainable`: these two alone, about 2 minutes);
 - sampling: the native engine against Hugging Face generate (`bench_sampling.py`, llm-jp-3-1.8b shape);
 - dpo:      a DPO + NLL step of this trainer against TRL's (`bench_dpo.py`, llm-jp-3-1.8b shape, bf16 LoRA);
 - qlora:    QLoRA DPO + NLL training steps of the llm-jp-3-1.8b and 3.7b shapes (random weights, written
@@ -36,13 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "bench" / "results" / "gpu_check.md"
 PY = sys.executable
 
-PARTS = {  # name: (command, seconds allowed); the budgets add up to under 8 minutes
+PARTS = {  # name: (command, seconds allowed); the budgets add up to about 8 minutes
     "tests": ([PY, "-m", "pytest", "-q", "-rfEs", "-m", "gpu", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", "tests"], 90),
     "logprob": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192",
-                 "--hidden", "3072"], 60),
+                 "--hidden", "3072"], 75),
     "logprob_trainable": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens",
-                           "8192", "--hidden", "3072", "--trainable-head"], 50),
+                           "8192", "--hidden", "3072", "--trainable-head"], 65),
     "sampling": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", "--prompts", "8"], 60),
     "dpo": ([PY, "bench/bench_dpo.py", "--device", "cuda", "--preset", "llm-jp-3-1.8b", "--pairs", "4",
              "--steps", "3", "--threads", "4", "--providers", "lite,trl"], 100),

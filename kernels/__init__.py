@@ -2,7 +2,8 @@
 
     fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, impl="auto")
 
-impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "chunked" (pure torch, bounded memory), "naive"
+impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1: cuBLAS GEMMs folded by Triton, `triton_gemm.py`; the
+earlier all-Triton kernels stay in `triton_logprob.py`), "chunked" (pure torch, bounded memory), "naive"
 (the plain one every other is tested against), "auto" (triton on CUDA when triton is installed, else chunked).
 This package imports torch and triton only, and triton only when the triton path runs: on a machine
 without it (macOS), everything but impl="triton" works.
@@ -86,9 +87,9 @@ def fused_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore
         return naive_logprob(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index)
     if impl == "chunked":
         return chunked_logprob(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index)
-    from .triton_logprob import triton_logprob  # imported here: triton is needed by this path only
+    from .triton_gemm import gemm_logprob  # imported here: triton is needed by this path only
 
-    return triton_logprob(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index)
+    return gemm_logprob(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index)
 
 
 __all__ = ["ChunkConfig", "chunked_logprob", "fused_logprob", "naive_logprob"]

@@ -1,5 +1,7 @@
 """The fused token log-prob in Triton: logit tiles with `tl.dot`, online logsumexp, no [N, V] anything.
 
+The all-Triton kernels, kept for comparison: impl="triton" runs the GEMM-fold strategy (triton_gemm.py).
+
     logp = triton_logprob(hidden, weight, targets, bias, temperature=1.0, ignore_index=-100)
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before this module is imported).
