@@ -135,6 +135,18 @@ def write_prompts(model, tok, seeds: list[str], cfg: SelfRewardConfig, iteration
     return kept, {"prompts_written": len(lists), "prompts_kept": len(kept), "prompts_dropped": dropped}
 
 
+def prompts_stage(job: Run, models: Iterates, writer: Endpoint | None, cfg: SelfRewardConfig, seeds: list[str],
+                  t: int) -> dict:
+    """Iteration t's prompts (prompts.jsonl), written by the server model `writer` (the tokens it was paid in
+    the summary) or else by the local fixed model (`prompt_model`, else M_0)."""
+    tokens = dict(writer.tokens) if writer else {}
+    kept, info = write_prompts(*((writer, None) if writer else models.other_sampler(cfg.prompt_model, 0)),
+                               seeds, cfg, t, job.dir(t) / "prompts_raw.jsonl")
+    if writer:
+        info["writer_tokens"] = {k: v - tokens.get(k, 0) for k, v in writer.tokens.items()}
+    return write_stage(job.dir(t) / "prompts.jsonl", kept, info)
+
+
 def judge_samples(model, tok, prompts: list[str], samples: list[dict], cfg: JudgeConfig) -> tuple[list, dict]:
     """Every answer with its mean judged score (None when no judgment parsed) and its judgments."""
     verdicts = judge(model, tok, [(prompts[s["prompt_index"]], s["text"]) for s in samples], cfg)
@@ -215,12 +227,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         return models.fit(0, *models.get(0), cfg.sft, progress=progress)
 
     def new_prompts(t):  # a fixed model (prompt_model, else M_0) continues few-shot lists of seed prompts
-        tokens = dict(writer.tokens) if writer else {}
-        kept, info = write_prompts(*((writer, None) if writer else models.other_sampler(cfg.prompt_model, 0)),
-                                   seeds, cfg, t, job.dir(t) / "prompts_raw.jsonl")
-        if writer:
-            info["writer_tokens"] = {k: v - tokens.get(k, 0) for k, v in writer.tokens.items()}
-        return write_stage(job.dir(t) / "prompts.jsonl", kept, info)
+        return prompts_stage(job, models, writer, cfg, seeds, t)
 
     def respond(t):  # M_{t-1} answers each new prompt N times
         return answer(job, models, cfg.respond, t, progress=progress)
