@@ -15,7 +15,7 @@ sampling, sample index), so a killed run that resumes asks only for what is miss
 Failures: a reply that is not a chat completion, or a request the server refuses as malformed (400), is a
 missing reply (recorded in the answer, not the ledger: a resume asks again); a server that stays down or
 rate-limited after the retries, or refuses the key, stops the run with one line, after every reply that had
-arrived is in the ledger.
+arrived is in the ledger. Under a launcher (torchrun) rank 0 alone asks; the other ranks receive its texts.
 Simplification: one request per sample (n = 1 each; llama.cpp's server ignores n), seeded with sample.seed + j.
 """
 
@@ -29,6 +29,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import distributed as dist
 from ..config import PositiveInt, check_fields
 from ..errors import UserError
 from ..sampling import SamplingConfig
@@ -127,6 +128,12 @@ class Endpoint:
         for (i, j), reply in zip(todo, self._ask([(prompts[i], j) for i, j in todo], sampling, keys)):
             out[i][j] = reply
         return out
+
+    def texts(self, prompts: list[str], sampling: SamplingConfig) -> list[list[str | None]]:
+        """The texts of `chat`: [P][n], None where missing. Under a launcher rank 0 alone asks (and pays), and
+        hands the texts to every rank."""
+        asked = [[r.text for r in group] for group in self.chat(prompts, sampling)] if dist.is_main() else None
+        return dist.broadcast(asked)
 
     def _ask(self, requests: list[tuple[str, int]], sampling: SamplingConfig, keys) -> list[Reply]:
         """The replies to `requests` (prompt, sample index), each written to the ledger as it arrives; a

@@ -106,7 +106,7 @@ def judge(model, tokenizer, pairs: list[tuple[str, str]], cfg: JudgeConfig | Non
     cfg = cfg or JudgeConfig()
     prompts = [judge_prompt(p, r, cfg.template) for p, r in pairs]
     if isinstance(model, Endpoint):  # the server applies its own chat template
-        groups = [[r.text for r in group] for group in model.chat(prompts, cfg.sample)]
+        groups = model.texts(prompts, cfg.sample)
     else:
         if cfg.chat:
             prompts = [format_prompt(tokenizer, p) for p in prompts]

@@ -119,7 +119,7 @@ def write_prompts(model, tok, seeds: list[str], cfg: SelfRewardConfig, iteration
         lists.append(PROMPT_HEADER + "".join(f"Task: {' '.join(p.split())}\n" for p in picked) + "Task:")
     writing = cfg.write.replace(n=1, seed=cfg.write.seed + iteration)
     if isinstance(model, Endpoint):  # a chat model answers the list: its reply may repeat the "Task:" label
-        texts = [(g[0].text or "").strip().removeprefix("Task:") for g in model.chat(lists, writing)]
+        texts = [(g[0] or "").strip().removeprefix("Task:") for g in model.texts(lists, writing)]
     else:
         texts = [g[0].text for g in generate(model, tok, lists, writing, out=out)]
     known, kept, dropped = set(seeds), [], {"empty": 0, "repeated": 0}
