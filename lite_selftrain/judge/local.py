@@ -13,9 +13,11 @@ Usage:
     metrics = judged_eval(model, tokenizer, prompts, JudgeConfig(), answer=SamplingConfig(max_new_tokens=256),
                           judge_with=(judge_model, judge_tokenizer))   # one fixed judge for every iterate
 
-`JudgeConfig.template` replaces the rubric prompt for a task with its own (the CPU demo's arithmetic check).
+`JudgeConfig.template` replaces the rubric prompt for a task with its own (the CPU demo's arithmetic check);
+`judged_eval(..., rubrics=("quality", "safety"))` grades the same answers on more scales (rubrics.py). The judge
+may be an `Endpoint` (endpoint.py), a model on a server, in place of (model, tokenizer).
 Simplifications: one rubric by default (the paper's, in our own words); the model's chat template (when it has one)
-wraps the judge prompt, as it wraps every instruction.
+wraps the judge prompt, as it wraps every instruction (a server applies its own).
 """
 
 from __future__ import annotations

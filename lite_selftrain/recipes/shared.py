@@ -5,6 +5,7 @@ samples into training records.
     evaluate = verifier_eval(job, models, task, valid, test, cfg.eval)      pass@k on test and validation
     train, valid, test = instruction_splits(records, cfg, task)             the judged recipes' prompts
     evaluate = judge_eval(models, judge_model, judge, answer, valid, test)  one fixed judge for every iterate
+                                       (a model, or a server's: open_endpoint checks it before the run)
     Scored(t, prompts, samples, sampler)                    what a dataset builder (a `build=` hook) reads
 
 `finished`, `distinct` and `preference_pair` are the rules every builder shares: a length-capped sample
