@@ -34,7 +34,7 @@ _spec.loader.exec_module(openai_server)
 
 pytestmark = pytest.mark.vllm
 MODEL = "smollm2"
-START_S = 900  # vLLM's start on two loaded CPU cores: imports, weights, a warm-up
+START_S = 1200  # vLLM's start on two loaded CPU cores: imports, weights, a warm-up
 PAIRS = [("What is 2 + 2?", "4"), ("Name a fruit.", "An apple."), ("Say hi.", "Hello!")]
 SHORT = JudgeConfig(sample=JudgeConfig().sample.replace(n=1, max_new_tokens=8, temperature=0.0))
 
@@ -67,7 +67,7 @@ def served(tmp_path_factory):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # its default claims most of the RAM
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                "--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1", "--enforce-eager",
-               "--max-model-len", "2048", "--seed", "0"]
+               "--max-model-len", "2048", "--max-num-seqs", "4", "--max-num-batched-tokens", "2048", "--seed", "0"]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
