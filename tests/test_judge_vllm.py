@@ -135,6 +135,7 @@ def test_a_centrality_run_judged_by_the_server_resumes_without_paying_twice(prox
     assert first.poll() is None, first.stdout.read()[-2000:]
     first.send_signal(signal.SIGKILL)  # mid-judging: iteration 0's evaluation asks for 9 judgments
     first.wait()
+    time.sleep(2)  # a request sent just before the kill reaches the proxy's count
     kept, asked = len(lines(ledger)), len(proxy.chats)
     assert 3 <= kept < 9
     second = centrality_run(out, data, name)

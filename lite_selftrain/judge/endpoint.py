@@ -37,6 +37,7 @@ from ..store import JsonlLog
 
 PREFIX = "openai:"  # how a model name says it is a model on a server
 LEDGER_FIELDS = {"key": "string", "endpoint": "string", "text": "string"}
+COUNTS = ("requests", "prompt_tokens", "completion_tokens", "reused", "missing")  # a stage's `judge_tokens`
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Endpoint:
         self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.cfg.timeout_s,
                                     max_retries=self.cfg.max_retries)
         self.ledger = JsonlLog(ledger) if ledger else None
-        self.tokens = Counter()  # prompt_tokens, completion_tokens, requests, reused, missing: in this process
+        self.tokens = Counter(dict.fromkeys(COUNTS, 0))  # what this process asked and paid for
 
     def check(self) -> None:
         """Before anything is paid for: the key is accepted, the server answers and serves `model`."""
