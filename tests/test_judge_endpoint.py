@@ -94,8 +94,9 @@ def test_judgments_are_kept_as_they_arrive_and_never_asked_twice(server, tmp_pat
     assert verdicts[3].texts == ["No verdict.", "No verdict."] and verdicts[3].score is None  # 'fig': unparsable
     assert len(ledger_lines(tmp_path / "j.jsonl")) == 8  # an unparsable judgment was paid for: it is kept
     assert again.tokens["prompt_tokens"] > 0 and again.tokens["completion_tokens"] > 0 and again.tokens["missing"] == 0
-    # the sampling settings are part of what was asked: other settings are other judgments
-    judge(again, None, PAIRS[:1], JudgeConfig(sample=cfg.sample.replace(n=1, temperature=0.0)))
+    # the sampling settings are part of what was asked: other settings are other judgments; the same pair twice
+    # in one call is asked for once
+    judge(again, None, PAIRS[:1] * 2, JudgeConfig(sample=cfg.sample.replace(n=1, temperature=0.0)))
     assert len(server.chats) == 9
 
 

@@ -115,19 +115,21 @@ class Endpoint:
 
     def chat(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Reply]]:
         """sampling.n replies to each prompt (as a user message): [P][n], from the ledger where it has them."""
-        keys = [[request_key(self.id, p, sampling, j) for j in range(sampling.n)] for p in prompts]
         known = {r["key"]: r for r in self.ledger.recover(LEDGER_FIELDS)} if self.ledger else {}
-        out = [[None] * sampling.n for _ in prompts]
-        todo = []
-        for i, row in enumerate(keys):
-            for j, key in enumerate(row):
+        out: list[list[Reply | None]] = [[None] * sampling.n for _ in prompts]
+        todo: dict[str, list[tuple[int, int]]] = {}  # key -> the places its reply goes: the same request, once
+        for i, prompt in enumerate(prompts):
+            for j in range(sampling.n):
+                key = request_key(self.id, prompt, sampling, j)
                 if key in known:
                     out[i][j] = Reply(known[key]["text"], reused=True)
                     self.tokens["reused"] += 1
                 else:
-                    todo.append((i, j))
-        for (i, j), reply in zip(todo, self._ask([(prompts[i], j) for i, j in todo], sampling, keys)):
-            out[i][j] = reply
+                    todo.setdefault(key, []).append((i, j))
+        places = list(todo.values())
+        for where, reply in zip(places, self._ask([(prompts[w[0][0]], w[0][1]) for w in places], sampling)):
+            for i, j in where:
+                out[i][j] = reply
         return out
 
     def texts(self, prompts: list[str], sampling: SamplingConfig) -> list[list[str | None]]:
@@ -136,7 +138,7 @@ class Endpoint:
         asked = [[r.text for r in group] for group in self.chat(prompts, sampling)] if dist.is_main() else None
         return dist.broadcast(asked)
 
-    def _ask(self, requests: list[tuple[str, int]], sampling: SamplingConfig, keys) -> list[Reply]:
+    def _ask(self, requests: list[tuple[str, int]], sampling: SamplingConfig) -> list[Reply]:
         """The replies to `requests` (prompt, sample index), each written to the ledger as it arrives; a
         fatal failure is raised once the requests in flight have ended."""
         replies: list[Reply | None] = [None] * len(requests)
