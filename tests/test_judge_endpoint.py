@@ -144,3 +144,20 @@ def test_a_centrality_run_refuses_a_missing_key_before_sampling(tmp_path, monkey
     with pytest.raises(UserError, match="OPENAI_API_KEY"):
         centrality.run(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # nothing sampled, no folder bound
+
+
+def test_a_prompt_writer_on_a_server_writes_self_rewarding_prompts(monkeypatch, tmp_path):
+    from lite_selftrain.recipes.self_rewarding import SelfRewardConfig, write_prompts
+
+    monkeypatch.setenv("OPENAI_API_KEY", "none")
+    with openai_server.OpenAIServer(reply=lambda prompt: "Task: Name a river.") as server:
+        writer = Endpoint(f"openai:judge@{server.url}", FAST, ledger=tmp_path / "w.jsonl")
+        cfg = SelfRewardConfig(new_prompts=2, prompt_shots=2, no_eft=True)
+        seeds = ["Say hi.", "Count to 3.", "Name a fruit.", "Spell cat."]
+        kept, info = write_prompts(writer, None, seeds, cfg, 1, tmp_path / "raw.jsonl")
+        assert kept == [{"prompt": "Name a river."}]  # the chat model's "Task:" label is not part of the prompt
+        assert info["prompts_dropped"] == {"empty": 0, "repeated": 1}
+        assert all(body["stop"] == ["\n"] and body["max_tokens"] == cfg.write.max_new_tokens for body in server.chats)
+        asked = len(server.chats)
+        assert write_prompts(writer, None, seeds, cfg, 1, tmp_path / "raw.jsonl")[0] == kept  # resumed: from the
+        assert len(server.chats) == asked  # ledger, nothing asked again
