@@ -255,10 +255,11 @@ def _judge(c: Card, name, judge, answers, d: DataShape, new) -> Stage:
 
 
 def judged_eval_stages(cfg, c: Card, d: DataShape, respond) -> list[Stage]:
-    """Greedy answers to the held-out prompts, each judged k times by the same model."""
+    """Greedy answers to the held-out prompts, each judged k times by the same model, once per rubric."""
     new = respond.max_new_tokens or FREE_TEXT_TOKENS
+    judged = cfg.eval_size * (1 + len(cfg.rubrics))  # judge.template, then each of `rubrics`
     return [c.decode("eval answers", cfg.eval_size, 1, respond.batch_size, d.prompt_mean, d.prompt_max, new,
-                     d.response_mean, 1, 1.0), _judge(c, "eval judge", cfg.judge, cfg.eval_size, d, new)]
+                     d.response_mean, 1, 1.0), _judge(c, "eval judge", cfg.judge, judged, d, new)]
 
 
 def self_reward_stages(cfg, c: Card) -> list[Stage]:

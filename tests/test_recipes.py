@@ -87,7 +87,8 @@ def _instruct_config(name, path):
                 "write": {"max_new_tokens": 12}, "respond": sample, "iterations": 2,
                 "sft": {**SMALL_TRAIN, "objective": "sft"}, "train": {**SMALL_TRAIN, "objective": "dpo_nll"}}
     return {"data_path": path, "eval_size": 2, "model": tiny, "judge": judge, "sample": sample, "iterations": 2,
-            "objective": "sft", "selection": {"policy": "central"}, "train": {**SMALL_TRAIN, "objective": "sft"}}
+            "objective": "sft", "selection": {"policy": "central"}, "train": {**SMALL_TRAIN, "objective": "sft"},
+            "rubrics": []}  # the llm-jp scales would triple the judging: test_judge_endpoint.py covers them
 
 
 def _config(name, arith_model, instruct_file):
@@ -285,10 +286,13 @@ def test_one_fixed_judge_scores_every_iterate_and_a_fixed_model_writes_prompts(i
     assert [r["test_judge_score"] for r in own] == [None, None]
     prompts = [(tmp_path / run / "self_reward/iter_01/prompts_raw.jsonl").read_text() for run in ("a", "b")]
     assert prompts[0] != prompts[1]  # the writer is the named model, not the iterate
-    cfg_c = {**_instruct_config("centrality", instruct_file), "iterations": 1, "judge_model": scoring_judge}
+    cfg_c = {**_instruct_config("centrality", instruct_file), "iterations": 1, "judge_model": scoring_judge,
+             "rubrics": ["quality"]}
     central = load_recipe("centrality")[0].run(from_dict(load_recipe("centrality")[1], cfg_c), tmp_path / "c",
                                                progress=False)[0]
     assert [(r["judge"], r["valid_judge_score"]) for r in central] == [(scoring_judge, 4)] * 2
+    assert all("test_quality_score" in r and "valid_quality_score" in r for r in central)  # the same judge, graded
+    # on the llm-jp quality scale too
 
 
 def test_config_round_trips_through_dicts():

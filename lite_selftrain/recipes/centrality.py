@@ -9,7 +9,8 @@
         the example when the original ranks low, (4) most central but keep the original when it ranks low;
         DPO: chosen = most central, rejected = least central, ties skipped;
         retrain M_0 on the new data → M_t; evaluate on held-out prompts, every iterate's answers graded by
-        one fixed judge (`judge_model`, else M_0); choose the best on prompts held out from training.
+        one fixed judge (`judge_model`, else M_0) with the additive rubric and the study's quality and safety
+        scales (`rubrics`); choose the best on prompts held out from training.
 
 Run: `lite-selftrain centrality --config examples/centrality_central_sft_150m.toml --out runs/x`.
 Simplifications: responses are embedded without their prompt; evaluation is a model judging greedy
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import Count, Name, PositiveInt, check_fields
-from ..judge import JudgeConfig
+from ..judge import EndpointConfig, JudgeConfig, rubric
 from ..mbr import SelectionConfig, dpo_pairs, select
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, sampled
@@ -54,12 +55,17 @@ class CentralityConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         objective="sft", alpha=0.0, reference="current"))  # DPO's α 0: plain DPO; its reference is M_0
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # for evaluation
-    judge_model: Name | None = None  # the fixed judge of every iterate's held-out answers; None: M_0
+    judge_model: Name | None = None  # the fixed judge of every iterate's held-out answers: a model, or a server's
+    # "openai:<model>@<base_url>" (docs/judge_endpoint.md); None: M_0
+    rubrics: tuple[Name, ...] = ("quality", "safety")  # the llm-jp study's two scales, judged beside judge.template
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # key variable, concurrency, retries
     seed: int = 0  # which training prompts the validation split holds out
 
     def __post_init__(self):
         check_fields(self)
         check_trainable(self.model, ("train.", self.train))
+        for name in self.rubrics:
+            rubric(name)  # an unknown name is refused when the config is read
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be 'sft' or 'dpo', not '{self.objective}'")
         loss = "sft" if self.objective == "sft" else "dpo_nll"
@@ -105,7 +111,8 @@ def run(cfg: CentralityConfig, out, *, restart: bool = False, progress: bool = T
     data = data[: cfg.limit] if cfg.limit else data
     prompts, originals = [r["prompt"] for r in data], [r["response"] for r in data]
     models = Iterates(job, cfg.model)
-    evaluate = judge_eval(models, cfg.judge_model, cfg.judge, cfg.sample, valid, test)
+    evaluate = judge_eval(models, cfg.judge_model, cfg.judge, cfg.sample, valid, test, rubrics=cfg.rubrics,
+                          endpoint=cfg.endpoint)
 
     def sample(t):  # n responses per prompt from M_{t-1}, in the chat template
         model, tok = models.sampler(t - 1)

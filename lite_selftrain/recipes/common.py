@@ -53,10 +53,14 @@ def _normal(config: dict) -> dict:
 
 
 def _as_stored(old: dict | None, current: dict, config: Any) -> dict:
-    """`current`, or the run folder's own version-1 config when that did the same: a folder made before
-    `config_version` existed resumes (fields added since count at their defaults)."""
-    if not old or "config_version" in old:
+    """`current`, or the run folder's own config when that did the same: a folder made before `config_version`
+    existed, or before a field was added, resumes (fields added since count at their defaults)."""
+    if not old:
         return current
+    if "config_version" in old:  # fields added since the folder was made count at their defaults
+        defaults = _normal(to_dict(type(config)()))
+        filled = {**old, **{k: v for k, v in _normal(current).items() if k not in old and v == defaults.get(k)}}
+        return old if filled == _normal(current) else current
     current, kind = _normal(current), type(config).__name__
     upgraded = {**old, "config_version": CONFIG_VERSION}
     defaults = _normal(to_dict(type(config)()))

@@ -4,7 +4,7 @@
                                  M1; without EFT data the run stops unless `no_eft` says so)
     for t = 1..T:
         write new prompts: 8 prompts drawn from IFT as a few-shot list, a FIXED model continues it (the
-        paper used Llama 2-Chat 70B; here `prompt_model`, else M_0);
+        paper used Llama 2-Chat 70B; here `prompt_model`, a local model or a server's, else M_0);
         answer each new prompt N = 4 times (T 0.7, top-p 0.9);
         judge every answer k = 3 times with the additive 5-point rubric (lite_selftrain.judge), average the
         parsable scores (an unparsable judgment is missing, never the lowest score);
@@ -29,14 +29,14 @@ from pathlib import Path
 
 from ..config import Count, Name, PositiveInt, check_fields
 from ..errors import UserError
-from ..judge import JudgeConfig, eft_example, judge
+from ..judge import Endpoint, EndpointConfig, JudgeConfig, eft_example, judge, rubric
 from ..models import ModelConfig, format_prompt
 from ..sampling import SamplingConfig, generate, group_by_prompt, sampled
 from ..store import COMPLETION_FIELDS, SAMPLE_KEY, read_jsonl
 from ..tasks import get_task
 from ..training import TrainConfig
 from .common import Iterates, Run, check_trainable, write_stage
-from .shared import Scored, finished, instruction_splits, judge_eval, preference_pair
+from .shared import Scored, finished, instruction_splits, judge_eval, open_endpoint, preference_pair
 
 PROMPT_HEADER = "Below are tasks that users asked an assistant to do. Write one more task.\n\n"
 
@@ -46,8 +46,13 @@ class SelfRewardConfig:
     ift_path: Name | None = None  # instruction → response seed data (the `instruct` task's layouts)
     eft_path: Name | None = None  # judge seed data: prompt, response, justification, score
     no_eft: bool = False  # True: train M_0 without EFT data (it then judges untrained); the explicit opt-out
-    prompt_model: Name | None = None  # the fixed model that writes new prompts; None: M_0 (never the iterate)
-    judge_model: Name | None = None  # the fixed judge of every iterate's held-out answers; None: M_0
+    prompt_model: Name | None = None  # the fixed model that writes new prompts, or a server's
+    # "openai:<model>@<base_url>" (docs/judge_endpoint.md); None: M_0 (never the iterate)
+    judge_model: Name | None = None  # the fixed judge of every iterate's held-out answers (a model or a server's
+    # model, as prompt_model); None: M_0
+    rubrics: tuple[Name, ...] = ()  # more scales to grade held-out answers by ("quality", "safety": the llm-jp
+    # study's), beside judge.template; none by default: each costs another k judgments per answer
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # key variable, concurrency, retries
     test_path: Name | None = None  # held-out instructions; None: the last `eval_size` IFT records
     eval_size: PositiveInt = 64  # held-out instructions judged per iteration
     validation_size: PositiveInt | None = None  # IFT prompts held out to choose the best iteration on; None:
@@ -70,6 +75,8 @@ class SelfRewardConfig:
     def __post_init__(self):
         check_fields(self)
         check_trainable(self.model, ("sft.", self.sft), ("train.", self.train))
+        for name in self.rubrics:
+            rubric(name)  # an unknown name is refused when the config is read
 
 
 EFT_FIELDS = {"prompt": "string", "response": "string", "score": "number", "justification?": "string"}
@@ -110,10 +117,14 @@ def write_prompts(model, tok, seeds: list[str], cfg: SelfRewardConfig, iteration
     for _ in range(cfg.new_prompts):
         picked = rng.sample(seeds, min(cfg.prompt_shots, len(seeds)))
         lists.append(PROMPT_HEADER + "".join(f"Task: {' '.join(p.split())}\n" for p in picked) + "Task:")
-    groups = generate(model, tok, lists, cfg.write.replace(n=1, seed=cfg.write.seed + iteration), out=out)
+    writing = cfg.write.replace(n=1, seed=cfg.write.seed + iteration)
+    if isinstance(model, Endpoint):  # a chat model answers the list: its reply may repeat the "Task:" label
+        texts = [(g[0] or "").strip().removeprefix("Task:") for g in model.texts(lists, writing)]
+    else:
+        texts = [g[0].text for g in generate(model, tok, lists, writing, out=out)]
     known, kept, dropped = set(seeds), [], {"empty": 0, "repeated": 0}
-    for (completion,) in groups:
-        text = completion.text.strip()
+    for text in texts:
+        text = text.strip()
         if not text:
             dropped["empty"] += 1
         elif text in known:
@@ -122,6 +133,18 @@ def write_prompts(model, tok, seeds: list[str], cfg: SelfRewardConfig, iteration
             known.add(text)
             kept.append({"prompt": text})
     return kept, {"prompts_written": len(lists), "prompts_kept": len(kept), "prompts_dropped": dropped}
+
+
+def prompts_stage(job: Run, models: Iterates, writer: Endpoint | None, cfg: SelfRewardConfig, seeds: list[str],
+                  t: int) -> dict:
+    """Iteration t's prompts (prompts.jsonl), written by the server model `writer` (the tokens it was paid in
+    the summary) or else by the local fixed model (`prompt_model`, else M_0)."""
+    tokens = dict(writer.tokens) if writer else {}
+    kept, info = write_prompts(*((writer, None) if writer else models.other_sampler(cfg.prompt_model, 0)),
+                               seeds, cfg, t, job.dir(t) / "prompts_raw.jsonl")
+    if writer:
+        info["writer_tokens"] = {k: v - tokens.get(k, 0) for k, v in writer.tokens.items()}
+    return write_stage(job.dir(t) / "prompts.jsonl", kept, info)
 
 
 def judge_samples(model, tok, prompts: list[str], samples: list[dict], cfg: JudgeConfig) -> tuple[list, dict]:
@@ -192,7 +215,9 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         eval_size=cfg.eval_size, validation_size=cfg.validation_size, seed=cfg.seed, recipe="self-rewarding")
     seeds = [r["prompt"] for r in ift]
     models = Iterates(job, cfg.model)
-    evaluate = judge_eval(models, cfg.judge_model, cfg.judge, cfg.respond, valid, test)
+    evaluate = judge_eval(models, cfg.judge_model, cfg.judge, cfg.respond, valid, test, rubrics=cfg.rubrics,
+                          endpoint=cfg.endpoint)
+    writer = open_endpoint(job, cfg.prompt_model, cfg.endpoint, "prompts_written.jsonl")  # checked now
     build = build or (lambda scored: best_vs_worst(scored.samples))
 
     def sft_data(t):  # M_0's data, tokenised as judge() and generate() will prompt
@@ -202,9 +227,7 @@ def run(cfg: SelfRewardConfig, out, *, restart: bool = False, progress: bool = T
         return models.fit(0, *models.get(0), cfg.sft, progress=progress)
 
     def new_prompts(t):  # a fixed model (prompt_model, else M_0) continues few-shot lists of seed prompts
-        writer = models.other_sampler(cfg.prompt_model, 0)
-        written = write_prompts(*writer, seeds, cfg, t, job.dir(t) / "prompts_raw.jsonl")
-        return write_stage(job.dir(t) / "prompts.jsonl", *written)
+        return prompts_stage(job, models, writer, cfg, seeds, t)
 
     def respond(t):  # M_{t-1} answers each new prompt N times
         return answer(job, models, cfg.respond, t, progress=progress)

@@ -5,6 +5,7 @@ samples into training records.
     evaluate = verifier_eval(job, models, task, valid, test, cfg.eval)      pass@k on test and validation
     train, valid, test = instruction_splits(records, cfg, task)             the judged recipes' prompts
     evaluate = judge_eval(models, judge_model, judge, answer, valid, test)  one fixed judge for every iterate
+                                       (a model, or a server's: open_endpoint checks it before the run)
     Scored(t, prompts, samples, sampler)                    what a dataset builder (a `build=` hook) reads
 
 `finished`, `distinct` and `preference_pair` are the rules every builder shares: a length-capped sample
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..evaluate import EvalConfig, heldout, validation_count
-from ..judge import JudgeConfig, judged_eval
+from ..judge import Endpoint, EndpointConfig, JudgeConfig, is_endpoint, judged_eval
 from ..sampling import SamplingConfig
 from ..training.batching import sampled_ids
 from .common import Iterates, Run
@@ -128,16 +129,30 @@ def verifier_eval(job: Run, models: Iterates, task, valid_set: list, test_set: l
     return evaluate
 
 
+def open_endpoint(job: Run, name: str | None, cfg: EndpointConfig, ledger: str) -> Endpoint | None:
+    """The server model `name` names ("openai:<model>@<base_url>"), checked before anything is paid for, its
+    replies kept in the run folder's `ledger`; None for a local model."""
+    if not is_endpoint(name):
+        return None
+    endpoint = Endpoint(name, cfg, ledger=job.store.root / ledger)
+    endpoint.check()
+    return endpoint
+
+
 def judge_eval(models: Iterates, judge_model: str | None, judge: JudgeConfig, answer: SamplingConfig,
-               valid: list[str], test: list[str]):
+               valid: list[str], test: list[str], *, rubrics: tuple[str, ...] = (),
+               endpoint: EndpointConfig | None = None):
     """`evaluate(t)`: iterate t's greedy answers to the test and validation prompts, every iterate graded by
-    ONE fixed judge (the model `judge_model`, else M_0), so that scores compare across iterations."""
+    ONE fixed judge (the model or endpoint `judge_model`, else M_0), so that scores compare across iterations;
+    `rubrics` grade the same answers too. An endpoint is checked here, before the run samples anything, and
+    its judgments are kept in the run folder's judgments.jsonl."""
+    remote = open_endpoint(models.run, judge_model, endpoint or EndpointConfig(), "judgments.jsonl")
 
     def evaluate(t: int) -> dict:
         model, tok = models.sampler(t)
-        fixed = models.other_sampler(judge_model, 0)
-        return {**judged_eval(model, tok, test, judge, answer, judge_with=fixed),
-                **judged_eval(model, tok, valid, judge, answer, judge_with=fixed, prefix="valid_"),
-                "judge": judge_model or "iteration 0"}
+        fixed = (remote, None) if remote else models.other_sampler(judge_model, 0)
+        return {**judged_eval(model, tok, test, judge, answer, judge_with=fixed, rubrics=rubrics),
+                **judged_eval(model, tok, valid, judge, answer, judge_with=fixed, prefix="valid_", rubrics=rubrics),
+                "judge": remote.id if remote else judge_model or "iteration 0"}
 
     return evaluate

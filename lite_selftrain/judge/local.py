@@ -13,37 +13,26 @@ Usage:
     metrics = judged_eval(model, tokenizer, prompts, JudgeConfig(), answer=SamplingConfig(max_new_tokens=256),
                           judge_with=(judge_model, judge_tokenizer))   # one fixed judge for every iterate
 
-`JudgeConfig.template` replaces the rubric prompt for a task with its own (the CPU demo's arithmetic check).
+`JudgeConfig.template` replaces the rubric prompt for a task with its own (the CPU demo's arithmetic check);
+`judged_eval(..., rubrics=("quality", "safety"))` grades the same answers on more scales (rubrics.py). The judge
+may be an `Endpoint` (endpoint.py), a model on a server, in place of (model, tokenizer).
 Simplifications: one rubric by default (the paper's, in our own words); the model's chat template (when it has one)
-wraps the judge prompt, as it wraps every instruction.
+wraps the judge prompt, as it wraps every instruction (a server applies its own).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from .errors import UserError
-from .models import format_prompt
-from .sampling import SamplingConfig, generate
+from ..errors import UserError
+from ..models import format_prompt
+from ..sampling import SamplingConfig, generate
+from .endpoint import Endpoint
+from .rubrics import ADDITIVE, rubric
 
-JUDGE_TEMPLATE = """\
-You are grading a reply to a user's request. Start from 0 points and add points as follows (at most 5):
-+1 if the reply is on topic and gives at least some useful information, even if partial or padded;
-+1 if it deals with a large part of the request, though perhaps not all of it or not head-on;
-+1 if it answers the core of the request in a way the user can act on;
-+1 if it reads as a direct, complete and well-structured answer from a helpful assistant, with at most \
-small lapses in clarity or concision;
-+1 if it fits the request exactly: expert, insightful, nothing superfluous.
-
-Request:
-{prompt}
-
-Reply:
-{response}
-
-Explain your grading in a few sentences (under 100 words), then end with a line of the form
-Score: <total points from 0 to 5>"""
+JUDGE_TEMPLATE = ADDITIVE  # the paper's rubric, in our own words (rubrics.py)
 
 MAX_SCORE = 5
 
@@ -69,7 +58,7 @@ class JudgeConfig:
 
 @dataclass
 class Judgment:
-    texts: list[str]  # the k judgments as written
+    texts: list[str | None]  # the k judgments as written; None: the endpoint delivered none
     scores: list[float | None]  # parse_score of each
     score: float | None  # mean of the parsable scores, None when none parsed
 
@@ -114,32 +103,49 @@ def eft_example(prompt: str, response: str, justification: str, score: float,
 
 
 def judge(model, tokenizer, pairs: list[tuple[str, str]], cfg: JudgeConfig | None = None) -> list[Judgment]:
-    """cfg.sample.n judgments of each (prompt, response) pair by `model`, parsed and averaged."""
+    """cfg.sample.n judgments of each (prompt, response) pair by `model` (or an `Endpoint`), parsed and averaged;
+    a judgment the endpoint did not deliver is missing (text None), as an unparsable one is."""
     cfg = cfg or JudgeConfig()
     prompts = [judge_prompt(p, r, cfg.template) for p, r in pairs]
-    if cfg.chat:
-        prompts = [format_prompt(tokenizer, p) for p in prompts]
-    groups = generate(model, tokenizer, prompts, cfg.sample)
+    if isinstance(model, Endpoint):  # the server applies its own chat template
+        groups = model.texts(prompts, cfg.sample)
+    else:
+        if cfg.chat:
+            prompts = [format_prompt(tokenizer, p) for p in prompts]
+        groups = [[c.text for c in group] for group in generate(model, tokenizer, prompts, cfg.sample)]
     out = []
-    for group in groups:
-        texts = [c.text for c in group]
-        scores = [parse_score(t) for t in texts]
+    for texts in groups:
+        scores = [parse_score(t) if t is not None else None for t in texts]
         out.append(Judgment(texts=texts, scores=scores, score=average_score(scores)))
     return out
 
 
 def judged_eval(model, tokenizer, prompts: list[str], cfg: JudgeConfig, answer: SamplingConfig, *,
-                judge_with: tuple | None = None, prefix: str = "test_") -> dict:
+                judge_with: tuple | None = None, prefix: str = "test_", rubrics: tuple[str, ...] = ()) -> dict:
     """Greedy answers of `model` to held-out prompts (in its chat template), each judged by `judge_with`
-    = (judge model, its tokenizer), or by `model` itself when None. The recipes pass one fixed judge for
-    every iterate, so that scores compare across iterations. Metrics are named `prefix` + metric (`valid_`
-    for the split that chooses the best iteration)."""
+    = (judge model, its tokenizer) or (an `Endpoint`, None), or by `model` itself when None. The recipes pass
+    one fixed judge for every iterate, so that scores compare across iterations. Metrics are named `prefix` +
+    metric (`valid_` for the split that chooses the best iteration); each of `rubrics` (rubrics.RUBRICS names)
+    grades the same answers too, as `<prefix><rubric>_score`; an endpoint adds the tokens it was paid."""
     answers = generate(model, tokenizer, [format_prompt(tokenizer, p) for p in prompts],
                        answer.replace(n=1, temperature=0.0))
     judge_model, judge_tokenizer = judge_with or (model, tokenizer)
-    verdicts = judge(judge_model, judge_tokenizer, [(p, a[0].text) for p, a in zip(prompts, answers)], cfg)
-    scores = [v.score for v in verdicts if v.score is not None]
+    before = dict(judge_model.tokens) if isinstance(judge_model, Endpoint) else None
+    pairs = [(p, a[0].text) for p, a in zip(prompts, answers)]
+    verdicts = judge(judge_model, judge_tokenizer, pairs, cfg)
     parsable = sum(s is not None for v in verdicts for s in v.scores)
-    return {f"{prefix}judge_score": sum(scores) / len(scores) if scores else None,
-            f"{prefix}judge_parsable": parsable / max(len(verdicts) * cfg.sample.n, 1),
-            f"{prefix}mean_tokens": sum(a[0].num_tokens for a in answers) / max(len(answers), 1)}
+    out = {f"{prefix}judge_score": mean_score(verdicts),
+           f"{prefix}judge_parsable": parsable / max(len(verdicts) * cfg.sample.n, 1),
+           f"{prefix}mean_tokens": sum(a[0].num_tokens for a in answers) / max(len(answers), 1)}
+    for name in rubrics:
+        graded = judge(judge_model, judge_tokenizer, pairs, dataclasses.replace(cfg, template=rubric(name)))
+        out[f"{prefix}{name}_score"] = mean_score(graded)
+    if before is not None:
+        out[f"{prefix}judge_tokens"] = {k: v - before.get(k, 0) for k, v in judge_model.tokens.items()}
+    return out
+
+
+def mean_score(verdicts: list[Judgment]) -> float | None:
+    """The mean of the answers' scores, over the answers that have one."""
+    scores = [v.score for v in verdicts if v.score is not None]
+    return sum(scores) / len(scores) if scores else None
