@@ -16,7 +16,10 @@ Parts, each in its own process under its own time limit, so one that fails or ha
             gradient checkpointing: seconds per step and torch's measured peak memory;
 - vllm:     the vLLM tests (tests/test_vllm.py, -m vllm: recipes with backend vllm; skipped without vLLM).
 Without CUDA every part writes "no GPU: skipped" and the script exits 0, so it can run anywhere.
-The report holds each part's command, exit status, time and the tail of its output (the tables).
+The report holds the commit it measured (`git rev-parse HEAD`, "+ changes" when the tree differs from it,
+"unknown" outside a git checkout), each part's command, exit status, time and the tail of its output.
+A run without a GPU (CI, a user without one) never replaces a report measured on a GPU: it says so and
+leaves that report as it was; a GPU run replaces any report.
 """
 
 from __future__ import annotations
@@ -115,6 +118,34 @@ def _gpu() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+def commit() -> str:
+    """The checkout's commit, "+ changes" when its tracked files differ from it; "unknown" outside git."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + (" + changes" if changed else "")
+
+
+def measured_on(report: Path) -> str | None:
+    """The GPU a report at `report` was measured on; None when there is none, or it was a run without a GPU."""
+    try:
+        text = report.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("- device: "):
+            device = line[len("- device: ") :].split(";")[0].strip()
+            return None if device == "no GPU" else device
+    return None
+
+
 def run_part(name: str, cmd: list[str], limit: int) -> tuple[str, float, str]:
     """(status, seconds, output tail) of one part."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -147,7 +178,7 @@ def main(argv=None) -> int:
     gpu = _gpu()
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lines = [f"# GPU check, {now}", "", f"- device: {gpu or 'no GPU'}; host {platform.node()}, "
-             f"python {platform.python_version()}", ""]
+             f"python {platform.python_version()}", f"- commit: {commit()}", ""]
     start = time.perf_counter()
     for name in parts:
         cmd, limit = PARTS[name]
@@ -161,8 +192,14 @@ def main(argv=None) -> int:
         shown = " ".join(c if c != __file__ else "bench/gpu_check.py" for c in cmd[1:])
         lines += [f"## {name}: {status}, {seconds:.0f} s", "", f"`python {shown}`", "", "```", tail, "```", ""]
     lines.append(f"total {time.perf_counter() - start:.0f} s")
+    kept = measured_on(args.report) if gpu is None else None
+    if kept:  # the record of a GPU run outlives CI and every machine without one
+        print(f"report: {args.report} kept (measured on {kept}); a run without a GPU does not replace it")
+        return 0
+    from lite_selftrain.store import atomic_write_bytes
+
     args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(args.report, ("\n".join(lines) + "\n").encode())  # a killed run leaves the old report
     print(f"report: {args.report}")
     return 0
 
