@@ -12,66 +12,19 @@ what it simplifies (full-attention decoders only; no beam search): docs/engine.m
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
 from ..models import sampling_policy, split_body_head, training_mode
+from .draws import draw, mix32, uniforms  # noqa: F401  (re-exported: the engine's randomness)
+from .rows import Rows, find_stops, finish
 from .stops import StopStrings, eos_table
 
 SERVED_ATTENTION = ("eager", "sdpa")  # both take an additive 4-D float mask
 FINISH = ("length", "eos", "stop")  # index = the per-row code the decode loop keeps
-
-# ----------------------------------------------------------------------------------------------------
-# counter-based randomness and the token draw
-
-_M32 = 0xFFFFFFFF
-
-
-def mix32(x):
-    """lowbias32 (C. Wellons), a 32-bit integer hash, on Python ints or int64 tensors without overflow."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x046CA68B + ((x & 1) << 31)) & _M32  # × 0x846CA68B mod 2^32, every product below 2^63
-    return x ^ (x >> 16)
-
-
-def uniforms(seed: int, prompt_index: torch.Tensor, sample_index: torch.Tensor, steps: int) -> torch.Tensor:
-    """(B,), (B,) int64 → (B, steps) float32 in (0, 1): a fixed function of (seed, prompt, sample, step)."""
-    lanes = []
-    for salt in (0x243F6A88, 0x85A308D3):  # two 32-bit lanes: a 64-bit stream key per row
-        h = mix32(mix32(mix32(salt ^ (seed & _M32)) ^ ((seed >> 32) & _M32)))
-        h = mix32(mix32(h ^ (prompt_index & _M32)) ^ (sample_index & _M32))  # (B,)
-        lanes.append(h)
-    step = mix32(torch.arange(steps, device=prompt_index.device) + 0x13198A2E)  # (S,)
-    bits = mix32(mix32(lanes[0][:, None] ^ step[None, :]) ^ lanes[1][:, None])  # (B, S)
-    return ((bits >> 9).float() + 0.5) * 2.0**-23  # 23 bits: exact in float32, never 0 or 1
-
-
-def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """(B, V) fp32 logits, (B,) uniforms → (B,) token ids; argmax when temperature is 0.
-
-    Inverse-CDF sampling of softmax(logits / temperature) restricted to the top_k tokens, then to the
-    smallest most-likely prefix whose mass reaches top_p: one uniform per row instead of V Gumbel draws.
-    """
-    if temperature == 0:
-        return logits.argmax(-1)
-    z, idx = logits, None  # (B, V)
-    if top_k and top_k < z.shape[-1]:
-        z, idx = z.topk(top_k, dim=-1)  # (B, K), sorted descending; the order is temperature-free
-    elif top_p < 1:
-        z, idx = z.sort(dim=-1, descending=True)  # (B, V)
-    probs = torch.softmax(z / temperature, dim=-1)  # (B, K)
-    if top_p < 1:
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # keeps at least the top token
-    cdf = probs.cumsum(-1)  # (B, K)
-    target = (u * cdf[:, -1]).unsqueeze(-1)  # (B, 1), in (0, total]
-    pick = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1)  # first cdf >= target: p > 0
-    return pick.squeeze(-1) if idx is None else idx.gather(-1, pick).squeeze(-1)
-
 
 # ----------------------------------------------------------------------------------------------------
 # the KV cache, the masks, prefill and decode_step
@@ -107,11 +60,27 @@ class KVCache:
         v[:, :, self.length : end] = value
         return k[:, :, :end], v[:, :, :end]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (a copy of every buffer): finished rows leave the batch."""
-        for i in self.keys:
-            self.keys[i], self.values[i] = self.keys[i][rows], self.values[i][rows]
-        self.rows = len(rows)
+    @classmethod
+    def joined(cls, old: KVCache | None, keep: torch.Tensor | None, lo: int, new: KVCache | None, width: int,
+               capacity: int) -> KVCache:
+        """A cache of `capacity` columns, `width` filled: rows `keep` of `old` (its columns lo..length), then
+        every row of `new` (a prefilled cache), both moved to end at column `width`. The columns before a row's
+        keys are zero (masked, but finite: 0 × -inf would be NaN)."""
+        parts = [(c, idx, start) for c, idx, start in ((old, keep, lo), (new, None, 0)) if c is not None]
+        cache = cls(sum(c.rows if idx is None else len(idx) for c, idx, _ in parts), capacity, repeats=1)
+        cache.length = width
+        for i in parts[0][0].keys:
+            for src, dst in (("keys", cache.keys), ("values", cache.values)):
+                pieces = [getattr(c, src)[i][:, :, start : c.length] if idx is None
+                          else getattr(c, src)[i][idx, :, start : c.length] for c, idx, start in parts]
+                heads, d = pieces[0].shape[1], pieces[0].shape[-1]
+                buf = pieces[0].new_zeros(cache.rows, heads, capacity, d)  # (B, heads, capacity, d)
+                row = 0
+                for x in pieces:  # (b, heads, columns, d), right-aligned at `width`
+                    buf[row : row + x.shape[0], :, width - x.shape[2] : width] = x
+                    row += x.shape[0]
+                dst[i] = buf
+        return cache
 
 
 def prefill_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -176,135 +145,102 @@ def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.T
     return ids.to(device), valid.to(device)  # (P, T), (P, T)
 
 
-@dataclass
-class _Rows:
-    """The decode loop's per-row state, in the batch's current row order (dim 0 of every tensor)."""
+class _Decoder:
+    """One stream of prompts through `batch_size × n` row slots: each prompt is prefilled once for its n rows;
+    rows leave as they finish, and the next prompts join in their slots (continuous refill) once a quarter of
+    the slots is free. A row's draws depend on (seed, prompt, sample, its own step) only, so refill changes
+    no sample."""
 
-    origin: list[int]  # each row's place in the whole batch: prompt × n + sample
-    live: list[bool]  # rows still generating, as the host last saw them
-    tokens: torch.Tensor  # (B, S) drawn tokens
-    u: torch.Tensor  # (B, S) the uniforms they are drawn with
-    keymask: torch.Tensor  # (B, 1, 1, T+S) additive, sliced per step
-    pos: torch.Tensor  # (B,) position of each row's first new token
-    cap: torch.Tensor  # (B,) tokens each row may generate
-    end: torch.Tensor  # (B,) step of a row's EOS / limit; S: none yet
-    code: torch.Tensor  # (B,) index into FINISH: 1 = EOS, 0 = length (2 = stop, found on the host)
-    lps: torch.Tensor | None  # (B, S) raw-model token log-probs, when asked for
-    maybe_stop: torch.Tensor | None  # (B, S) steps whose token may complete a stop string, when there are any
-    last: torch.Tensor | None = None  # (B,) the token of the latest step
+    def __init__(self, body, head, prompt_ids: list[list[int]], prompt_index: list[int], cfg, *, eos, stops,
+                 logprobs: bool, pad_id: int, context: int, keyword: str):
+        self.body, self.head, self.cfg, self.eos, self.stops = body, head, cfg, eos, stops
+        self.prompt_ids, self.prompt_index, self.logprobs = prompt_ids, prompt_index, logprobs
+        self.pad_id, self.context, self.keyword = pad_id, context, keyword
+        self.n, self.slots, self.device = cfg.n, cfg.batch_size * cfg.n, head.weight.device
+        self.caps = [min(cfg.max_new_tokens, context - len(seq)) for seq in prompt_ids]  # prompt + completion fit
+        self.width = max(self.caps) + cfg.check_every  # a row's token columns: its steps, then running on
+        self.dtype = body.get_input_embeddings().weight.dtype
+        self.queue = deque(range(len(prompt_ids)))
+        self.rows: Rows | None = None
+        self.cache: KVCache | None = None
+        self.last_end = 0  # global step by which every row has ended
+        self.left: dict[int, int] = {}  # rows still running per prompt
+        self.done: dict[int, tuple] = {}  # finished rows of prompts not yet whole
 
-    @classmethod
-    def start(cls, valid: torch.Tensor, caps: list[int], prompt_index: list[int], cfg, dtype, *, logprobs: bool,
-              stops: bool) -> _Rows:
-        """n rows per prompt of a (P, T) left-padded batch; caps: the tokens each prompt's rows may take."""
-        (P, T), n, S, device = valid.shape, cfg.n, max(caps), valid.device
-        B = P * n
-        keymask = torch.zeros(B, 1, 1, T + S, dtype=dtype, device=device)
-        keymask[:, 0, 0, :T].masked_fill_(~valid.repeat_interleave(n, 0), torch.finfo(dtype).min)
-        sample = torch.arange(n, device=device).repeat(P)  # (B,)
-        return cls(origin=list(range(B)), live=[True] * B,
-                   tokens=torch.zeros(B, S, dtype=torch.long, device=device),
-                   u=uniforms(cfg.seed, torch.tensor(prompt_index, device=device).repeat_interleave(n), sample, S),
-                   keymask=keymask, pos=valid.sum(-1).repeat_interleave(n),
-                   cap=torch.tensor(caps, device=device).repeat_interleave(n),
-                   end=torch.full((B,), S, dtype=torch.long, device=device),
-                   code=torch.zeros(B, dtype=torch.long, device=device),
-                   lps=torch.zeros(B, S, device=device) if logprobs else None,
-                   maybe_stop=torch.zeros(B, S, dtype=torch.bool, device=device) if stops else None)
+    def _prefill(self, batch: list[int], s: int) -> tuple[KVCache, Rows]:
+        """The prompts `batch` prefilled (one row each, cached n times), their rows drawing step s's token."""
+        ids, valid = _left_pad([self.prompt_ids[p] for p in batch], self.pad_id, self.device)  # (P, T)
+        cache = KVCache(len(batch) * self.n, ids.shape[1], repeats=self.n)
+        logits = self.head(prefill(self.body, ids, valid, cache, self.keyword)).float()  # (P, V)
+        logits = logits.repeat_interleave(self.n, 0)  # (B, V)
+        rows = Rows.fresh([len(self.prompt_ids[p]) for p in batch], [self.caps[p] for p in batch],
+                          [self.prompt_index[p] for p in batch], batch, ids.shape[1], s, self.width, self.cfg,
+                          self.device, logprobs=self.logprobs, stops=self.stops is not None)
+        self._draw(rows, s, logits)
+        for p in batch:
+            self.left[p] = self.n
+        return cache, rows
 
-    def record(self, s: int, tok: torch.Tensor, logits: torch.Tensor, eos: torch.Tensor, stops) -> None:
-        """Step s drew (B,) `tok` from (B, V) `logits`: keep it, and mark rows it ends (EOS outranks length)."""
-        self.tokens[:, s] = tok
-        self.last = tok
-        if self.lps is not None:
-            self.lps[:, s] = logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
-        is_eos = eos[tok]  # (B,)
-        new = (self.end == self.tokens.shape[1]) & (is_eos | (self.cap == s + 1))  # rows ending at this step
-        self.code = torch.where(new, is_eos.long(), self.code)
-        self.end = torch.where(new, s, self.end)
-        if self.maybe_stop is not None:
-            self.maybe_stop[:, s] = stops.can_end[tok]
+    def _draw(self, rows: Rows, s: int, logits: torch.Tensor) -> None:
+        u = rows.u.gather(1, rows.step_of(s)[:, None]).squeeze(1)  # (B,)
+        rows.record(s, draw(logits, u, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p), logits, self.eos,
+                    self.stops)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (indices of current rows, all live): finished rows leave the batch."""
-        for name in ("tokens", "u", "keymask", "pos", "cap", "end", "code", "lps", "maybe_stop", "last"):
-            x = getattr(self, name)
-            if x is not None:
-                setattr(self, name, x[rows])
-        self.origin = [self.origin[r] for r in rows.tolist()]
-        self.live = [True] * len(self.origin)
+    def rebuild(self, s: int) -> None:
+        """Finished rows leave; the next prompts that fit take their slots, drawing their first token at step s."""
+        old, keep, lo = None, None, 0
+        if self.rows is not None and any(self.rows.live):
+            keep = torch.tensor([r for r, alive in enumerate(self.rows.live) if alive], device=self.device)
+            old = self.rows.keep(keep)
+            lo = int(old.start.min())  # columns before every kept row's first key are dropped
+        free = self.slots - (len(old.origin) if old is not None else 0)
+        joining = [self.queue.popleft() for _ in range(min(len(self.queue), free // self.n))]
+        new_cache, new = self._prefill(joining, s) if joining else (None, None)
+        width = max(self.cache.length - lo if old is not None else 0, new_cache.length if new is not None else 0)
+        if old is not None:
+            old.start += width - self.cache.length  # the kept columns move right by width - (length - lo)
+        if new is not None:
+            new.start += width - new_cache.length
+        rows = new if old is None else old if new is None else old.cat(new)
+        self.last_end = int((rows.born + rows.cap).max()) - 1
+        capacity = width + self.last_end - s + self.cfg.check_every + 1
+        self.cache = KVCache.joined(self.cache if old else None, keep, lo, new_cache, width, capacity)
+        rows.mask(capacity, self.dtype)
+        self.rows = rows
 
+    def look(self, s: int):
+        """The host's look after step s (one sync): stop strings, then finished rows out; prompts now whole."""
+        rows, none = self.rows, self.rows.tokens.shape[1]
+        ends, codes = rows.end.tolist(), rows.code.tolist()
+        if self.stops is not None:
+            find_stops(rows, self.stops, ends, codes)
+        finished = [r for r in range(len(rows.live)) if rows.live[r] and ends[r] != none]
+        return finish(rows, finished, ends, codes, self.n, self.left, self.done) if finished else []
 
-def _find_stops(rows: _Rows, stops: StopStrings, looked: int, s: int, ends: list[int], codes: list[int]) -> None:
-    """End each live row at the first stop string its steps looked..s complete, if that comes before its EOS or
-    length limit (EOS at the same step outranks it). `ends` and `codes` are the host's copies, set in place."""
-    hits = rows.maybe_stop[:, looked : s + 1].nonzero().tolist()  # (row, step - looked), row-major
-    if not hits:
-        return
-    candidates = sorted({r for r, _ in hits})
-    text_of = dict(zip(candidates, rows.tokens[candidates, : s + 1].tolist()))
-    resolved = set()
-    for r, k in hits:
-        step = looked + k
-        if r in resolved or not rows.live[r] or step > ends[r] or (step == ends[r] and codes[r] == 1):
-            continue
-        if stops.completed_at(text_of[r], step):
-            ends[r], codes[r] = step, 2
-            resolved.add(r)
+    def _wants_rebuild(self) -> bool:
+        live = self.rows.live
+        alive = sum(live)
+        free = self.slots - alive
+        joinable = min(len(self.queue), free // self.n)
+        return alive == 0 or (joinable > 0 and 4 * free >= self.slots) or 4 * (len(live) - alive) >= len(live)
 
-
-def _finish(rows: _Rows, finished: list[int], ends: list[int], codes: list[int], n: int, left: list[int],
-            done: dict) -> list[tuple[int, list]]:
-    """Take the finished rows out of play into `done`; return each prompt whose n rows are now all done."""
-    out = rows.tokens[finished].tolist()
-    out_lps = rows.lps[finished].tolist() if rows.lps is not None else [None] * len(finished)
-    ready = []
-    for r, row_tokens, row_lps in zip(finished, out, out_lps):
-        e = ends[r] + 1
-        done[rows.origin[r]] = (row_tokens[:e], codes[r], None if row_lps is None else row_lps[:e])
-        rows.live[r] = False
-        p = rows.origin[r] // n
-        left[p] -= 1
-        if left[p] == 0:
-            ready.append((p, [done.pop(p * n + j) for j in range(n)]))
-    return ready
-
-
-def _decode_batch(body, head, prompt_ids: list[list[int]], prompt_index: list[int], cfg, *, eos: torch.Tensor,
-                  stops: StopStrings | None, logprobs: bool, pad_id: int, context: int, keyword: str):
-    """Yield (position in batch, n rows of (token ids, finish code, token log-probs)) as prompts finish."""
-    device, n = head.weight.device, cfg.n
-    ids, valid = _left_pad(prompt_ids, pad_id, device)  # (P, T)
-    P, T = ids.shape
-    caps = [min(cfg.max_new_tokens, context - len(seq)) for seq in prompt_ids]  # prompt + completion fit
-    S = max(caps)  # steps this batch can take
-    cache = KVCache(P * n, T + S, repeats=n)
-    logits = head(prefill(body, ids, valid, cache, keyword)).float().repeat_interleave(n, 0)  # (B, V)
-    rows = _Rows.start(valid, caps, prompt_index, cfg, body.get_input_embeddings().weight.dtype, logprobs=logprobs,
-                       stops=stops is not None)
-    left, done, looked = [n] * P, {}, 0  # rows running per prompt; finished rows; steps the host has seen
-    for s in range(S):
-        rows.record(s, draw(logits, rows.u[:, s], cfg.temperature, cfg.top_k, cfg.top_p), logits, eos, stops)
-        if (s + 1) % cfg.check_every == 0 or s == S - 1:  # the host looks: one sync
-            ends, codes = rows.end.tolist(), rows.code.tolist()
-            if stops is not None:
-                _find_stops(rows, stops, looked, s, ends, codes)
-            finished = [r for r in range(len(rows.live)) if rows.live[r] and ends[r] <= s]
-            if finished:
-                yield from _finish(rows, finished, ends, codes, n, left, done)
-            looked = s + 1
-            alive = sum(rows.live)
-            if alive == 0:
-                return
-            if 4 * (len(rows.live) - alive) >= len(rows.live):  # prune once a quarter is dead: a copy, not every step
-                keep = torch.tensor([r for r in range(len(rows.live)) if rows.live[r]], device=device)
-                cache.select(keep)
-                rows.keep(keep)
-        if s == S - 1:
-            return
-        positions = (rows.pos + s).clamp_(max=context - 1)  # a row past its end may run on; its tokens are dropped
-        hidden = decode_step(body, rows.last, positions, rows.keymask[..., : T + s + 1], cache, keyword)  # (B, H)
-        logits = head(hidden).float()  # (B, V)
+    def run(self):
+        """Yield (position in the stream, n rows of (token ids, finish code, token log-probs)) as prompts finish."""
+        s = 0
+        self.rebuild(s)
+        while True:
+            if (s + 1) % self.cfg.check_every == 0 or s >= self.last_end:  # the host looks: one sync
+                yield from self.look(s)
+                if not any(self.rows.live) and not self.queue:
+                    return
+                if self._wants_rebuild():  # a quarter free: one copy of the cache, not one every step
+                    self.rebuild(s)
+            rows, cache = self.rows, self.cache
+            positions = (rows.pos0 + s).clamp_(max=self.context - 1)  # a row past its end runs on, tokens dropped
+            hidden = decode_step(self.body, rows.last, positions, rows.keymask[..., : cache.length + 1], cache,
+                                 self.keyword)  # (B, H)
+            s += 1
+            self._draw(rows, s, self.head(hidden).float())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,11 +276,10 @@ def rows(model, tokenizer, ids: list[list[int]], pending: set[int], cfg, *,
     stops = StopStrings(tokenizer, cfg.stop, vocab, device) if cfg.stop else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     keyword = _cache_keyword(body)
+    order = [i for batch in batches(ids, cfg.batch_size) if not pending.isdisjoint(batch) for i in batch]
     with training_mode(policy, False), torch.inference_mode():
-        for batch in batches(ids, cfg.batch_size):
-            if pending.isdisjoint(batch):
-                continue
-            for p, group in _decode_batch(body, head, [ids[i] for i in batch], batch, cfg, eos=eos, stops=stops,
-                                          logprobs=logprobs, pad_id=pad_id, context=context, keyword=keyword):
-                if batch[p] in pending:
-                    yield batch[p], [(token_ids, FINISH[c], row_lps) for token_ids, c, row_lps in group]
+        decoder = _Decoder(body, head, [ids[i] for i in order], order, cfg, eos=eos, stops=stops, logprobs=logprobs,
+                           pad_id=pad_id, context=context, keyword=keyword)
+        for p, group in decoder.run():
+            if order[p] in pending:
+                yield order[p], [(token_ids, FINISH[c], row_lps) for token_ids, c, row_lps in group]
