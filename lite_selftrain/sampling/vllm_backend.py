@@ -46,7 +46,7 @@ import torch
 
 from .. import distributed as dist
 from ..errors import UserError
-from .draws import mix32
+from .engine import mix32
 
 VLLM_CHUNK = 1024  # prompts per vLLM call: large enough to keep its scheduler full
 CPU_KV_CACHE_GIB = 1.0  # the CPU build's KV cache by default: its own default claims 90 % of the RAM

@@ -1,13 +1,5 @@
-"""The native sampling engine: its own KV cache, `prefill` and `decode_step`, and the decode loop.
-
-    for prompt_index, rows in engine.rows(model, tokenizer, ids, pending, cfg):   # cfg: a SamplingConfig
-        token_ids, finish_reason, token_logprobs = rows[j]                            # sample j of the prompt
-
-`sampling.generate` is the front door (tokenising, resuming, writing); this file only turns token ids into
-token ids: one prefill per prompt shared by its n rows, then one token per row per step, drawn with
-counter-based randomness so that a prompt's samples depend on (seed, its index) only. How it works and
-what it simplifies (full-attention decoders only; no beam search): docs/engine.md.
-"""
+"""The decode loop: the engine's own KV cache, `prefill` and `decode_step`, and the stream of prompts through
+`batch_size × n` row slots with continuous refill (`_Decoder`); `rows` is its entry point."""
 
 from __future__ import annotations
 
@@ -17,11 +9,11 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import UserError
-from ..models import sampling_policy, split_body_head, training_mode
-from .draws import draw, mix32, uniforms  # noqa: F401  (re-exported: the engine's randomness)
-from .rows import Rows, find_stops, finish
-from .stops import StopStrings, eos_table
+from ...errors import UserError
+from ...models import sampling_policy, split_body_head, training_mode
+from ..stops import StopStrings, eos_table
+from .draws import draw
+from .state import Rows, find_stops, finish
 
 SERVED_ATTENTION = ("eager", "sdpa")  # both take an additive 4-D float mask
 FINISH = ("length", "eos", "stop")  # index = the per-row code the decode loop keeps

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..stops import StopStrings
 from .draws import uniforms
-from .stops import StopStrings
 
 FIELDS = ("tokens", "u", "start", "pos0", "born", "cap", "end", "code", "lps", "maybe_stop", "last")
 

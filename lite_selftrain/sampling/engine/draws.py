@@ -4,7 +4,7 @@ of (seed, i, j, s), so a prompt's samples do not depend on its batch-mates, the 
     u = uniforms(seed, prompt_index, sample_index, steps)     # (B, S) in (0, 1)
     tokens = draw(logits, u[:, s], temperature, top_k, top_p)  # (B,)
 
-Used by the native engine (`engine.py`) and, for per-request seeds, by the vLLM backend.
+Used by the native engine (`decode.py`) and, for per-request seeds, by the vLLM backend.
 """
 
 from __future__ import annotations
