@@ -1,15 +1,20 @@
-"""Everything that needs CUDA, in one run of under 8 minutes on one GPU, written to one report file.
+"""Everything that needs CUDA, in one or two runs of under 7 minutes on one GPU, written to one report file.
 
     python bench/gpu_check.py                          # every part → bench/results/gpu_check.md
     python bench/gpu_check.py --only tests,qlora       # some parts
     python bench/gpu_check.py --report /tmp/gpu.md     # the report elsewhere
+    python bench/gpu_check.py --only sampling,sampling_3.7b,sampling_qlora --report /tmp/e_step.md   # under 7 min
+    python bench/gpu_check.py --only tests,logprob,logprob_trainable,dpo,qlora,vllm     # the rest, under 7 min
 
 Parts, each in its own process under its own time limit, so one that fails or hangs leaves the others:
 - tests:    the GPU-marked tests (`pytest -m gpu`);
 - logprob:  the fused log-prob kernel (both frozen-head strategies) against naive, chunked, Liger, CCE
             and TRL (those importable) at
             llm-jp-3-3.7b's shape (N 8192, H 3072, V 99,584, bf16), frozen head, then trainable head;
-- sampling: the native engine against Hugging Face generate (`bench_sampling.py`, llm-jp-3-1.8b shape);
+- sampling, sampling_3.7b, sampling_qlora: the native engine against Hugging Face generate and against the
+            memory-bandwidth roofline (`bench_sampling.py --roofline`): 64 prompts x 256 tokens, n = 8, 256 new
+            tokens, 16 prompts per batch, bf16, at the llm-jp-3-1.8b and 3.7b shapes, and a QLoRA policy of
+            1.8b (the engine decodes its merged copy); Hugging Face on the first 16 (3.7b: 8) prompts;
 - dpo:      a DPO + NLL step of this trainer against TRL's (`bench_dpo.py`, llm-jp-3-1.8b shape, bf16 LoRA);
 - qlora:    QLoRA DPO + NLL training steps of the llm-jp-3-1.8b and 3.7b shapes (random weights, written
             once as a bf16 model folder, then loaded by the package's own 4-bit path), 4 pairs × 1024 tokens,
@@ -39,14 +44,20 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "bench" / "results" / "gpu_check.md"
 PY = sys.executable
 
-PARTS = {  # name: (command, seconds allowed); the budgets add up to under 8 minutes
+SAMPLING = ["--dtype", "bfloat16", "--prompts", "64", "--batch-size", "16", "--n", "8", "--prompt-len", "256",
+            "--new-tokens", "256", "--roofline"]  # the E-step's shape: issue 25's targets
+PARTS = {  # name: (command, seconds allowed); the three sampling parts take under 7 minutes, the rest under 7
     "tests": ([PY, "-m", "pytest", "-q", "-rfEs", "-m", "gpu", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", "tests"], 90),
     "logprob": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192",
                  "--hidden", "3072"], 60),
     "logprob_trainable": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens",
                            "8192", "--hidden", "3072", "--trainable-head"], 50),
-    "sampling": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", "--prompts", "8"], 60),
+    "sampling": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", *SAMPLING, "--hf-prompts", "16"], 120),
+    "sampling_3.7b": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-3.7b", *SAMPLING, "--hf-prompts", "8"],
+                      150),
+    "sampling_qlora": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", *SAMPLING, "--hf-prompts", "8",
+                        "--qlora"], 150),
     "dpo": ([PY, "bench/bench_dpo.py", "--device", "cuda", "--preset", "llm-jp-3-1.8b", "--pairs", "4",
              "--steps", "3", "--threads", "4", "--providers", "lite,trl"], 100),
     "qlora": ([PY, __file__, "--qlora-child"], 90),
