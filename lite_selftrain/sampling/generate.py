@@ -175,9 +175,10 @@ def _backend(model, tokenizer, prompts, cfg: SamplingConfig, truncate: bool):
 def _share(ids: list[list[int]], pending: set[int], cfg: SamplingConfig) -> set[int]:
     """This rank's pending prompts: every world()-th of the engine's batches that hold pending prompts.
 
-    Whole batches, cut as one process cuts them, so a prompt is sampled beside the same batch-mates (the
-    same padding, the same float sums) and its samples are bit for bit those of one process. vLLM seeds
-    each prompt on its own: its prompts are dealt one by one.
+    Whole batches, cut as one process cuts them; with continuous refill a prompt's batch-mates then depend on
+    the rank's other batches, so its samples are those of one process up to float rounding in the model (the
+    draws themselves depend on (seed, prompt, sample, step) only). vLLM seeds each prompt on its own: its
+    prompts are dealt one by one.
     """
     if dist.world() == 1:
         return pending
