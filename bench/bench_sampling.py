@@ -5,6 +5,8 @@
     python bench/bench_sampling.py --profile --preset demo      # where the time goes at the CPU demo's scale
     python bench/bench_sampling.py --model smollm2-135m-instruct --prompt-len 64   # a real model (any model.name)
     python bench/bench_sampling.py --providers native,hf,vllm --model smollm2-135m-instruct   # where vLLM is installed
+    python bench/bench_sampling.py --preset llm-jp-3-1.8b --dtype bfloat16 --prompts 64 --batch-size 16 --n 8 \
+        --new-tokens 256 --hf-prompts 16 --roofline [--qlora]        # bench/gpu_check.py's sampling parts (CUDA)
 
 The providers (`--providers`: `native` our engine, `hf` Hugging Face `generate(num_return_sequences=n)`,
 `vllm` the vLLM backend on one engine started before timing) sample the same prompts with the same knobs
@@ -13,6 +15,13 @@ other's, taken in that run. Random weights rarely emit EOS; Hugging Face
 gets min_new_tokens = max_new_tokens so it always does the full work, and each provider's tokens/s counts
 the tokens it really produced. Rows are appended to bench/results/bench_sampling.csv with the device and
 versions. Peak memory is recorded on CUDA only (CPU allocations are not tracked per call).
+
+`--roofline` (CUDA) adds the memory-bandwidth roofline: the tokens/s a decode step would reach if it only
+read the 16-bit weights and the KV cache (prompt + half the new tokens per row, the batch's rows) at the
+card's measured copy bandwidth (best of 5 copies of 1 GiB, a read and a write per byte), and the engine's
+share of it. `--qlora` samples a QLoRA policy (the preset written as a bf16 folder, loaded by the package's
+4-bit path, its adapter made non-zero): the engine decodes its merged copy, Hugging Face the adapter model.
+`--hf-prompts k` runs Hugging Face on the first k prompts only (one batch; its tok/s counts what it made).
 
 What it simplifies: random weights (speed does not depend on them), the byte tokenizer (one token per
 ASCII character), one batch of `--prompts` prompts per provider. With `--model`, the model's own weights and
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import math
 import platform
 import pstats
 import statistics
@@ -44,11 +54,34 @@ def make_prompts(count: int, length: int, seed: int = 0) -> list[str]:
     return ["".join(chr(97 + int(c)) for c in torch.randint(0, 26, (length,), generator=g)) for _ in range(count)]
 
 
+def load_qlora(args, device, dtype):
+    """The preset written once as a `dtype` folder, loaded as QLoRA, its adapter non-zero (as after training)."""
+    import tempfile
+
+    tok = build_tokenizer()
+    with torch.device(device):  # random init on the device: seconds, not minutes
+        model = build_model(args.preset, vocab_size=len(tok), dtype=dtype)
+    folder = tempfile.mkdtemp(prefix="bench-sampling-")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    model, tok = load_model(ModelConfig(name=folder, mode="qlora", lora_dropout=0.0, device=device.type))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model.eval(), tok, make_prompts(args.prompts, args.prompt_len), f"{args.preset} QLoRA"
+
+
 def load(args, device):
     """(model, tokenizer, prompts, label): the preset with random weights, or `--model` as `model.name` loads it."""
+    dtype = getattr(torch, args.dtype)
+    if args.qlora:
+        return load_qlora(args, device, dtype)
     if not args.model:
         tok = build_tokenizer()
-        model = build_model(args.preset, vocab_size=len(tok)).to(device).eval()
+        with torch.device(device):
+            model = build_model(args.preset, vocab_size=len(tok), dtype=dtype).eval()
         return model, tok, make_prompts(args.prompts, args.prompt_len), args.preset
     model, tok = load_model(ModelConfig(name=args.model, mode="full", device=device.type))
     words = make_prompts(args.prompts * args.prompt_len, 4)
@@ -94,6 +127,30 @@ def timed(fn, *args):
     return time.perf_counter() - start, tokens, peak
 
 
+def copy_bandwidth(device) -> float:
+    """Bytes per second the card moves: best of 5 copies of 1 GiB, each byte read once and written once."""
+    x = torch.empty(2**30, dtype=torch.uint8, device=device)
+    y, best = torch.empty_like(x), float("inf")
+    for _ in range(6):  # the first is a warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        y.copy_(x)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.numel() / best
+
+
+def roofline_tok_s(model, args, n: int, bandwidth: float) -> float:
+    """Tokens/s of decode steps that only read the 16-bit weights and the KV cache at `bandwidth`."""
+    c = model.config
+    params = sum(math.prod(getattr(p, "quant_state", None).shape) if getattr(p, "quant_state", None) is not None
+                 else p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    kv_per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+    rows = (args.batch_size or args.prompts) * n
+    step_bytes = 2 * params + rows * (args.prompt_len + args.new_tokens / 2) * kv_per_token  # (weights + KV) a step
+    return rows * bandwidth / step_bytes
+
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -122,26 +179,38 @@ def providers(args, model, tok):
     return {name: table[name] for name in args.providers}
 
 
+def measure(table, args, tok, prompts, n) -> tuple[dict, dict]:
+    """(tokens/s, peak MiB) per provider at one n: the median of --repeats runs, providers alternating."""
+    results = {name: [] for name in table}
+    batch = args.batch_size or args.prompts
+    for _ in range(args.repeats):  # alternate providers so drifting load hits both alike
+        for name, (fn, target) in table.items():
+            mine = prompts[: args.hf_prompts or None] if name == "hf" else prompts
+            results[name].append(timed(fn, target, tok, mine, n, args.new_tokens, min(batch, len(mine))))
+    speed = {k: statistics.median(tokens / s for s, tokens, _ in v) for k, v in results.items()}
+    return speed, {k: max(p for _, _, p in v) for k, v in results.items()}
+
+
 def bench(args):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model, tok, prompts, label = load(args, device)
     run_engine(model, tok, prompts[:1], 2, 2, 1)  # warm-up: first-call costs are not the engine's
     run_hf(model, tok, prompts[:1], 2, 2, 1)
     table, rows = providers(args, model, tok), []
+    bandwidth = copy_bandwidth(device) if args.roofline and device.type == "cuda" else None
     print(f"{label} on {device_name(device)}: {args.prompts} prompts x {args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens")
+          f"{args.new_tokens} new tokens, {args.batch_size or args.prompts} prompts per batch, {args.dtype}"
+          + (f"; copy bandwidth {bandwidth / 1e9:,.0f} GB/s" if bandwidth else ""))
     print(f"{'n':>4} " + " ".join(f"{name + ' tok/s':>12}" for name in table) + " " +
-          " ".join(f"{'native/' + name:>10}" for name in table if name != "native" and "native" in table))
+          " ".join(f"{'native/' + name:>10}" for name in table if name != "native" and "native" in table)
+          + (f" {'roofline tok/s':>15} {'native/roof':>11}" if bandwidth else ""))
     for n in args.n:
-        results = {name: [] for name in table}
-        for _ in range(args.repeats):  # alternate providers so drifting load hits both alike
-            for name, (fn, target) in table.items():
-                results[name].append(timed(fn, target, tok, prompts, n, args.new_tokens, args.prompts))
-        speed = {k: statistics.median(tokens / s for s, tokens, _ in v) for k, v in results.items()}
-        peak = {k: max(p for _, _, p in v) for k, v in results.items()}
+        speed, peak = measure(table, args, tok, prompts, n)
         ratios = {k: speed["native"] / v for k, v in speed.items() if k != "native" and "native" in speed}
+        roof = roofline_tok_s(model, args, n, bandwidth) if bandwidth else None
         print(f"{n:>4} " + " ".join(f"{speed[k]:>12.1f}" for k in table) + " " +
-              " ".join(f"{r:>10.2f}" for r in ratios.values()), flush=True)
+              " ".join(f"{r:>10.2f}" for r in ratios.values())
+              + (f" {roof:>15,.0f} {speed.get('native', 0) / roof:>11.1%}" if roof else ""), flush=True)
         row = dict(date=datetime.date.today().isoformat(), preset=label, device=device_name(device),
                    torch=torch.__version__, transformers=transformers.__version__, prompts=args.prompts,
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, n=n, repeats=args.repeats)
@@ -152,6 +221,8 @@ def bench(args):
             row["ratio"] = round(ratios["hf"], 3)
         if "vllm" in ratios:
             row |= {"ratio_vllm": round(ratios["vllm"], 3), "vllm": _vllm_version()}
+        if roof:
+            row |= {"roofline_tok_s": round(roof), "roofline_share": round(speed["native"] / roof, 4)}
         rows.append(row)
     from results_csv import append_rows  # bench/ is on sys.path when this script runs
 
@@ -192,17 +263,17 @@ def profile(args):
         return sum(v[3] for k, v in stats.items() if k[2] == name and file in k[0])
 
     total = cum("generate")
-    decode = next(v for k, v in stats.items() if k[2] == "_decode_batch")
+    decode = next(v for k, v in stats.items() if k[2] == "run" and "engine" in k[0])
     body = max(v[3] for k, v in stats.items() if k[2] == "forward" and "modeling_llama" in k[0])
     modules = next(v for k, v in stats.items() if k[2] == "_wrapped_call_impl")  # body and lm_head calls
     cache = cum("update")  # called from inside the body's attention layers
     parts = {
         "transformer body (prefill + decode steps)": body - cache,
         "writing the KV cache (prefill copies, decode appends)": cache,
-        "lm_head": sum(c[3] for k, c in modules[4].items() if k[2] == "_decode_batch"),
+        "lm_head": sum(c[3] for k, c in modules[4].items() if k[2] in ("run", "_prefill")),
         "token draw (top-k / top-p / inverse CDF)": cum("draw"),
         "counter-based uniforms": cum("uniforms"),
-        "pruning finished rows": cum("select"),
+        "rows joining and leaving (cache copies)": cum("joined"),
         "stop-string checks": cum("completed_at"),
         "detokenising finished rows": cum("_completion"),
         "tokenising prompts": cum("tokenize_prompts"),
@@ -234,6 +305,11 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is present")
     p.add_argument("--profile", action="store_true", help="profile many short completions instead")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the weights")
+    p.add_argument("--batch-size", type=int, default=0, help="prompts per batch (0: all --prompts in one)")
+    p.add_argument("--hf-prompts", type=int, default=0, help="Hugging Face on the first k prompts only (0: all)")
+    p.add_argument("--roofline", action="store_true", help="add the memory-bandwidth roofline (CUDA)")
+    p.add_argument("--qlora", action="store_true", help="sample a QLoRA policy of the preset (CUDA)")
     p.add_argument("--batch", type=int, default=16, help="prompts per batch in --profile")
     args = p.parse_args()
     if args.threads:

@@ -1,8 +1,10 @@
-"""Everything that needs CUDA, in one run of about 8 minutes on one GPU, written to one report file.
+"""Everything that needs CUDA, in one or two runs of under 8 minutes on one GPU, written to one report file.
 
     python bench/gpu_check.py                          # every part → bench/results/gpu_check.md
     python bench/gpu_check.py --only tests,qlora       # some parts
     python bench/gpu_check.py --report /tmp/gpu.md     # the report elsewhere
+    python bench/gpu_check.py --only sampling,sampling_3.7b,sampling_qlora --report /tmp/e_step.md   # under 7 min
+    python bench/gpu_check.py --only tests,logprob,logprob_trainable,dpo,qlora,vllm     # the rest, under 7 min
 
 Parts, each in its own process under its own time limit, so one that fails or hangs leaves the others:
 - tests:    the GPU-marked tests (`pytest -m gpu`);
@@ -10,14 +12,20 @@ Parts, each in its own process under its own time limit, so one that fails or ha
             kernels and their direction variant) against naive, chunked, Liger, CCE and TRL (those
             importable) at llm-jp-3-3.7b's shape (N 8192, H 3072, V 99,584, bf16), frozen head, then
             trainable head (`--only logprob,logprob_trainable`: these two alone, about 2 minutes);
-- sampling: the native engine against Hugging Face generate (`bench_sampling.py`, llm-jp-3-1.8b shape);
+- sampling, sampling_3.7b, sampling_qlora: the native engine against Hugging Face generate and against the
+            memory-bandwidth roofline (`bench_sampling.py --roofline`): 64 prompts x 256 tokens, n = 8, 256 new
+            tokens, 16 prompts per batch, bf16, at the llm-jp-3-1.8b and 3.7b shapes, and a QLoRA policy of
+            1.8b (the engine decodes its merged copy); Hugging Face on the first 16 (3.7b: 8) prompts;
 - dpo:      a DPO + NLL step of this trainer against TRL's (`bench_dpo.py`, llm-jp-3-1.8b shape, bf16 LoRA);
 - qlora:    QLoRA DPO + NLL training steps of the llm-jp-3-1.8b and 3.7b shapes (random weights, written
             once as a bf16 model folder, then loaded by the package's own 4-bit path), 4 pairs × 1024 tokens,
             gradient checkpointing: seconds per step and torch's measured peak memory;
 - vllm:     the vLLM tests (tests/test_vllm.py, -m vllm: recipes with backend vllm; skipped without vLLM).
 Without CUDA every part writes "no GPU: skipped" and the script exits 0, so it can run anywhere.
-The report holds each part's command, exit status, time and the tail of its output (the tables).
+The report holds the commit it measured (`git rev-parse HEAD`, "+ changes" when the tree differs from it,
+"unknown" outside a git checkout), each part's command, exit status, time and the tail of its output.
+A run without a GPU (CI, a user without one) never replaces a report measured on a GPU: it says so and
+leaves that report as it was; a GPU run replaces any report.
 """
 
 from __future__ import annotations
@@ -37,14 +45,20 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "bench" / "results" / "gpu_check.md"
 PY = sys.executable
 
-PARTS = {  # name: (command, seconds allowed); the budgets add up to about 8 minutes
+SAMPLING = ["--dtype", "bfloat16", "--prompts", "64", "--batch-size", "16", "--n", "8", "--prompt-len", "256",
+            "--new-tokens", "256", "--roofline"]  # an E-step: 64 prompts x n 8, 256-token prompts and replies
+PARTS = {  # name: (command, seconds allowed); the three sampling parts take under 7 minutes, the rest under 8
     "tests": ([PY, "-m", "pytest", "-q", "-rfEs", "-m", "gpu", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", "tests"], 90),
     "logprob": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192",
                  "--hidden", "3072"], 75),
     "logprob_trainable": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens",
                            "8192", "--hidden", "3072", "--trainable-head"], 65),
-    "sampling": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", "--prompts", "8"], 60),
+    "sampling": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", *SAMPLING, "--hf-prompts", "16"], 120),
+    "sampling_3.7b": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-3.7b", *SAMPLING, "--hf-prompts", "8"],
+                      150),
+    "sampling_qlora": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", *SAMPLING, "--hf-prompts", "8",
+                        "--qlora"], 150),
     "dpo": ([PY, "bench/bench_dpo.py", "--device", "cuda", "--preset", "llm-jp-3-1.8b", "--pairs", "4",
              "--steps", "3", "--threads", "4", "--providers", "lite,trl"], 100),
     "qlora": ([PY, __file__, "--qlora-child"], 90),
@@ -116,6 +130,34 @@ def _gpu() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+def commit() -> str:
+    """The checkout's commit, "+ changes" when its tracked files differ from it; "unknown" outside git."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + (" + changes" if changed else "")
+
+
+def measured_on(report: Path) -> str | None:
+    """The GPU a report at `report` was measured on; None when there is none, or it was a run without a GPU."""
+    try:
+        text = report.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("- device: "):
+            device = line[len("- device: ") :].split(";")[0].strip()
+            return None if device == "no GPU" else device
+    return None
+
+
 def run_part(name: str, cmd: list[str], limit: int) -> tuple[str, float, str]:
     """(status, seconds, output tail) of one part."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -148,7 +190,7 @@ def main(argv=None) -> int:
     gpu = _gpu()
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lines = [f"# GPU check, {now}", "", f"- device: {gpu or 'no GPU'}; host {platform.node()}, "
-             f"python {platform.python_version()}", ""]
+             f"python {platform.python_version()}", f"- commit: {commit()}", ""]
     start = time.perf_counter()
     for name in parts:
         cmd, limit = PARTS[name]
@@ -162,8 +204,14 @@ def main(argv=None) -> int:
         shown = " ".join(c if c != __file__ else "bench/gpu_check.py" for c in cmd[1:])
         lines += [f"## {name}: {status}, {seconds:.0f} s", "", f"`python {shown}`", "", "```", tail, "```", ""]
     lines.append(f"total {time.perf_counter() - start:.0f} s")
+    kept = measured_on(args.report) if gpu is None else None
+    if kept:  # the record of a GPU run outlives CI and every machine without one
+        print(f"report: {args.report} kept (measured on {kept}); a run without a GPU does not replace it")
+        return 0
+    from lite_selftrain.store import atomic_write_bytes
+
     args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(args.report, ("\n".join(lines) + "\n").encode())  # a killed run leaves the old report
     print(f"report: {args.report}")
     return 0
 

@@ -1,6 +1,6 @@
 """Loading causal LMs in full precision, with LoRA, or as QLoRA; adapters; local presets and tokenizer.
 
-The only file that knows about peft and bitsandbytes. Three ways to get a model:
+With `merging.py`, the only files that know about peft and bitsandbytes. Three ways to get a model:
 
 - a **preset** name (`tiny`, `demo`, `llm-jp-3-150m`, `-980m`, `-1.8b`, `-3.7b`): a Llama-architecture model
   with random weights and the preset's shapes, plus a tokenizer built here — no download: the byte-level
@@ -12,7 +12,8 @@ The only file that knows about peft and bitsandbytes. Three ways to get a model:
 - a **hub id**, when online; offline it fails with a one-line message.
 
 The reference policy of DPO is the same model with its adapter disabled (`reference_mode`), never a
-second copy. The parts the sampler, trainer and embedder share: `split_body_head` (the transformer body
+second copy; merged copies of a LoRA / QLoRA policy are `merging.py`'s. The parts the sampler, trainer and
+embedder share: `split_body_head` (the transformer body
 and the lm_head of any wrapped model), `training_mode`, `autocast_context`.
 Simplifications: one adapter per model; LoRA targets every linear projection but lm_head.
 """
@@ -311,61 +312,6 @@ def save_model(model, path: str | Path, tokenizer=None) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)
-
-
-def save_merged(model, path: str | Path, tokenizer=None) -> Path:
-    """Save `model` as a plain model folder, whatever its mode; atomic. The model in memory is not changed.
-
-    A LoRA adapter is merged into its base, W + s·B·A; a QLoRA base is dequantized first, dequant(W_4bit)
-    + s·B·A: the weights its forward pass computes with, so an engine that loads weights itself (vLLM)
-    serves the policy that was trained, up to float rounding. Weights keep the base's dtype (bf16 on a GPU).
-    """
-    if not is_peft(model):
-        return save_model(model, path, tokenizer)
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    base = model.get_base_model()
-    config = copy.deepcopy(base.config)
-    if hasattr(config, "quantization_config"):  # the merged weights are dense
-        delattr(config, "quantization_config")
-    dtype = getattr(config, "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with torch.device("meta"):  # names and shapes only: the tensors come from `model`
-        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    weights = {}
-    for key in plain.state_dict():
-        owner, _, leaf = key.rpartition(".")
-        weights[key] = _dense_weight(base.get_submodule(owner), leaf).to(dtype).contiguous()
-    plain.load_state_dict(weights, assign=True)
-    plain.tie_weights()
-    return save_model(plain, path, tokenizer)
-
-
-def _dense_weight(module, leaf: str) -> torch.Tensor:
-    """`module`'s parameter `leaf` as a plain tensor: dequantized, with the active LoRA updates added."""
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(module, LoraLayer):
-        return _dequantized(getattr(module, leaf))
-    layer = module.get_base_layer()
-    if leaf != "weight":
-        return _dequantized(getattr(layer, leaf))
-    weight = _dequantized(layer.weight)
-    for name in module.active_adapters:
-        if name in module.lora_A:
-            weight = weight + module.get_delta_weight(name).to(weight.dtype)
-    return weight
-
-
-def _dequantized(tensor) -> torch.Tensor:
-    """A bitsandbytes 4-bit weight as the dense tensor its layer multiplies by; any other tensor as it is."""
-    if getattr(tensor, "quant_state", None) is None:
-        return tensor.data
-    import bitsandbytes.functional as bnb
-
-    return bnb.dequantize_4bit(tensor.data, tensor.quant_state)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Sampling: n completions per prompt behind one `generate`, whichever backend runs.
 
-`generate.py` is the front door (`SamplingConfig`, `generate`, resumable sample files), `engine.py`
+`generate.py` is the front door (`SamplingConfig`, `generate`, resumable sample files), `engine/`
 the native KV-cache decoder (`stops.py`: where its rows end), `vllm_backend.py` the vLLM backend.
 """
 

