@@ -94,6 +94,11 @@ def test_judgments_are_kept_as_they_arrive_and_never_asked_twice(server, tmp_pat
     assert verdicts[3].texts == ["No verdict.", "No verdict."] and verdicts[3].score is None  # 'fig': unparsable
     assert len(ledger_lines(tmp_path / "j.jsonl")) == 8  # an unparsable judgment was paid for: it is kept
     assert again.tokens["prompt_tokens"] > 0 and again.tokens["completion_tokens"] > 0 and again.tokens["missing"] == 0
+    reread = Endpoint(f"openai:judge@{server.url}", FAST, ledger=tmp_path / "j.jsonl")
+    judge(reread, None, PAIRS[:2], cfg)  # all four known: nothing asked, and what they cost is still reported
+    assert len(server.chats) == 8 and reread.tokens["requests"] == 0 and reread.tokens["reused"] == 4
+    paid = ("prompt_tokens", "completion_tokens")
+    assert [reread.tokens[k] for k in paid] == [first.tokens[k] for k in paid] and first.tokens["prompt_tokens"] > 0
     # the sampling settings are part of what was asked: other settings are other judgments; the same pair twice
     # in one call is asked for once
     judge(again, None, PAIRS[:1] * 2, JudgeConfig(sample=cfg.sample.replace(n=1, temperature=0.0)))

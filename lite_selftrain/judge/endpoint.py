@@ -101,7 +101,7 @@ class Endpoint:
         self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.cfg.timeout_s,
                                     max_retries=self.cfg.max_retries)
         self.ledger = JsonlLog(ledger) if ledger else None
-        self.tokens = Counter(dict.fromkeys(COUNTS, 0))  # what this process asked and paid for
+        self.tokens = Counter(dict.fromkeys(COUNTS, 0))  # requests this process made; tokens of every reply
 
     def check(self) -> None:
         """Before anything is paid for: the key is accepted, the server answers and serves `model`."""
@@ -121,9 +121,12 @@ class Endpoint:
         for i, prompt in enumerate(prompts):
             for j in range(sampling.n):
                 key = request_key(self.id, prompt, sampling, j)
-                if key in known:
-                    out[i][j] = Reply(known[key]["text"], reused=True)
-                    self.tokens["reused"] += 1
+                if key in known:  # bought before a kill: its tokens still count as this stage's cost
+                    kept = known[key]
+                    out[i][j] = Reply(kept["text"], kept.get("prompt_tokens", 0), kept.get("completion_tokens", 0),
+                                      reused=True)
+                    self.tokens.update(reused=1, prompt_tokens=out[i][j].prompt_tokens,
+                                       completion_tokens=out[i][j].completion_tokens)
                 else:
                     todo.setdefault(key, []).append((i, j))
         places = list(todo.values())
