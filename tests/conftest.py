@@ -5,6 +5,8 @@ before triton defines the kernels, and the ahead-of-time compile tests need it u
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Child Pythons leave the working directory off sys.path: in the source checkout its `kernels/` folder would
 # hide the PyPI package `kernels` that transformers imports (ours is installed as lite_selftrain.kernels).
 os.environ.setdefault("PYTHONSAFEPATH", "1")
+
+
+def pytest_configure(config):
+    """A pytest-xdist worker (`pytest -n 2`) starts with the working directory on sys.path, which the main
+    pytest process does not have: take it off there too, for the reason PYTHONSAFEPATH is set above."""
+    if hasattr(config, "workerinput"):
+        checkout = {"", os.getcwd(), str(Path(__file__).resolve().parents[1])}
+        sys.path[:] = [entry for entry in sys.path if entry not in checkout]
 
 
 @pytest.fixture(autouse=True, scope="session")

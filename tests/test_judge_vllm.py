@@ -173,8 +173,9 @@ def test_faults_from_the_server(proxy, tmp_path):
     proxy.faults.extend(["429", "malformed", "500"])
     endpoint = Endpoint(f"openai:{MODEL}@{proxy.url}", EndpointConfig(max_concurrency=1, max_retries=2),
                         ledger=tmp_path / "j.jsonl")
-    verdicts = judge(endpoint, None, PAIRS, SHORT)
-    assert [v.texts[0] is None for v in verdicts] == [False, True, False]
+    verdicts = judge(endpoint, None, PAIRS, SHORT)  # one at a time: the 1st gets the 429, then (retried) the
+    # malformed reply; the 2nd the 500, then (retried) its answer; the 3rd its answer
+    assert [v.texts[0] is None for v in verdicts] == [True, False, False]
     assert len(proxy.chats) == 5 and len(lines(tmp_path / "j.jsonl")) == 2
     verdicts = judge(endpoint, None, PAIRS, SHORT)  # only the missing one is asked again
     assert all(v.texts[0] for v in verdicts) and len(proxy.chats) == 6

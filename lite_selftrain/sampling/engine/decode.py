@@ -259,6 +259,9 @@ def rows(model, tokenizer, ids: list[list[int]], pending: set[int], cfg, *,
     list, so a resumed job re-runs a partly written batch whole and gets what an uninterrupted one got.
     A LoRA / QLoRA `model` is decoded as a merged copy when `cfg.merge` and memory allow (`sampling_policy`).
     """
+    order = [i for batch in batches(ids, cfg.batch_size) if not pending.isdisjoint(batch) for i in batch]
+    if not order:  # nothing to decode (e.g. a rank whose share is empty): no merge, no decoder
+        return
     policy = sampling_policy(model, cfg.merge)  # one merge per call: the training copy stays as it is
     body, head = split_body_head(policy)
     check_served(body.config)
@@ -268,7 +271,6 @@ def rows(model, tokenizer, ids: list[list[int]], pending: set[int], cfg, *,
     stops = StopStrings(tokenizer, cfg.stop, vocab, device) if cfg.stop else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     keyword = _cache_keyword(body)
-    order = [i for batch in batches(ids, cfg.batch_size) if not pending.isdisjoint(batch) for i in batch]
     with training_mode(policy, False), torch.inference_mode():
         decoder = _Decoder(body, head, [ids[i] for i in order], order, cfg, eos=eos, stops=stops, logprobs=logprobs,
                            pad_id=pad_id, context=context, keyword=keyword)
