@@ -6,12 +6,13 @@
     python bench/bench_sampling.py --model smollm2-135m-instruct --prompt-len 64   # a real model (any model.name)
     python bench/bench_sampling.py --providers native,hf,vllm --model smollm2-135m-instruct   # where vLLM is installed
     python bench/bench_sampling.py --preset llm-jp-3-1.8b --dtype bfloat16 --prompts 64 --batch-size 16 --n 8 \
-        --new-tokens 256 --hf-prompts 16 --roofline [--qlora]        # bench/gpu_check.py's sampling parts (CUDA)
+        --new-tokens 256 --hf-prompts 16 --roofline --providers native,eager,hf   # gpu_check's sampling part
 
-The providers (`--providers`: `native` our engine, `hf` Hugging Face `generate(num_return_sequences=n)`,
-`vllm` the vLLM backend on one engine started before timing) sample the same prompts with the same knobs
-(temperature 0.7, top-k 40, ReST-EM's) in one run, side by side per n; ratios are native's over each
-other's, taken in that run. Random weights rarely emit EOS; Hugging Face
+The providers (`--providers`: `native` our engine as a user gets it (on a GPU, CUDA-graph steps), `eager`
+the engine with `decode="eager"` (the growing cache, eager steps), `hf` Hugging Face
+`generate(num_return_sequences=n)`, `vllm` the vLLM backend on one engine started before timing) sample the
+same prompts with the same knobs (temperature 0.7, top-k 40, ReST-EM's) in one run, side by side per n;
+ratios are native's over each other's, taken in that run. Random weights rarely emit EOS; Hugging Face
 gets min_new_tokens = max_new_tokens so it always does the full work, and each provider's tokens/s counts
 the tokens it really produced. Rows are appended to bench/results/bench_sampling.csv with the device and
 versions. Peak memory is recorded on CUDA only (CPU allocations are not tracked per call).
@@ -90,11 +91,15 @@ def load(args, device):
     return model.eval(), tok, tok.batch_decode(ids), args.model
 
 
-def run_engine(model, tok, prompts, n, new_tokens, batch_size, backend="native"):
+def run_engine(model, tok, prompts, n, new_tokens, batch_size, backend="native", decode="auto"):
     cfg = SamplingConfig(n=n, temperature=0.7, top_k=40, max_new_tokens=new_tokens, batch_size=batch_size,
-                         backend=backend)
+                         backend=backend, decode=decode)
     out = generate(model, tok, prompts, cfg)
     return sum(c.num_tokens for group in out for c in group)
+
+
+def run_eager(model, tok, prompts, n, new_tokens, batch_size):
+    return run_engine(model, tok, prompts, n, new_tokens, batch_size, decode="eager")
 
 
 def run_vllm(server, tok, prompts, n, new_tokens, batch_size):
@@ -164,7 +169,7 @@ def device_name(device) -> str:
 
 def providers(args, model, tok):
     """name -> (function, what it samples): the vLLM server starts here, outside the timings."""
-    table = {"native": (run_engine, model), "hf": (run_hf, model)}
+    table = {"native": (run_engine, model), "eager": (run_eager, model), "hf": (run_hf, model)}
     if "vllm" in args.providers:
         from lite_selftrain.sampling.vllm_backend import VllmServer
 
@@ -175,7 +180,7 @@ def providers(args, model, tok):
         table["vllm"] = (run_vllm, server)
     unknown = set(args.providers) - set(table)
     if unknown:
-        raise SystemExit(f"unknown providers {sorted(unknown)}; known: native, hf, vllm")
+        raise SystemExit(f"unknown providers {sorted(unknown)}; known: native, eager, hf, vllm")
     return {name: table[name] for name in args.providers}
 
 
@@ -296,7 +301,7 @@ def main():
     p.add_argument("--model", default="", help="a model.name to load instead (named model, folder, .gguf)")
     p.add_argument("--csv", default="", help=f"where rows are appended (default {RESULTS})")
     p.add_argument("--providers", type=lambda v: v.split(","), default=["native", "hf"],
-                   help="comma-separated: native, hf, vllm (vllm: where it is installed, docs/vllm.md)")
+                   help="comma-separated: native, eager, hf, vllm (vllm: where it is installed, docs/vllm.md)")
     p.add_argument("--n", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--prompts", type=int, default=4, help="prompts, all in one batch (profile: in all)")
     p.add_argument("--prompt-len", type=int, default=256)

@@ -24,18 +24,25 @@ Memory, bytes, per stage (the largest stage is the run's peak; budget 20 GiB of 
   weight and its transpose 4·H·I + 256 MiB of cuBLAS / kernel workspace.
 - forward-only passes (DPO reference log-probs, centrality embeddings): one layer's transient
   N·(12·H + 12·I) plus the head.
-- sampling, rows = prompts per batch × n: KV cache rows × (longest prompt + max_new_tokens) × 2·L·H_kv·4 B
-  (fp32, like the residual stream); prefill transient prompts × T × (12·H + 12·I); logits and the sampler's
-  sort / softmax buffers rows × V × 8 B (top-k), 16 B (full softmax) or 32 B (top-p sort).
+- sampling, rows = prompts per batch × n: the policy's merged bf16 copy, 2 B per dense weight, when it fits
+  in half of what the stage leaves free (`models.sampling_policy`'s rule); KV cache rows × (longest prompt +
+  max_new_tokens) × 2·L·H_kv × 2 B (bf16; 4 B, fp32, when the adapter model is decoded as it is); prefill
+  transient prompts × T × (12·H + 12·I); logits and the sampler's sort / softmax buffers rows × V × 8 B
+  (top-k), 16 B (full softmax) or 32 B (top-p sort).
 
 Time (hours; an estimate from shapes, not a measurement): each pass costs max(device time, host time).
 Training 2·P FLOPs per token forward, 2·P backward (frozen weights: no weight gradients) and 2·P more
 with checkpointing, plus attention 4·L·H·T per pass and the head 6·V·H per response token, at `mfu` of
-the card's dense bf16 peak. A decode step reads the NF4 weights, writes and reads their bf16 dequantised
-copy (bitsandbytes dequantises for every batch of more than one row: 4.5 B per weight), the fp32
-lm_head and the live rows' KV cache, at `bandwidth_eff` of peak bandwidth; a batch runs max_new_tokens
-steps (one long sample keeps it alive) with the mean number of live rows. Host time: `launch_s` per
-layer and pass (eager PyTorch + bitsandbytes + peft launch ~100 small kernels per layer).
+the card's dense bf16 peak. A decode step of the merged copy reads its bf16 linears and lm_head and the
+live rows' bf16 KV cache (half a page of masked columns more per row) at `bandwidth_eff` of peak
+bandwidth, and is replayed from a CUDA graph: its
+floor is `graph_layer_s` per layer (kernels back to back on the device, no Python between them). Where
+the copy does not fit, a step reads the NF4 weights, writes and reads their bf16 dequantised copy
+(bitsandbytes dequantises for every batch of more than one row: 4.5 B per weight), the fp32 lm_head and
+an fp32 KV cache, and its floor is the host's `launch_s` per layer (eager PyTorch + bitsandbytes + peft
+launch ~100 small kernels per layer). Rows refill as they finish (continuous refill): a stage's steps are
+its tokens over the slots (prompts per batch × n) at `occupancy`, plus the last rows running out (max −
+mean new tokens). Training passes: `launch_s` per layer and pass on the host.
 Simplifications: no scoring, I/O or model-loading time; data sizes and lengths are the assumptions in
 `DATA`; one sampling batch stands for all (sorted by length, the worst batch holds the longest prompts).
 """
@@ -62,7 +69,10 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 RESULTS = Path(__file__).parent / "results" / "estimate_memory.csv"
 GiB = 2**30
-STREAM = 4  # bytes per element of the residual stream and KV cache: fp32 under QLoRA as loaded today
+STREAM = 4  # bytes per element of the residual stream (and of an unmerged policy's KV cache): fp32 under QLoRA
+BF16 = 2  # bytes per element of the merged sampling copy and its KV cache
+FREE_SHARE = 0.5  # models.sampling_policy merges when the copy takes at most this share of the free memory
+PAGE = 128  # the CUDA-graph decode reads keys in pages of this many columns (sampling/engine/static.py)
 BEGIN, END = "# -- estimates (python bench/estimate_memory.py --write) --", "# -- end of estimates --"
 TABLE_BEGIN, TABLE_END = "<!-- estimates:begin -->", "<!-- estimates:end -->"
 
@@ -83,7 +93,10 @@ class Rates:
     mfu: float = 0.35  # share of bf16 peak that QLoRA matmuls sustain (dequantise, then GEMM)
     bandwidth_eff: float = 0.75  # share of peak bandwidth a decode step's reads reach
     launch_s: float = 1.0e-3  # host time per layer and pass: ~100 small kernels of eager PyTorch, ~10 µs each
+    graph_layer_s: float = 3.0e-5  # a replayed decode step, per layer: ~15 kernels ~2 µs apart (assumed, not
+    # yet measured: bench/gpu_check.py's sampling parts give the step time that replaces it)
     padding: float = 1.1  # length-grouped batches still carry ~10 % padding
+    occupancy: float = 0.875  # busy decode slots: prompts join once a quarter is free (continuous refill)
 
 
 @dataclass
@@ -156,10 +169,16 @@ def forward_bytes(s: dict, rows: int, T: int) -> float:
     return rows * T * (12 * s["H"] + 12 * s["I"] + 4 * s["H"]) + 64 * 2**20 + workspace(s)
 
 
-def sample_bytes(s: dict, prompts: int, n: int, prompt_max: int, new: int, top_k: int, top_p: float) -> float:
+def merged_bytes(s: dict) -> float:
+    """The merged sampling copy: every linear, the embeddings, the lm_head and the norms in bf16."""
+    return (s["linear"] + 2 * s["V"] * s["H"] + (2 * s["L"] + 1) * s["H"]) * BF16
+
+
+def sample_bytes(s: dict, prompts: int, n: int, prompt_max: int, new: int, top_k: int, top_p: float,
+                 kv_bytes: int = BF16) -> float:
     """Bytes a sampling batch adds: its KV cache, then the larger of prefill and the sampler's buffers."""
     rows = prompts * n
-    kv = rows * (prompt_max + new) * 2 * s["L"] * s["kv"] * STREAM  # (rows, ctx) per layer, K and V
+    kv = rows * (prompt_max + new) * 2 * s["L"] * s["kv"] * kv_bytes  # (rows, ctx) per layer, K and V
     logits = rows * s["V"] * (8 if top_k else 32 if top_p < 1 else 16)  # top-k / top-p sort / full softmax
     prefill = prompts * prompt_max * (12 * s["H"] + 12 * s["I"])
     return kv + max(logits, prefill) + workspace(s)
@@ -211,15 +230,23 @@ class Card:
         """n completions of <= `new` tokens (mean `mean_new`) for each of `prompts` prompts, `batch` at a time."""
         s, rt = self.s, self.rt
         rows, mean_new = min(batch, prompts) * n, min(mean_new, new)
-        live, ctx = rows * mean_new / new, prompt_mean + mean_new / 2  # mean live rows and their context
-        per_weight = 4.5 if rows > 1 else 0.53  # dequantise-then-GEMM, or bitsandbytes' 4-bit GEMV for one row
-        read = s["linear"] * per_weight + s["V"] * s["H"] * 4 + lora_params(s, self.r) * 4
-        read += live * ctx * 2 * s["L"] * s["kv"] * STREAM
-        flops = live * (2 * (s["linear"] + s["V"] * s["H"]) + 4 * s["L"] * s["H"] * ctx)
-        step = max(read / (self.hw.bandwidth_gbs * 1e9 * rt.bandwidth_eff), flops / self.flops, s["L"] * rt.launch_s)
+        ctx = prompt_mean + mean_new / 2  # a row's mean context; refill keeps every slot live
+        merged = merged_bytes(s) <= FREE_SHARE * (rt.budget_gib * GiB - self.weights)  # sampling_policy's rule
+        if merged:  # plain bf16 GEMMs, replayed from a CUDA graph over pages of columns (half a page more read)
+            read, kv_bytes, floor = (s["linear"] + s["V"] * s["H"]) * BF16, BF16, s["L"] * rt.graph_layer_s
+            ctx += PAGE / 2
+        else:  # bitsandbytes + peft, eager
+            per_weight = 4.5 if rows > 1 else 0.53  # dequantise-then-GEMM, or bitsandbytes' 4-bit GEMV for one row
+            read = s["linear"] * per_weight + s["V"] * s["H"] * 4 + lora_params(s, self.r) * 4
+            kv_bytes, floor = STREAM, s["L"] * rt.launch_s
+        read += rows * ctx * 2 * s["L"] * s["kv"] * kv_bytes
+        flops = rows * (2 * (s["linear"] + s["V"] * s["H"]) + 4 * s["L"] * s["H"] * ctx)
+        step = max(read / (self.hw.bandwidth_gbs * 1e9 * rt.bandwidth_eff), flops / self.flops, floor)
         prefill = 2 * s["linear"] * prompts * prompt_mean / self.flops
-        memory = self.weights + sample_bytes(s, min(batch, prompts), n, prompt_max, new, top_k, top_p)
-        return Stage(name, memory, math.ceil(prompts / batch) * new * step + prefill)
+        memory = self.weights + (merged_bytes(s) if merged else 0)
+        memory += sample_bytes(s, min(batch, prompts), n, prompt_max, new, top_k, top_p, kv_bytes)
+        steps = prompts * n * mean_new / (rows * rt.occupancy) + new - mean_new  # then the last rows run out
+        return Stage(name, memory, steps * step + prefill)
 
 
 def _data(name: str | None, default: str) -> DataShape:

@@ -3,7 +3,7 @@
     python bench/gpu_check.py                          # every part → bench/results/gpu_check.md
     python bench/gpu_check.py --only tests,qlora       # some parts
     python bench/gpu_check.py --report /tmp/gpu.md     # the report elsewhere
-    python bench/gpu_check.py --only sampling,sampling_3.7b,sampling_qlora --report /tmp/e_step.md   # under 7 min
+    python bench/gpu_check.py --only sampling,sampling_3.7b,sampling_qlora --report /tmp/e_step.md   # under 8 min
     python bench/gpu_check.py --only tests,logprob,logprob_trainable,dpo,qlora,vllm     # the rest, under 7 min
 
 Parts, each in its own process under its own time limit, so one that fails or hangs leaves the others:
@@ -12,10 +12,11 @@ Parts, each in its own process under its own time limit, so one that fails or ha
             kernels and their direction variant) against naive, chunked, Liger, CCE and TRL (those
             importable) at llm-jp-3-3.7b's shape (N 8192, H 3072, V 99,584, bf16), frozen head, then
             trainable head (`--only logprob,logprob_trainable`: these two alone, about 2 minutes);
-- sampling, sampling_3.7b, sampling_qlora: the native engine against Hugging Face generate and against the
-            memory-bandwidth roofline (`bench_sampling.py --roofline`): 64 prompts x 256 tokens, n = 8, 256 new
-            tokens, 16 prompts per batch, bf16, at the llm-jp-3-1.8b and 3.7b shapes, and a QLoRA policy of
-            1.8b (the engine decodes its merged copy); Hugging Face on the first 16 (3.7b: 8) prompts;
+- sampling, sampling_3.7b, sampling_qlora: the native engine (CUDA-graph steps) against Hugging Face
+            generate and against the memory-bandwidth roofline (`bench_sampling.py --roofline`): 64 prompts x
+            256 tokens, n = 8, 256 new tokens, 16 prompts per batch, bf16, at the llm-jp-3-1.8b and 3.7b
+            shapes, and a QLoRA policy of 1.8b (the engine decodes its merged copy); Hugging Face on the first
+            16 (3.7b: 8) prompts; at 1.8b also the engine's eager steps (`decode="eager"`), side by side;
 - dpo:      a DPO + NLL step of this trainer against TRL's (`bench_dpo.py`, llm-jp-3-1.8b shape, bf16 LoRA);
 - qlora:    QLoRA DPO + NLL training steps of the llm-jp-3-1.8b and 3.7b shapes (random weights, written
             once as a bf16 model folder, then loaded by the package's own 4-bit path), 4 pairs × 1024 tokens,
@@ -47,14 +48,15 @@ PY = sys.executable
 
 SAMPLING = ["--dtype", "bfloat16", "--prompts", "64", "--batch-size", "16", "--n", "8", "--prompt-len", "256",
             "--new-tokens", "256", "--roofline"]  # an E-step: 64 prompts x n 8, 256-token prompts and replies
-PARTS = {  # name: (command, seconds allowed); the three sampling parts take under 7 minutes, the rest under 8
+PARTS = {  # name: (command, seconds allowed); the three sampling parts take under 8 minutes, the rest under 8
     "tests": ([PY, "-m", "pytest", "-q", "-rfEs", "-m", "gpu", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", "tests"], 90),
     "logprob": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192",
                  "--hidden", "3072"], 75),
     "logprob_trainable": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens",
                            "8192", "--hidden", "3072", "--trainable-head"], 65),
-    "sampling": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", *SAMPLING, "--hf-prompts", "16"], 120),
+    "sampling": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", *SAMPLING, "--hf-prompts", "16",
+                  "--providers", "native,eager,hf"], 170),
     "sampling_3.7b": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-3.7b", *SAMPLING, "--hf-prompts", "8"],
                       150),
     "sampling_qlora": ([PY, "bench/bench_sampling.py", "--preset", "llm-jp-3-1.8b", *SAMPLING, "--hf-prompts", "8",

@@ -4,6 +4,7 @@ Each row draws with its own (seed, prompt, sample, step) uniforms, so a prompt's
 whether its rows join a half-finished batch or start in one that holds every prompt (no refill at all).
 """
 
+import pytest
 import torch
 
 from lite_selftrain.models import build_model
@@ -47,13 +48,16 @@ def _mixed(model, tok):
     return eos, dict(n=3, temperature=1.0, max_new_tokens=20, seed=5, stop=(stop, "\x00never"))
 
 
-def test_refill_gives_the_samples_of_one_batch_for_a_mixed_eos_stop_length_batch(tok):
+@pytest.mark.parametrize("decode", ["eager", "graph"])
+def test_refill_gives_the_samples_of_one_batch_for_a_mixed_eos_stop_length_batch(tok, decode):
+    """Under both decode loops (the growing cache; fixed shapes, run as they are on a CPU), against the
+    growing cache with every prompt in one batch."""
     model = build_model("tiny", vocab_size=len(tok), seed=0)
     eos, knobs = _mixed(model, tok)
     model.generation_config.eos_token_id = [2, eos]
-    whole, whole_sizes, whole_prefills = _run(model, tok, len(PROMPTS), **knobs)  # every prompt in one batch
+    whole, whole_sizes, whole_prefills = _run(model, tok, len(PROMPTS), decode="eager", **knobs)  # one batch
     for batch_size, check_every in ((2, 4), (1, 1), (3, 3)):
-        refilled, sizes, prefills = _run(model, tok, batch_size, check_every=check_every, **knobs)
+        refilled, sizes, prefills = _run(model, tok, batch_size, check_every=check_every, decode=decode, **knobs)
         assert _exact(refilled) == _exact(whole)  # token ids, text and finish reason, sample by sample
         torch.testing.assert_close(_logprobs(refilled), _logprobs(whole), rtol=0, atol=1e-4)  # float sums differ
         assert max(sizes) <= 3 * batch_size and len(prefills) > 1  # rows joined a running batch ...

@@ -107,9 +107,11 @@ def dense_bytes(model, dtype: torch.dtype) -> int:
 
 
 def free_bytes(device: torch.device) -> int:
-    """Memory free for new tensors on `device`: the CUDA allocator's view, or the host's available memory."""
+    """Memory free for new tensors on `device`: the card's free memory plus what torch's allocator holds
+    unused (training leaves it cached), or the host's available memory."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     import psutil
 
     return psutil.virtual_memory().available

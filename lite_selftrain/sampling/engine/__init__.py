@@ -9,11 +9,14 @@ counter-based randomness so that a prompt's samples depend on (seed, its index) 
 what it simplifies (full-attention decoders only; no beam search): docs/engine.md.
 
 `draws.py` the counter-based randomness and the token draw, `state.py` the per-row state and what the host
-does when it looks, `decode.py` the cache, prefill, decode step and the decode loop with continuous refill.
+does when it looks, `decode.py` the cache, prefill, decode step and the decode loop with continuous refill,
+`static.py` the same loop over fixed shapes and `graphs.py` its steps as CUDA graphs, `stream.py` the
+entry point (`rows`): batches, the loop that runs them, the policy they decode with.
 """
 
-from .decode import FINISH, KVCache, batches, check_served, context_length, decode_step, prefill, rows
+from .decode import FINISH, KVCache, check_served, decode_step, prefill
 from .draws import draw, mix32, uniforms
+from .stream import batches, context_length, rows
 
 __all__ = ["FINISH", "KVCache", "batches", "check_served", "context_length", "decode_step", "draw", "mix32",
            "prefill", "rows", "uniforms"]

@@ -1,17 +1,14 @@
 """The decode loop: the engine's own KV cache, `prefill` and `decode_step`, and the stream of prompts through
-`batch_size × n` row slots with continuous refill (`_Decoder`); `rows` is its entry point."""
+`batch_size × n` row slots with continuous refill (`Decoder`). `stream.rows` is the entry point."""
 
 from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import Iterator
 
 import torch
 
 from ...errors import UserError
-from ...models import sampling_policy, split_body_head, training_mode
-from ..stops import StopStrings, eos_table
 from .draws import draw
 from .state import Rows, find_stops, finish
 
@@ -87,7 +84,7 @@ def prefill_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask[:, None]  # (P, 1, T, T)
 
 
-def _cache_keyword(body) -> str:
+def cache_keyword(body) -> str:
     """The name under which this transformers version takes a cache ("cache" since 5.x, else the older name)."""
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
@@ -102,12 +99,12 @@ def prefill(body, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache, keywor
     return hidden[:, -1]
 
 
-def decode_step(body, tokens: torch.Tensor, positions: torch.Tensor, keymask: torch.Tensor, cache: KVCache,
+def decode_step(body, tokens: torch.Tensor, positions: torch.Tensor, keymask: torch.Tensor, cache,
                 keyword: str) -> torch.Tensor:
-    """(B,) tokens at (B,) positions → (B, H) hidden states; keymask: (B, 1, 1, length + 1) additive."""
+    """(B,) tokens at (B,) positions → (B, H) hidden states; keymask: (B, 1, 1, keys) additive. The cache
+    (a `KVCache` or a `SlotCache`) stores the new keys; its bookkeeping is the caller's."""
     hidden = body(input_ids=tokens[:, None], attention_mask=keymask, position_ids=positions[:, None],
                   use_cache=True, **{keyword: cache}).last_hidden_state  # (B, 1, H)
-    cache.length += 1
     return hidden[:, -1]
 
 
@@ -137,7 +134,7 @@ def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.T
     return ids.to(device), valid.to(device)  # (P, T), (P, T)
 
 
-class _Decoder:
+class Decoder:
     """One stream of prompts through `batch_size × n` row slots: each prompt is prefilled once for its n rows;
     rows leave as they finish, and the next prompts join in their slots (continuous refill) once a quarter of
     the slots is free. A row's draws depend on (seed, prompt, sample, its own step) only, so refill changes
@@ -180,25 +177,31 @@ class _Decoder:
 
     def rebuild(self, s: int) -> None:
         """Finished rows leave; the next prompts that fit take their slots, drawing their first token at step s."""
-        old, keep, lo = None, None, 0
+        keep, old = None, None
         if self.rows is not None and any(self.rows.live):
             keep = torch.tensor([r for r, alive in enumerate(self.rows.live) if alive], device=self.device)
             old = self.rows.keep(keep)
-            lo = int(old.start.min())  # columns before every kept row's first key are dropped
         free = self.slots - (len(old.origin) if old is not None else 0)
         joining = [self.queue.popleft() for _ in range(min(len(self.queue), free // self.n))]
         new_cache, new = self._prefill(joining, s) if joining else (None, None)
-        width = max(self.cache.length - lo if old is not None else 0, new_cache.length if new is not None else 0)
-        if old is not None:
-            old.start += width - self.cache.length  # the kept columns move right by width - (length - lo)
-        if new is not None:
-            new.start += width - new_cache.length
         rows = new if old is None else old if new is None else old.cat(new)
         self.last_end = int((rows.born + rows.cap).max()) - 1
+        self.rows = self.place(s, rows, keep, new_cache)
+
+    def place(self, s: int, rows: Rows, keep: torch.Tensor | None, new_cache: KVCache | None) -> Rows:
+        """A new cache: the kept rows' columns (`keep`: their old row indices, first in `rows`), then the new
+        rows' prefill, right-aligned at one width and sized to the last step any of them can reach."""
+        kept = 0 if keep is None else len(keep)
+        lo = int(rows.start[:kept].min()) if kept else 0  # columns before every kept row's first key are dropped
+        width = max(self.cache.length - lo if kept else 0, new_cache.length if new_cache is not None else 0)
+        if kept:
+            rows.start[:kept] += width - self.cache.length  # the kept columns move right by width - (length - lo)
+        if new_cache is not None:
+            rows.start[kept:] += width - new_cache.length
         capacity = width + self.last_end - s + self.cfg.check_every + 1
-        self.cache = KVCache.joined(self.cache if old else None, keep, lo, new_cache, width, capacity)
+        self.cache = KVCache.joined(self.cache if kept else None, keep, lo, new_cache, width, capacity)
         rows.mask(capacity, self.dtype)
-        self.rows = rows
+        return rows
 
     def look(self, s: int):
         """The host's look after step s (one sync): stop strings, then finished rows out; prompts now whole."""
@@ -220,6 +223,7 @@ class _Decoder:
         """Yield (position in the stream, n rows of (token ids, finish code, token log-probs)) as prompts finish."""
         s = 0
         self.rebuild(s)
+        self.plan(s)
         while True:
             if (s + 1) % self.cfg.check_every == 0 or s >= self.last_end:  # the host looks: one sync
                 yield from self.look(s)
@@ -227,53 +231,18 @@ class _Decoder:
                     return
                 if self._wants_rebuild():  # a quarter free: one copy of the cache, not one every step
                     self.rebuild(s)
-            rows, cache = self.rows, self.cache
-            positions = (rows.pos0 + s).clamp_(max=self.context - 1)  # a row past its end runs on, tokens dropped
-            hidden = decode_step(self.body, rows.last, positions, rows.keymask[..., : cache.length + 1], cache,
-                                 self.keyword)  # (B, H)
+                self.plan(s)
+            self.step(s)
             s += 1
-            self._draw(rows, s, self.head(hidden).float())
 
+    def plan(self, s: int) -> None:
+        """Before the steps from s to the next look (the static decoder picks its shapes for them here)."""
 
-# ----------------------------------------------------------------------------------------------------
-# prompts in, rows out
-
-
-def context_length(model) -> int | None:
-    """The model's context (positions), None when its config does not say."""
-    return getattr(split_body_head(model)[0].config, "max_position_embeddings", None)
-
-
-def batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
-    """The prompt indices of each batch `rows` runs: longest prompts first, so similar lengths share one."""
-    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
-    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
-
-
-def rows(model, tokenizer, ids: list[list[int]], pending: set[int], cfg, *,
-         logprobs: bool = False) -> Iterator[tuple[int, list[tuple[list[int], str, list[float] | None]]]]:
-    """Yield (prompt index, its n rows (token ids, finish reason, token log-probs)) for the pending prompts.
-
-    `ids` are every prompt's token ids (already checked against the context); `cfg` is a
-    `sampling.SamplingConfig` with `max_new_tokens` set. Batches are a fixed function of the whole prompt
-    list, so a resumed job re-runs a partly written batch whole and gets what an uninterrupted one got.
-    A LoRA / QLoRA `model` is decoded as a merged copy when `cfg.merge` and memory allow (`sampling_policy`).
-    """
-    order = [i for batch in batches(ids, cfg.batch_size) if not pending.isdisjoint(batch) for i in batch]
-    if not order:  # nothing to decode (e.g. a rank whose share is empty): no merge, no decoder
-        return
-    policy = sampling_policy(model, cfg.merge)  # one merge per call: the training copy stays as it is
-    body, head = split_body_head(policy)
-    check_served(body.config)
-    context = context_length(model) or 2**62
-    vocab, device = head.weight.shape[0], head.weight.device
-    eos = eos_table(model, tokenizer, vocab, device)
-    stops = StopStrings(tokenizer, cfg.stop, vocab, device) if cfg.stop else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    keyword = _cache_keyword(body)
-    with training_mode(policy, False), torch.inference_mode():
-        decoder = _Decoder(body, head, [ids[i] for i in order], order, cfg, eos=eos, stops=stops, logprobs=logprobs,
-                           pad_id=pad_id, context=context, keyword=keyword)
-        for p, group in decoder.run():
-            if order[p] in pending:
-                yield order[p], [(token_ids, FINISH[c], row_lps) for token_ids, c, row_lps in group]
+    def step(self, s: int) -> None:
+        """Global step s: each row's last token in, its token of step s + 1 drawn and recorded."""
+        rows, cache = self.rows, self.cache
+        positions = (rows.pos0 + s).clamp_(max=self.context - 1)  # a row past its end runs on, tokens dropped
+        hidden = decode_step(self.body, rows.last, positions, rows.keymask[..., : cache.length + 1], cache,
+                             self.keyword)  # (B, H)
+        cache.length += 1
+        self._draw(rows, s + 1, self.head(hidden).float())

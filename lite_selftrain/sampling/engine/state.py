@@ -55,11 +55,11 @@ class Rows:
                    lps=torch.zeros(B, width, device=device) if logprobs else None,
                    maybe_stop=torch.zeros(B, width, dtype=torch.bool, device=device) if stops else None)
 
-    def step_of(self, s: int) -> torch.Tensor:
+    def step_of(self, s: int | torch.Tensor) -> torch.Tensor:
         """(B,) each row's own step at global step s (a finished row running on stays in the last column)."""
         return (s - self.born).clamp_(max=self.tokens.shape[1] - 1)
 
-    def record(self, s: int, tok: torch.Tensor, logits: torch.Tensor, eos: torch.Tensor, stops) -> None:
+    def record(self, s: int | torch.Tensor, tok: torch.Tensor, logits: torch.Tensor, eos: torch.Tensor, stops) -> None:
         """Global step s drew (B,) `tok` from (B, V) `logits`: keep it, mark rows it ends (EOS outranks length)."""
         col, index = self.step_of(s), torch.arange(len(tok), device=tok.device)
         self.tokens[index, col] = tok
@@ -68,8 +68,8 @@ class Rows:
             self.lps[index, col] = logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
         is_eos = eos[tok]  # (B,)
         new = (self.end == self.tokens.shape[1]) & (is_eos | (self.cap == col + 1))  # rows ending at this step
-        self.code = torch.where(new, is_eos.long(), self.code)
-        self.end = torch.where(new, col, self.end)
+        self.code.copy_(torch.where(new, is_eos.long(), self.code))  # in place: the static decoder's buffers
+        self.end.copy_(torch.where(new, col, self.end))
         if self.maybe_stop is not None:
             self.maybe_stop[index, col] = stops.can_end[tok]
 
