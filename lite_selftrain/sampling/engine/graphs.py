@@ -27,13 +27,11 @@ class StepGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = None  # the memory pool every graph shares, once the first is captured
         self.eager = False  # a capture failed: no more graphs
-        self.replays = 0
 
     def __call__(self, b: int, columns: int) -> None:
         graph = self.graphs.get((b, columns))
         if graph is not None:
             graph.replay()
-            self.replays += 1
             return
         if self.eager:
             self.step(b, columns)
