@@ -83,12 +83,15 @@ def test_chat_arith_prompt_is_one_user_turn(real_folder):
     assert prompt.endswith(f"<|im_start|>user\n{ex['question']}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_engine_greedy_matches_hf_generate(real):
-    """8 chat prompts of different lengths in ONE left-padded batch: the same greedy token ids."""
+@pytest.mark.parametrize("decode", ["eager", "graph"])
+def test_engine_greedy_matches_hf_generate(real, decode):
+    """8 chat prompts of different lengths in ONE left-padded batch: the same greedy token ids, from either
+    decode loop (the growing cache; fixed shapes, whose steps a GPU replays as CUDA graphs)."""
     model, tok = real
     prompts = chat(tok, QUESTIONS)
     new = 8
-    out = generate(model, tok, prompts, SamplingConfig(temperature=0, max_new_tokens=new, batch_size=8, stop=()))
+    cfg = SamplingConfig(temperature=0, max_new_tokens=new, batch_size=8, stop=(), decode=decode)
+    out = generate(model, tok, prompts, cfg)
     with padding_side(tok, "left"), torch.inference_mode():
         batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         assert len(set(batch.attention_mask.sum(1).tolist())) == len(prompts)  # all lengths differ
@@ -97,6 +100,19 @@ def test_engine_greedy_matches_hf_generate(real):
         if tok.eos_token_id in row:
             row = row[: row.index(tok.eos_token_id) + 1]  # HF pads a finished row; the engine stops it
         assert group[0].token_ids == row
+
+
+def test_fixed_shape_decode_samples_what_the_growing_cache_samples(real):
+    """Sampled rows with refill (2 prompts per batch, n = 3, grouped-query attention): the same tokens and
+    log-probs from both decode loops."""
+    model, tok = real
+    cfg = dict(n=3, temperature=0.7, top_k=40, max_new_tokens=24, batch_size=2, check_every=3, seed=4)
+    want = generate(model, tok, chat(tok, QUESTIONS), SamplingConfig(decode="eager", **cfg), logprobs=True)
+    got = generate(model, tok, chat(tok, QUESTIONS), SamplingConfig(decode="graph", **cfg), logprobs=True)
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in want]
+    lps = [torch.tensor([lp for g in x for c in g for lp in c.token_logprobs]) for x in (got, want)]
+    torch.testing.assert_close(lps[0], lps[1], rtol=0, atol=1e-4)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
 
 
 def batch_of(tok, prompts, responses):

