@@ -48,7 +48,7 @@ PY = sys.executable
 
 SAMPLING = ["--dtype", "bfloat16", "--prompts", "64", "--batch-size", "16", "--n", "8", "--prompt-len", "256",
             "--new-tokens", "256", "--roofline"]  # an E-step: 64 prompts x n 8, 256-token prompts and replies
-PARTS = {  # name: (command, seconds allowed); the three sampling parts take under 8 minutes, the rest under 8
+PARTS = {  # name: (command, seconds allowed); the three sampling parts take under 8 minutes together, the rest too
     "tests": ([PY, "-m", "pytest", "-q", "-rfEs", "-m", "gpu", "-p", "no:cacheprovider",
                "--continue-on-collection-errors", "tests"], 90),
     "logprob": ([PY, "bench/bench_logprob.py", "--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192",
