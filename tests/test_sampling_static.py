@@ -1,6 +1,7 @@
 """The static decode loop (`engine/static.py`): fixed shapes, a cache that stays put, steps that a CUDA graph
 replays. On a CPU its steps run as they are; they must give what the growing-cache loop gives, token for
-token, while reading columns in pages and running rows in buckets. On a GPU (`gpu`), the steps are replayed
+token, while reading columns in pages and running rows in buckets, and a step must trace as one graph (no
+host sync, no branch on a tensor's value: what a capture needs). On a GPU (`gpu`), the steps are replayed
 from CUDA graphs and must give the same tokens."""
 
 import pytest
@@ -63,6 +64,34 @@ def test_static_decode_matches_greedy_and_top_p_rows(tok):
         want = generate(model, tok, PROMPTS, SamplingConfig(decode="eager", **cfg), logprobs=True)
         got = generate(model, tok, PROMPTS, SamplingConfig(decode="graph", **cfg), logprobs=True)
         _same(got, want)
+
+
+def test_a_step_has_no_host_sync_or_data_dependent_python(tok):
+    """What a CUDA graph capture needs, checked where no GPU is: TorchDynamo traces one whole step (the
+    model's forward through the slot cache, the lm_head, the draw, the end checks) as one graph, with no
+    break. A `.item()`, a `.tolist()` or a branch on a tensor's value would break it."""
+    import torch._dynamo as dynamo
+
+    from lite_selftrain.models import split_body_head
+    from lite_selftrain.sampling.engine.decode import cache_keyword
+    from lite_selftrain.sampling.engine.static import StaticDecoder
+    from lite_selftrain.sampling.stops import StopStrings, eos_table
+
+    model = build_model("tiny", vocab_size=len(tok), seed=6).eval()
+    body, head = split_body_head(model)
+    vocab = head.weight.shape[0]
+    cfg = SamplingConfig(n=3, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=40, batch_size=2, stop=("ab",))
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    with torch.inference_mode():
+        decoder = StaticDecoder(body, head, ids, [0, 1, 2], cfg, eos=eos_table(model, tok, vocab, "cpu"),
+                                stops=StopStrings(tok, cfg.stop, vocab, "cpu"), logprobs=True, pad_id=0,
+                                context=2048, keyword=cache_keyword(body), graphs=False)
+        decoder.rebuild(0)
+        decoder.plan(0)
+        explained = dynamo.explain(decoder._step)(*decoder.bucket)
+    dynamo.reset()  # nothing compiled stays behind for other tests
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    assert explained.graph_count == 1 and decoder.step_count.item() == 1  # the step ran, once
 
 
 @pytest.mark.gpu
