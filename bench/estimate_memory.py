@@ -36,12 +36,13 @@ with checkpointing, plus attention 4·L·H·T per pass and the head 6·V·H per 
 the card's dense bf16 peak. A decode step of the merged copy reads its bf16 linears and lm_head and the
 live rows' bf16 KV cache (half a page of masked columns more per row) at `bandwidth_eff` of peak
 bandwidth, and is replayed from a CUDA graph: its floor is `graph_layer_s` per layer (kernels back to
-back on the device, no Python between them). Where the copy does not fit, a step reads the NF4 weights, writes and reads their bf16 dequantised copy
-(bitsandbytes dequantises for every batch of more than one row: 4.5 B per weight), the fp32 lm_head and
-an fp32 KV cache, and its floor is the host's `launch_s` per layer (eager PyTorch + bitsandbytes + peft
-launch ~100 small kernels per layer). Rows refill as they finish (continuous refill): a stage's steps are
-its tokens over the slots (prompts per batch × n) at `occupancy`, plus the last rows running out (max −
-mean new tokens). Training passes: `launch_s` per layer and pass on the host.
+back on the device, no Python between them). Where the copy does not fit, a step reads the NF4 weights,
+writes and reads their bf16 dequantised copy (bitsandbytes dequantises for every batch of more than one
+row: 4.5 B per weight), the fp32 lm_head and an fp32 KV cache, and its floor is the host's `launch_s` per
+layer (eager PyTorch + bitsandbytes + peft launch ~100 small kernels per layer). Rows refill as they
+finish (continuous refill): a stage's steps are its tokens over the slots (prompts per batch × n) at
+`occupancy`, plus the last rows running out (max − mean new tokens). Training passes: `launch_s` per
+layer and pass on the host.
 Simplifications: no scoring, I/O or model-loading time; data sizes and lengths are the assumptions in
 `DATA`; one sampling batch stands for all (sorted by length, the worst batch holds the longest prompts).
 """
