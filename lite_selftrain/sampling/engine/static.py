@@ -44,24 +44,25 @@ class SlotCache:
     """Every layer's keys and values in (slots, heads, capacity, d) buffers allocated once, zeros first (a
     masked column must be finite: 0 × inf would be NaN). Row r's key at position p is column p of slot r.
 
-    A decode step sets `write` (b,), the column each of the first b rows writes, and `columns`, how many
-    columns attention reads; `update` writes in place and returns views, so shapes depend on (b, columns) only.
+    A decode step sets `write`, ((b,) slots, (b,) columns) where the first b rows write, and `columns`, how
+    many columns attention reads; `update` writes in place and returns views, so shapes depend on (b,
+    columns) only.
     """
 
     def __init__(self, slots: int, capacity: int):
         self.slots, self.capacity = slots, capacity
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.write: torch.Tensor | None = None
+        self.write: tuple[torch.Tensor, torch.Tensor] | None = None
         self.columns = capacity
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key, value: (b, heads, 1, d) → this layer's (b, heads, columns, d) keys and values, the new ones in."""
         k, v = self.keys[layer_idx], self.values[layer_idx]
+        slots, column = self.write
+        k[slots, :, column] = key[:, :, 0]  # (b, heads, d) into column column[r] of slot r
+        v[slots, :, column] = value[:, :, 0]
         b = key.shape[0]
-        rows = torch.arange(b, device=key.device)
-        k[rows, :, self.write] = key[:, :, 0]  # (b, heads, d) into column write[r] of slot r
-        v[rows, :, self.write] = value[:, :, 0]
         return k[:b, :, : self.columns], v[:b, :, : self.columns]
 
     def move(self, keep: torch.Tensor | None, prefilled: KVCache | None, shift: torch.Tensor | None) -> None:
@@ -138,7 +139,8 @@ class StaticDecoder(Decoder):
         visible = torch.arange(columns, device=self.device)[None, :] <= positions[:, None]  # (b, columns)
         keymask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~visible, torch.finfo(self.dtype).min)[:, None, None]  # (b, 1, 1, columns)
-        self.cache.write, self.cache.columns = positions.clamp(max=columns - 1), columns  # ended rows run on
+        slots = torch.arange(b, device=self.device)  # once a step, not once a layer
+        self.cache.write, self.cache.columns = (slots, positions.clamp(max=columns - 1)), columns  # ended rows run on
         hidden = decode_step(self.body, rows.last, positions.clamp(max=self.context - 1), keymask, self.cache,
                              self.keyword)  # (b, H)
         self.step_count += 1
