@@ -62,7 +62,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lite_selftrain.config import load_config as load_recipe_config
+from lite_selftrain.models.merging import FREE_SHARE  # sampling_policy merges when the copy fits this share
 from lite_selftrain.recipes import RECIPES, load_recipe
+from lite_selftrain.sampling.engine.static import PAGE  # the CUDA-graph decode reads keys in pages of PAGE
 from lite_selftrain.sampling.generate import FREE_TEXT_TOKENS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +73,6 @@ RESULTS = Path(__file__).parent / "results" / "estimate_memory.csv"
 GiB = 2**30
 STREAM = 4  # bytes per element of the residual stream (and of an unmerged policy's KV cache): fp32 under QLoRA
 BF16 = 2  # bytes per element of the merged sampling copy and its KV cache
-FREE_SHARE = 0.5  # models.sampling_policy merges when the copy takes at most this share of the free memory
-PAGE = 128  # the CUDA-graph decode reads keys in pages of this many columns (sampling/engine/static.py)
 BEGIN, END = "# -- estimates (python bench/estimate_memory.py --write) --", "# -- end of estimates --"
 TABLE_BEGIN, TABLE_END = "<!-- estimates:begin -->", "<!-- estimates:end -->"
 
